@@ -1,0 +1,283 @@
+"""What the model looks like: its decoder layers, the Linears to quantize, fused groups.
+
+The model is built on the meta device from config.json (no memory, no weights) and its
+module tree is matched against the checkpoint's tensor names with transformers' own key
+conversions (e.g. Mistral3 checkpoints say ``language_model.model.layers`` where the
+module is ``model.language_model.layers``). The result, :class:`ModelSpec`, is plain data
+that workers receive; workers rebuild single decoder layers from the same config.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+import torch
+
+from nvfp4_ray.errors import InputError
+
+# Model families whose decoder layers we run and whose outputs are tested against
+# llm-compressor. The value is the text model types allowed inside a composite model.
+SUPPORTED_MODEL_TYPES = {
+    "llama": None, "mistral": None, "qwen2": None, "qwen3": None, "ministral": None, "ministral3": None,
+    "mistral3": ("ministral3", "mistral", "ministral"),
+}  # fmt: skip
+# Vision parts of multimodal models are never quantized (vLLM runs them unquantized).
+ALWAYS_IGNORED = {"mistral3": ["re:.*vision_tower.*", "re:.*multi_modal_projector.*"]}
+# Siblings that vLLM fuses into one GEMM (llm-compressor's FUSED_LAYER_NAMES): they share a
+# global scale, and must be all quantized or all ignored.
+FUSED_SIBLINGS = (("gate_proj", "up_proj"), ("q_proj", "k_proj", "v_proj"), ("q_a_proj", "kv_a_proj_with_mqa"), ("w1", "w3"))
+GROUP_SIZE = 16
+
+
+@dataclass(frozen=True)
+class LinearSpec:
+    module: str  # module name in the model, e.g. model.layers.3.mlp.up_proj
+    checkpoint: str  # tensor-name prefix in the checkpoint (the source's naming)
+    local: str  # name inside its decoder layer, e.g. mlp.up_proj
+    in_features: int
+    out_features: int
+    scheme: str  # e.g. "NVFP4"
+
+
+@dataclass(frozen=True)
+class LayerSpec:
+    index: int
+    module: str  # e.g. model.layers.3
+    tensors: dict[str, str]  # checkpoint tensor name -> parameter name inside the layer
+    groups: list[list[LinearSpec]]  # quantized Linears; fused siblings share a list
+
+    @property
+    def linears(self) -> list[LinearSpec]:
+        return [linear for group in self.groups for linear in group]
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    model_type: str
+    architecture: str
+    dtype: str  # safetensors dtype of the quantized weights (and of the activations)
+    backbone: str  # module name of the text decoder (owner of embed_tokens and layers)
+    embed_tensor: str  # checkpoint name of the input embedding
+    layers: list[LayerSpec]
+    other_tensors: list[str]  # everything outside the decoder layers, copied byte for byte
+    ignored_linears: list[str] = field(default_factory=list)  # checkpoint names, for quantization_config
+
+
+def build_meta_model(config: dict, attn_implementation: str = "eager"):
+    """The full model on the meta device (no memory), in bf16, from a config dict."""
+    import transformers
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    hf_config = CONFIG_MAPPING[config["model_type"]].from_dict(config)
+    architecture = (config.get("architectures") or [None])[0]
+    model_class = getattr(transformers, architecture, None) if architecture else None
+    if model_class is None:
+        model_class = transformers.AutoModelForCausalLM._model_mapping[type(hf_config)]
+    with torch.device("meta"):
+        model = model_class._from_config(hf_config, attn_implementation=attn_implementation, dtype=torch.bfloat16)
+    model.eval()
+    return model
+
+
+def find_backbone(model) -> tuple[str, torch.nn.Module]:
+    """The text decoder: the submodule owning both ``embed_tokens`` and a ``layers`` list."""
+    for name, module in model.named_modules():
+        if isinstance(getattr(module, "layers", None), torch.nn.ModuleList) and hasattr(module, "embed_tokens"):
+            return name, module
+    raise InputError(f"{type(model).__name__} has no decoder layers this tool can run")
+
+
+def describe_model(config: dict, checkpoint_tensors: dict, recipe) -> ModelSpec:
+    """Check the checkpoint against config.json and the recipe; return the layer plan."""
+    from compressed_tensors.utils import match_named_modules
+
+    model_type = config.get("model_type")
+    _check_supported(config)
+    try:
+        model = build_meta_model(config)
+    except InputError:
+        raise
+    except Exception as exc:
+        raise InputError(f"config.json cannot be turned into a {model_type} model: {exc}") from None
+    backbone_name, backbone = find_backbone(model)
+
+    to_model = _checkpoint_to_model_names(model, checkpoint_tensors)
+    to_checkpoint = {m: c for c, m in to_model.items()}
+    _check_shapes(model, checkpoint_tensors, to_model)
+
+    ignore = list(recipe.ignore) + [p for p in ALWAYS_IGNORED.get(model_type, []) if p not in recipe.ignore]
+    targeted: dict[str, str] = {}
+    for group_name, scheme in recipe.config_groups.items():
+        for name, _ in match_named_modules(model, scheme.targets, ignore):
+            targeted.setdefault(name, _scheme_label(scheme))
+    layer_prefixes = [f"{backbone_name}.layers.{i}." for i in range(len(backbone.layers))]
+    dtype = _check_targets(model, targeted, layer_prefixes, checkpoint_tensors, to_checkpoint)
+    _check_fused_groups(model, targeted)
+
+    modules = dict(model.named_modules())
+    layers = []
+    layer_of_tensor: dict[str, int] = {}
+    for index, prefix in enumerate(layer_prefixes):
+        tensors = {c: m[len(prefix) :] for c, m in to_model.items() if m.startswith(prefix)}
+        layer_of_tensor.update({c: index for c in tensors})
+        linears = {}
+        for name in sorted(n for n in targeted if n.startswith(prefix)):
+            module = modules[name]
+            linears[name] = LinearSpec(
+                module=name,
+                checkpoint=to_checkpoint[f"{name}.weight"].removesuffix(".weight"),
+                local=name[len(prefix) :],
+                in_features=module.in_features,
+                out_features=module.out_features,
+                scheme=targeted[name],
+            )
+        layers.append(LayerSpec(index=index, module=prefix[:-1], tensors=tensors, groups=_fuse(linears)))
+    other = sorted(c for c in checkpoint_tensors if c not in layer_of_tensor)
+    ignored = [
+        to_checkpoint.get(f"{name}.weight", f"{name}.weight").removesuffix(".weight")
+        for name, module in model.named_modules()
+        if isinstance(module, torch.nn.Linear) and name not in targeted
+    ]
+    embed_name = next(n for n, p in backbone.named_parameters() if n.startswith("embed_tokens."))
+    return ModelSpec(
+        model_type=model_type,
+        architecture=type(model).__name__,
+        dtype=dtype,
+        backbone=backbone_name,
+        embed_tensor=to_checkpoint[f"{backbone_name}.{embed_name}"],
+        layers=layers,
+        other_tensors=other,
+        ignored_linears=ignored,
+    )
+
+
+def _check_supported(config: dict) -> None:
+    model_type = config.get("model_type")
+    valid = ", ".join(sorted(SUPPORTED_MODEL_TYPES))
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise InputError(f"model type {model_type!r} is not supported: no decoder layers this tool can run (valid: {valid})")
+    inner = SUPPORTED_MODEL_TYPES[model_type]
+    if inner is not None:
+        text_type = (config.get("text_config") or {}).get("model_type")
+        if text_type not in inner:
+            raise InputError(f"{model_type} with text model {text_type!r} is not supported (valid: {', '.join(inner)})")
+
+
+def _checkpoint_to_model_names(model, checkpoint_tensors: dict) -> dict[str, str]:
+    """Map every checkpoint tensor name to its parameter name, and insist on a full match."""
+    from transformers.conversion_mapping import get_model_conversion_mapping
+    from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
+
+    conversions = get_model_conversion_mapping(model)
+    renamings = [c for c in conversions if isinstance(c, WeightRenaming)]
+    converters = [c for c in conversions if isinstance(c, WeightConverter)]
+    params = dict(model.named_parameters(remove_duplicate=False))
+    params.update(dict(model.named_buffers(remove_duplicate=False)))
+    mapping: dict[str, str] = {}
+    for name in checkpoint_tensors:
+        renamed, converter = rename_source_key(name, renamings, converters)
+        if converter is not None:
+            raise InputError(f"tensor {name!r} needs a weight conversion ({converter}) that this tool does not support")
+        target = renamed if renamed in params else name if name in params else None
+        if target is None:
+            raise InputError(
+                f"tensor {name!r} in the checkpoint matches no parameter of {type(model).__name__} "
+                "built from config.json; is config.json the one for these weights?"
+            )
+        mapping[name] = target
+    covered = set(mapping.values())
+    tied = {n for n in params if _is_tied(model, n)}
+    unique_params = dict(model.named_parameters())
+    missing = [n for n in unique_params if n not in covered and n not in tied]
+    if missing:
+        raise InputError(f"the checkpoint has no tensor for parameter {missing[0]!r} ({len(missing)} missing in all)")
+    return mapping
+
+
+def _is_tied(model, name: str) -> bool:
+    output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    tie = getattr(model.config.get_text_config(), "tie_word_embeddings", False) or getattr(model.config, "tie_word_embeddings", False)
+    return bool(tie and output is not None and name.endswith("lm_head.weight"))
+
+
+def _check_shapes(model, checkpoint_tensors: dict, to_model: dict) -> None:
+    params = dict(model.named_parameters(remove_duplicate=False))
+    params.update(dict(model.named_buffers(remove_duplicate=False)))
+    for name, tensor in checkpoint_tensors.items():
+        expected = tuple(params[to_model[name]].shape)
+        found = tuple(tensor.entry.shape)
+        if expected != found:
+            raise InputError(f"tensor {name!r} has shape {list(found)} but config.json implies {list(expected)}")
+
+
+def _scheme_label(scheme) -> str:
+    from nvfp4_ray.recipe import scheme_name
+
+    return scheme_name(scheme)
+
+
+def _check_targets(model, targeted, layer_prefixes, checkpoint_tensors, to_checkpoint) -> str:
+    modules = dict(model.named_modules())
+    dtypes = set()
+    for name in targeted:
+        module = modules[name]
+        if not isinstance(module, torch.nn.Linear):
+            raise InputError(f"{name} ({type(module).__name__}) is targeted, but only Linear layers can be quantized")
+        if not any(name.startswith(p) for p in layer_prefixes):
+            raise InputError(
+                f"{name} would be quantized, but only Linears inside the decoder layers are supported; "
+                f"add {name!r} to the ignore list"
+            )
+        if module.in_features % GROUP_SIZE:
+            raise InputError(
+                f"{name}: in_features {module.in_features} is not divisible by the group size {GROUP_SIZE}; "
+                f"add {name!r} to the ignore list"
+            )
+        dtypes.add(checkpoint_tensors[to_checkpoint[f"{name}.weight"]].entry.dtype)
+    if not targeted:
+        raise InputError("no Linear layer matches the recipe's targets after the ignore list: nothing to quantize")
+    bad = dtypes - {"BF16", "F16", "F32"}
+    if bad or len(dtypes) > 1:
+        raise InputError(f"quantized weights must share one float dtype (BF16, F16 or F32), found {sorted(dtypes)}")
+    return dtypes.pop()
+
+
+def _check_fused_groups(model, targeted) -> None:
+    for parent_name, parent in model.named_modules():
+        for siblings in FUSED_SIBLINGS:
+            if not all(hasattr(parent, s) for s in siblings):
+                continue
+            names = [f"{parent_name}.{s}" if parent_name else s for s in siblings]
+            quantized = [n for n in names if n in targeted]
+            if quantized and len(quantized) != len(names):
+                left = [n for n in names if n not in targeted]
+                raise InputError(
+                    f"the ignore list splits the fused group {', '.join(names)}: {', '.join(left)} ignored but "
+                    f"{', '.join(quantized)} quantized; vLLM rejects such a checkpoint, ignore all or none of them"
+                )
+            schemes = {targeted[n] for n in quantized}
+            if len(schemes) > 1:
+                raise InputError(f"fused group {', '.join(names)} mixes schemes {sorted(schemes)}; vLLM needs one scheme per group")
+
+
+def _fuse(linears: dict[str, LinearSpec]) -> list[list[LinearSpec]]:
+    """Group a layer's quantized Linears: fused siblings together, the rest alone."""
+    groups, used = [], set()
+    for name in linears:
+        parent, _, leaf = name.rpartition(".")
+        for siblings in FUSED_SIBLINGS:
+            if leaf in siblings:
+                members = [f"{parent}.{s}" for s in siblings]
+                if all(m in linears for m in members) and name not in used:
+                    groups.append([linears[m] for m in members])
+                    used.update(members)
+    for name, linear in linears.items():
+        if name not in used:
+            groups.append([linear])
+    return sorted(groups, key=lambda g: g[0].local)
+
+
+def layer_number(name: str) -> int | None:
+    match = re.search(r"\.layers\.(\d+)\.", name)
+    return int(match.group(1)) if match else None

@@ -1,0 +1,141 @@
+"""Run a decoder one layer at a time over fixed batches, recording Linear input amax.
+
+Only one decoder layer's weights are resident at a time. The kwargs each layer receives
+(causal or padding mask, rotary position embeddings, ...) are captured once per batch
+from the model's own backbone forward, with the decoder layers swapped for stubs; so
+every model computes its masks and positions exactly as transformers does, and each
+layer then runs as it would inside the full model. Activations propagate unquantized,
+as in llm-compressor 0.14.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from nvfp4_ray.architecture import build_meta_model, find_backbone
+from nvfp4_ray.calibration.batches import Batch
+
+
+class _StopForward(Exception):
+    pass
+
+
+class _CaptureLayer(torch.nn.Module):
+    """Stands in for decoder layer ``index``: records its kwargs and passes hidden states on."""
+
+    def __init__(self, index: int, last: int, sink: dict, attention_type: str | None):
+        super().__init__()
+        self.index, self.last, self.sink = index, last, sink
+        if attention_type is not None:
+            self.attention_type = attention_type
+
+    def forward(self, hidden_states, *args, **kwargs):
+        if args:
+            raise TypeError("decoder layers are expected to take keyword arguments after hidden_states")
+        if self.index == 0:
+            self.sink["hidden"] = hidden_states
+        self.sink[self.index] = kwargs
+        if self.index == self.last:
+            raise _StopForward
+        return hidden_states
+
+
+@dataclass
+class _BatchState:
+    batch: Batch
+    hidden: torch.Tensor  # [B, T, H] in the model dtype, on the runner's device
+    layer_kwargs: dict[int, dict]
+    valid: torch.Tensor | None  # [B, T] bool, None when there is no padding
+
+
+class DecoderRunner:
+    def __init__(self, config: dict, device: str, exact: bool):
+        self.device = torch.device(device)
+        model = build_meta_model(config, "eager" if exact else "sdpa")
+        _, self.backbone = find_backbone(model)
+        self.layers = list(self.backbone.layers)
+        self._sink: dict = {}
+        count = len(self.layers)
+        self.backbone.layers = torch.nn.ModuleList(
+            _CaptureLayer(i, count - 1, self._sink, getattr(layer, "attention_type", None))
+            for i, layer in enumerate(self.layers)
+        )
+        # The rotary embedding's inverse frequencies are computed at construction, so a
+        # meta-device copy has none: build it again on the real device.
+        rotary = getattr(self.backbone, "rotary_emb", None)
+        if rotary is not None:
+            with self.device:
+                self.backbone.rotary_emb = type(rotary)(config=rotary.config)
+        self.states: list[_BatchState] = []
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.layers)
+
+    @torch.no_grad()
+    def start(self, batches: list[Batch], embed_weight: torch.Tensor) -> None:
+        """Embed the batches and capture every layer's kwargs for each of them."""
+        embed = self.backbone.embed_tokens
+        embed.load_state_dict({"weight": embed_weight.to(self.device)}, assign=True)
+        self.states = []
+        for batch in batches:
+            self._sink.clear()
+            ids = batch.input_ids.to(self.device)
+            mask = batch.attention_mask.to(self.device)
+            try:
+                self.backbone(input_ids=ids, attention_mask=mask, use_cache=False)
+            except _StopForward:
+                pass
+            valid = None if bool(batch.attention_mask.all()) else mask.bool()
+            kwargs = {i: self._sink[i] for i in range(self.num_layers)}
+            self.states.append(_BatchState(batch, self._sink["hidden"], kwargs, valid))
+        self._sink.clear()
+        embed.to("meta")
+
+    @torch.no_grad()
+    def run_layer(self, index: int, weights: dict[str, torch.Tensor], record: list[str]) -> dict[str, float]:
+        """Advance every batch through layer ``index``; return {linear: amax of its input}."""
+        layer = self.layers[index]
+        layer.load_state_dict({k: v.to(self.device) for k, v in weights.items()}, assign=True, strict=True)
+        modules = dict(layer.named_modules())
+        amax: dict[str, torch.Tensor] = {}
+        current: dict = {}
+
+        def make_hook(name):
+            def hook(_module, args):
+                x = args[0]
+                # q/k/v (and gate/up) receive the same tensor object: reduce it once. The
+                # cache holds the tensor itself so its id cannot be reused in this batch.
+                cached = current.get(id(x))
+                if cached is None:
+                    magnitude = x.abs()
+                    if current["valid"] is not None:
+                        magnitude = torch.where(current["valid"].unsqueeze(-1), magnitude, 0)
+                    cached = current[id(x)] = (x, magnitude.amax())
+                value = cached[1]
+                amax[name] = value if name not in amax else torch.maximum(amax[name], value)
+
+            return hook
+
+        handles = [modules[name].register_forward_pre_hook(make_hook(name)) for name in record]
+        try:
+            for state in self.states:
+                current.clear()
+                current["valid"] = state.valid
+                out = layer(state.hidden, **state.layer_kwargs[index])
+                state.hidden = out[0] if isinstance(out, tuple) else out
+        finally:
+            for handle in handles:
+                handle.remove()
+            layer.to("meta")
+        return {name: float(value) for name, value in amax.items()}
+
+    def hidden_states(self) -> dict[int, torch.Tensor]:
+        """Per-batch hidden states (for checkpoints), on the CPU."""
+        return {state.batch.index: state.hidden.cpu() for state in self.states}
+
+    def restore_hidden_states(self, hidden: dict[int, torch.Tensor]) -> None:
+        for state in self.states:
+            state.hidden = hidden[state.batch.index].to(self.device)

@@ -1,0 +1,45 @@
+"""config.json for the output, written by the same functions llm-compressor uses.
+
+llm-compressor's save path: transformers serializes the config, ``resave_config`` puts
+the source's own config.json back (patching dtype and tie_word_embeddings), and
+compressed-tensors' ``ModelCompressor.update_config`` adds ``quantization_config``. We run
+that path on a meta-device model carrying the recipe's schemes, so the file is
+byte-identical to the reference's; only the ignore list is set from our own name map,
+which follows the source's tensor naming.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+
+import torch
+
+from nvfp4_ray.architecture import ModelSpec, build_meta_model
+
+_TORCH_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}
+
+
+def output_config_json(config_bytes: bytes, config: dict, spec: ModelSpec, recipe) -> bytes:
+    from compressed_tensors.compressors import ModelCompressor
+    from compressed_tensors.quantization import QuantizationStatus, apply_quantization_config
+    from llmcompressor.transformers.compression.compressed_tensors_utils import resave_config
+    from transformers import AutoConfig
+
+    model = build_meta_model(config)
+    apply_quantization_config(model, recipe.quantization_config)
+    for module in model.modules():
+        if hasattr(module, "quantization_scheme"):
+            module.quantization_status = QuantizationStatus.COMPRESSED
+    compressor = ModelCompressor.from_pretrained_model(model)
+    compressor.quantization_config.ignore = list(spec.ignored_linears)
+    with tempfile.TemporaryDirectory() as source_dir, tempfile.TemporaryDirectory() as out_dir:
+        with open(os.path.join(source_dir, "config.json"), "wb") as handle:
+            handle.write(config_bytes)
+        hf_config = AutoConfig.from_pretrained(source_dir)
+        hf_config.dtype = _TORCH_DTYPES[spec.dtype]
+        hf_config.save_pretrained(out_dir)
+        resave_config(hf_config, out_dir)
+        compressor.update_config(out_dir)
+        with open(os.path.join(out_dir, "config.json"), "rb") as handle:
+            return handle.read()

@@ -1,0 +1,114 @@
+"""``nvfp4-ray``: a thin shell over the library.
+
+Exit codes: 0 done; 2 bad input or configuration (nothing was started where it could be
+checked first); 3 failed during the run (the same command resumes). The last line on
+stdout is always one JSON object: the summary, or the error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import typing
+
+from nvfp4_ray.config import QuantizeConfig
+from nvfp4_ray.errors import EXIT_INPUT, EXIT_OK, EXIT_RUN, InputError, JobError
+from nvfp4_ray.io.storage import redact
+
+_POSITIONAL = ("source", "dest")
+
+
+def add_config_options(parser: argparse.ArgumentParser, positional: bool = True) -> None:
+    """One flag per QuantizeConfig field (``--config FILE.yaml`` may hold any of them)."""
+    parser.add_argument("--config", metavar="FILE.yaml", help="job configuration file; flags override it")
+    for name, field in QuantizeConfig.model_fields.items():
+        flag = "--" + name.replace("_", "-")
+        annotation = field.annotation
+        origin = typing.get_origin(annotation)
+        args = [a for a in typing.get_args(annotation) if a is not type(None)]
+        help_text = field.description
+        if name in _POSITIONAL:
+            if positional:
+                parser.add_argument(name, nargs="?", help=help_text)
+            continue
+        if annotation is bool:
+            parser.add_argument(flag, action="store_const", const=True, default=None, help=help_text)
+        elif origin is typing.Literal:
+            parser.add_argument(flag, choices=list(typing.get_args(annotation)), default=None, help=help_text)
+        elif args and typing.get_origin(args[0]) is list:
+            parser.add_argument(flag, nargs="+", action="extend", default=None, metavar="PATTERN", help=help_text)
+        else:
+            base = args[0] if args else annotation
+            parser.add_argument(flag, type=base if base in (int, float) else str, default=None, help=help_text)
+
+
+def config_from_args(args: argparse.Namespace) -> QuantizeConfig:
+    values = {name: getattr(args, name, None) for name in QuantizeConfig.model_fields}
+    return QuantizeConfig.build(values, args.config)
+
+
+def _finish(summary: dict, code: int) -> int:
+    print(json.dumps(summary, default=str), flush=True)
+    return code
+
+
+def run_guarded(action, log_format: str = "text") -> int:
+    """Run ``action()`` (returning a summary dict) and map failures to exit codes."""
+    try:
+        return _finish(action(), EXIT_OK)
+    except InputError as exc:
+        message = redact(str(exc))
+        code = EXIT_INPUT
+    except JobError as exc:
+        message = redact(str(exc))
+        code = EXIT_RUN
+    except KeyboardInterrupt:
+        message, code = "interrupted; run the same command again to resume", EXIT_RUN
+    except Exception as exc:  # a bug or an unexpected environment problem: resumable
+        import traceback
+
+        traceback.print_exc(file=sys.stderr)
+        message = redact(f"internal error: {type(exc).__name__}: {exc}")
+        code = EXIT_RUN
+    print(f"nvfp4-ray: error: {message}", file=sys.stderr, flush=True)
+    return _finish({"status": "failed", "exit_code": code, "error": message}, code)
+
+
+def _quantize(args: argparse.Namespace) -> int:
+    from nvfp4_ray.pipeline.events import Events
+    from nvfp4_ray.pipeline.job import run_quantize
+
+    def action():
+        config = config_from_args(args)
+        return run_quantize(config, Events(config.log_format))
+
+    return run_guarded(action)
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from nvfp4_ray.demo import run_demo
+
+    return run_guarded(lambda: run_demo(args.dest, args.log_format or "text"))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="nvfp4-ray", description="Quantize Hugging Face checkpoints to NVFP4 on Ray.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    quantize = commands.add_parser("quantize", help="quantize SOURCE into DEST")
+    add_config_options(quantize)
+    quantize.set_defaults(handler=_quantize)
+    demo = commands.add_parser("demo", help="quantize the bundled SmolLM2-135M-Instruct and print a summary")
+    demo.add_argument("dest", nargs="?", default=None, help="output directory (default: ./nvfp4-demo-out)")
+    demo.add_argument("--log-format", choices=["text", "json"], default=None)
+    demo.set_defaults(handler=_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.handler(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,104 @@
+"""The one job configuration, shared by the CLI, job YAML files and the Ray workers.
+
+``nvfp4-ray quantize`` flags and a ``--config FILE.yaml`` fill the same model; values on
+the command line override the file. Validation here is about the shape of the options;
+everything that needs to look at SOURCE or the calibration data happens in the planner.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from nvfp4_ray.errors import InputError
+
+DEFAULT_IGNORE = ["lm_head"]
+
+
+class QuantizeConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    source: str = Field(description="Hugging Face checkpoint directory or URL (s3://...)")
+    dest: str = Field(description="output directory or URL")
+    calibration: str | None = Field(None, description="Parquet file with an input_ids or text column")
+    num_samples: int = Field(256, ge=1, description="calibration rows used (the first N)")
+    max_seq_len: int = Field(1024, ge=1, description="tokens kept per calibration row")
+    ignore: list[str] | None = Field(None, description="module names or re: patterns left unquantized")
+    scheme: str = Field("NVFP4", description="quantization scheme preset when no recipe is given")
+    recipe: str | None = Field(None, description="llm-compressor recipe YAML (QuantizationModifier)")
+    exact: bool = Field(False, description="batch size 1 + eager attention: input scales equal llm-compressor's")
+    overwrite: bool = Field(False, description="replace a checkpoint of another source already at DEST")
+    ray_address: str | None = Field(None, description="Ray cluster to join; default: start a local one")
+    log_format: Literal["text", "json"] = "text"
+    num_workers: int | None = Field(None, ge=1, description="calibration actors (default: one per GPU)")
+    batch_tokens: int = Field(16384, ge=1, description="tokens per calibration forward (padded), fast mode")
+    prefetch_layers: int = Field(2, ge=0, description="layers read ahead of the one being calibrated")
+    checkpoint_minutes: float = Field(
+        5.0, ge=0, description="persist calibration state this often so a crash resumes mid-model (0: every layer)"
+    )
+
+    @field_validator("ignore")
+    @classmethod
+    def _ignore_patterns(cls, patterns: list[str] | None) -> list[str] | None:
+        import re
+
+        for pattern in patterns or []:
+            if pattern.startswith("re:"):
+                try:
+                    re.compile(pattern[3:])
+                except re.error as exc:
+                    raise ValueError(f"ignore pattern {pattern!r} is not a valid regex: {exc}") from None
+        return patterns
+
+    @model_validator(mode="after")
+    def _recipe_or_scheme(self):
+        if self.recipe is not None and "scheme" in self.model_fields_set:
+            raise ValueError("give either --recipe or --scheme, not both (the recipe names its scheme)")
+        if self.recipe is not None and self.ignore is not None:
+            raise ValueError("give ignore patterns inside the recipe, not with --ignore, when --recipe is used")
+        return self
+
+    @property
+    def ignore_patterns(self) -> list[str]:
+        return list(DEFAULT_IGNORE if self.ignore is None else self.ignore)
+
+    @classmethod
+    def build(cls, values: dict, config_file: str | None = None) -> "QuantizeConfig":
+        """Merge a YAML file (if any) with explicit values, raising InputError on any problem."""
+        merged: dict = {}
+        if config_file is not None:
+            merged.update(load_yaml_options(config_file))
+        merged.update({k: v for k, v in values.items() if v is not None})
+        try:
+            return cls(**merged)
+        except ValidationError as exc:
+            raise InputError(format_validation_error(exc)) from None
+
+
+def load_yaml_options(path: str) -> dict:
+    from nvfp4_ray.io.storage import Store
+
+    folder, _, name = path.rpartition("/")
+    store = Store(folder or ".")
+    if not store.exists(name):
+        raise InputError(f"config file {path} does not exist")
+    try:
+        data = yaml.safe_load(store.read_text(name))
+    except yaml.YAMLError as exc:
+        raise InputError(f"config file {path} is not valid YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise InputError(f"config file {path} must hold a mapping of option names to values")
+    return {key.replace("-", "_"): value for key, value in data.items()}
+
+
+def format_validation_error(exc: ValidationError) -> str:
+    parts = []
+    for error in exc.errors():
+        field = ".".join(str(p) for p in error["loc"]) or "config"
+        message = error["msg"].removeprefix("Value error, ")
+        if error["type"] == "extra_forbidden":
+            message = f"unknown option (valid: {', '.join(sorted(QuantizeConfig.model_fields))})"
+        parts.append(f"{field}: {message}")
+    return "invalid configuration: " + "; ".join(parts)

@@ -1,0 +1,153 @@
+"""Tensors as raw bytes: reading them from a checkpoint, moving them between processes,
+and writing them as safetensors shards.
+
+A :class:`TensorBundle` is one contiguous uint8 numpy buffer plus a table of entries.
+Ray stores numpy buffers in its shared-memory object store and hands them to every
+process on the node without a copy, so one read of a layer serves all of a node's
+workers; ``tensor()`` then views the bytes as a torch tensor, again without a copy.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import defaultdict
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from nvfp4_ray.io.checkpoint import SourceTensor, read_header
+from nvfp4_ray.io.safetensors_format import DTYPE_SIZES, build_file
+from nvfp4_ray.io.storage import Store
+
+TORCH_DTYPES = {
+    "BOOL": torch.bool, "U8": torch.uint8, "I8": torch.int8, "I16": torch.int16, "I32": torch.int32,
+    "I64": torch.int64, "F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32,
+    "F64": torch.float64, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+    "U16": torch.uint16, "U32": torch.uint32, "U64": torch.uint64,
+}  # fmt: skip
+SAFETENSORS_DTYPES = {v: k for k, v in TORCH_DTYPES.items()}
+FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")
+_MERGE_GAP = 1 << 20  # read across gaps up to 1 MiB rather than issue another request
+
+
+@dataclass
+class TensorBundle:
+    buffer: np.ndarray  # uint8, read-only once it has been through Ray's object store
+    entries: dict[str, tuple[int, str, tuple[int, ...]]]  # name -> (offset, dtype, shape)
+
+    def raw(self, name: str) -> np.ndarray:
+        offset, dtype, shape = self.entries[name]
+        size = int(np.prod(shape, dtype=np.int64)) * DTYPE_SIZES[dtype]
+        return self.buffer[offset : offset + size]
+
+    def tensor(self, name: str) -> torch.Tensor:
+        """A zero-copy torch view; treat it as read-only."""
+        _, dtype, shape = self.entries[name]
+        data = self.raw(name)
+        if data.size == 0:
+            return torch.empty(shape, dtype=TORCH_DTYPES[dtype])
+        with _readonly_ok():
+            return torch.frombuffer(data, dtype=TORCH_DTYPES[dtype]).view(shape)
+
+    def names(self) -> list[str]:
+        return list(self.entries)
+
+
+class _readonly_ok:
+    """torch.frombuffer warns on read-only buffers; bundle views are never written."""
+
+    def __enter__(self):
+        import warnings
+
+        self._ctx = warnings.catch_warnings()
+        self._ctx.__enter__()
+        warnings.filterwarnings("ignore", message="The given buffer is not writable")
+
+    def __exit__(self, *exc):
+        return self._ctx.__exit__(*exc)
+
+
+def read_tensors(store: Store, tensors: list[SourceTensor]) -> TensorBundle:
+    """Read the given tensors (any files) into one bundle with as few requests as possible."""
+    by_file: dict[str, list[SourceTensor]] = defaultdict(list)
+    for tensor in tensors:
+        by_file[tensor.file].append(tensor)
+    total = sum(t.entry.nbytes for t in tensors)
+    buffer = np.empty(total, dtype=np.uint8)
+    view = memoryview(buffer)
+    entries: dict[str, tuple[int, str, tuple[int, ...]]] = {}
+    offset = 0
+    for file_name in sorted(by_file):
+        members = sorted(by_file[file_name], key=lambda t: t.entry.start)
+        # Coalesce neighbouring tensors into spans; bytes between them are read and dropped.
+        spans: list[list] = []
+        for tensor in members:
+            if spans and tensor.entry.start - spans[-1][1] <= _MERGE_GAP:
+                spans[-1][1] = max(spans[-1][1], tensor.entry.end)
+                spans[-1][2].append(tensor)
+            else:
+                spans.append([tensor.entry.start, tensor.entry.end, [tensor]])
+        for start, end, span_tensors in spans:
+            if end - start == sum(t.entry.nbytes for t in span_tensors):
+                target = view[offset : offset + end - start]
+                store.read_into(file_name, [(start, end)], target)
+                for t in span_tensors:
+                    entries[t.name] = (offset + t.entry.start - start, t.entry.dtype, t.entry.shape)
+                offset += end - start
+            else:  # gaps inside the span: read it whole, keep only the tensors
+                scratch = np.empty(end - start, dtype=np.uint8)
+                store.read_into(file_name, [(start, end)], memoryview(scratch))
+                for t in span_tensors:
+                    buffer[offset : offset + t.entry.nbytes] = scratch[t.entry.start - start : t.entry.end - start]
+                    entries[t.name] = (offset, t.entry.dtype, t.entry.shape)
+                    offset += t.entry.nbytes
+    return TensorBundle(buffer=buffer, entries=entries)
+
+
+def read_file(store: Store, file_name: str) -> TensorBundle:
+    """A whole (small) safetensors file as a bundle."""
+    entries = read_header(store, file_name, store.info(file_name).size)
+    return read_tensors(store, [SourceTensor(file_name, entry) for entry in entries.values()])
+
+
+def tensor_bytes(tensor: torch.Tensor) -> memoryview:
+    """The raw little-endian bytes of a CPU tensor (contiguous copy when needed)."""
+    tensor = tensor.detach().contiguous().cpu()
+    if tensor.numel() == 0:
+        return memoryview(b"")
+    return memoryview(tensor.view(torch.uint8).reshape(-1).numpy()).cast("B")
+
+
+@dataclass(frozen=True)
+class WrittenFile:
+    name: str
+    size: int
+    sha256: str
+    tensors: dict[str, int]  # tensor name -> byte size, for the index
+
+
+def write_shard(store: Store, file_name: str, tensors: list[tuple[str, str, tuple[int, ...], object]]) -> WrittenFile:
+    """Write (name, dtype, shape, bytes) tuples as one safetensors file, atomically."""
+    ordered = sorted(tensors, key=lambda t: t[0])
+    buffers, size = build_file(ordered, {"format": "pt"})
+    data = bytearray(size)
+    digest = hashlib.sha256()
+    offset = 0
+    for part in buffers:
+        data[offset : offset + len(part)] = part
+        offset += len(part)
+    digest.update(data)
+    store.write_bytes(file_name, data)
+    sizes = {name: len(memoryview(raw).cast("B")) for name, _, _, raw in ordered}
+    return WrittenFile(name=file_name, size=size, sha256=digest.hexdigest(), tensors=sizes)
+
+
+def torch_entry(name: str, tensor: torch.Tensor) -> tuple[str, str, tuple[int, ...], memoryview]:
+    return (name, SAFETENSORS_DTYPES[tensor.dtype], tuple(tensor.shape), tensor_bytes(tensor))
+
+
+def bundle_entry(bundle: TensorBundle, name: str, out_name: str | None = None):
+    """A tensor copied byte for byte from a bundle into a shard."""
+    _, dtype, shape = bundle.entries[name]
+    return (out_name or name, dtype, shape, memoryview(bundle.raw(name)).cast("B"))

@@ -1,0 +1,92 @@
+"""Commit: the small files that make DEST a checkpoint, written after every unit file.
+
+Order: config.json, recipe.yaml and the copied tokenizer/processor files; then the index
+(the switch: consumers load the files it names); then manifest.json; then ``_SUCCESS``,
+created exclusively on a fresh DEST. Old unit files that no retained version names are
+deleted last; files that nvfp4-ray did not write are never touched.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+from nvfp4_ray import __version__
+from nvfp4_ray.errors import JobError
+from nvfp4_ray.io import destination
+from nvfp4_ray.io.storage import Store
+from nvfp4_ray.io.tensors import WrittenFile
+from nvfp4_ray.pipeline.plan import Plan, digest
+
+UNIT_FILE = re.compile(r"^model-(layer|other|input-scales)-.*\.safetensors$")
+
+
+def commit(plan: Plan, files: list[WrittenFile], layer_amax: list[dict], report: dict) -> dict:
+    dest = Store(plan.config.dest)
+    version = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + "-" + digest(plan.fingerprint)[:8]
+    small: dict[str, bytes] = {
+        "config.json": plan.config_json,
+        "recipe.yaml": plan.recipe.yaml_text.encode("utf-8"),
+    }
+    with ThreadPoolExecutor(8) as pool:
+        names = sorted(plan.source.copied_files)
+        for name, data in zip(names, pool.map(plan.source.store.read_bytes, names)):
+            small[name] = data
+    weight_map, total = {}, 0
+    for written in files:
+        for tensor, size in written.tensors.items():
+            weight_map[tensor] = written.name
+            total += size
+    index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+    index_bytes = (json.dumps(index, indent=2, sort_keys=False) + "\n").encode("utf-8")
+
+    with ThreadPoolExecutor(8) as pool:
+        list(pool.map(lambda item: dest.write_bytes(*item), small.items()))
+    dest.write_bytes(destination.INDEX, index_bytes)
+    small[destination.INDEX] = index_bytes
+
+    manifest = {
+        "version": version,
+        "tool": {"name": "nvfp4-ray", "version": __version__},
+        "source": plan.source.store.display(),
+        "fingerprint": plan.fingerprint,
+        "files": {
+            **{w.name: {"size": w.size, "sha256": w.sha256} for w in files},
+            **{name: {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()} for name, data in small.items()},
+        },
+        "calibration": {
+            "layers": [
+                {unit.spec.module: amax} for unit, amax in zip(plan.layer_units, layer_amax)
+            ] if plan.needs_calibration else None,
+        },
+        "report": report,
+    }
+    manifest_bytes = (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode("utf-8")
+    dest.write_bytes(destination.MANIFEST, manifest_bytes)
+    dest.write_bytes(f"{destination.STATE_DIR}/versions/{version}.json", manifest_bytes)
+    marker = json.dumps({"version": version, "manifest_sha256": hashlib.sha256(manifest_bytes).hexdigest()}).encode()
+    if plan.previous is None:
+        if not dest.create_exclusive(destination.SUCCESS, marker):
+            raise JobError(f"another run committed a checkpoint at {dest.display()} while this one ran; nothing was replaced")
+    else:
+        dest.write_bytes(destination.SUCCESS, marker)
+    _collect_garbage(dest, manifest, plan.previous)
+    return manifest
+
+
+def _collect_garbage(dest: Store, manifest: dict, previous: dict | None) -> None:
+    """Delete our unit files that neither this version nor the previous one names."""
+    keep = set(manifest["files"])
+    if previous is not None:
+        keep |= set(previous.get("files", {}))
+    for name in dest.list_files(""):
+        if UNIT_FILE.match(name) and name not in keep:
+            dest.delete(name)
+    dest.delete(f"{destination.STATE_DIR}/calibration")
+    for record in dest.list_files(f"{destination.STATE_DIR}/units"):
+        key = record.removesuffix(".json")
+        if not any(name.endswith(f"-{key}.safetensors") for name in keep):
+            dest.delete(f"{destination.STATE_DIR}/units/{record}")

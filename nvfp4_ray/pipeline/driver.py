@@ -1,0 +1,321 @@
+"""Run a plan on Ray: read each layer once per node, quantize it, calibrate through it.
+
+For each decoder layer, in order:
+  1. a read task per node that needs the layer (the node of its weight task, and every
+     node with calibration workers) puts its tensors in that node's object store;
+     reads run ``prefetch_layers`` ahead;
+  2. a weight task quantizes the layer and writes its unit file (unless already done);
+  3. every calibration worker advances its batches through the layer and returns the
+     input amax of each Linear; the driver max-reduces them (exact: max is order-free)
+     and persists the result, and now and then the workers persist hidden states.
+Units already done at DEST (a crashed or earlier run) are skipped; calibration resumes
+from the last persisted hidden states, or is skipped when every layer's statistics exist.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections import Counter, deque
+from dataclasses import dataclass, field
+
+import ray
+
+from nvfp4_ray.calibration.batches import deal, make_batches
+from nvfp4_ray.errors import InputError, JobError
+from nvfp4_ray.io import destination
+from nvfp4_ray.io.storage import Store
+from nvfp4_ray.io.tensors import TORCH_DTYPES, WrittenFile, write_shard
+from nvfp4_ray.layer_quantizer import input_scale_entries
+from nvfp4_ray.pipeline.events import Events
+from nvfp4_ray.pipeline.placement import Placement
+from nvfp4_ray.pipeline.plan import Plan, calibration_keys, digest
+from nvfp4_ray.pipeline.workers import CalibrationWorker, copy_unit_task, quantize_layer_task, read_tensors_task, unwrap
+
+CALIBRATION_DIR = f"{destination.STATE_DIR}/calibration"
+MAX_WORKER_REPLACEMENTS = 3
+
+
+@dataclass
+class Calibration:
+    workers: list
+    shares: list[list]  # batches of each worker
+    nodes: list[str]  # node of each worker
+    keys: list[str]  # per layer
+    first: int  # first layer whose statistics must be computed
+    checkpoint: int | None  # layer whose persisted hidden states the workers started from
+    devices: list[str]
+    tokens: int = 0
+    last_checkpoint_time: float = field(default_factory=time.monotonic)
+
+
+class Execution:
+    def __init__(self, plan: Plan, placement: Placement, events: Events):
+        self.plan, self.placement, self.events = plan, placement, events
+        self.config = plan.config
+        self.dest = Store(self.config.dest)
+        self.written: dict[str, WrittenFile] = {}  # unit key -> file
+        self.amax: dict[str, float] = {}  # checkpoint Linear name -> calibration amax
+        self.layer_amax: list[dict[str, float]] = [{} for _ in plan.layer_units]
+        self.reads: Counter = Counter()  # node -> layer reads
+        self.reused: list[str] = []
+        self.computed: list[str] = []
+        self.replacements = 0
+        self.calibration: Calibration | None = None
+        self.scales: WrittenFile | None = None
+
+    # ---- top level ---------------------------------------------------------------
+    def run(self) -> None:
+        plan = self.plan
+        units = [(u.key, u.file) for u in plan.layer_units] + [(u.key, u.file) for u in plan.copy_units]
+        for key, file_name in units:
+            done = destination.load_done(self.dest, key, file_name)
+            if done is not None:
+                self.written[key] = done
+                self.reused.append(file_name)
+        if self.reused:
+            self.events.info(f"reusing {len(self.reused)} unit files already at DEST", reused=len(self.reused))
+        copies = [
+            copy_unit_task.options(**Placement.on_node(self.placement.nodes[i % self.placement.size])).remote(
+                unit, self.config.source, self.config.dest
+            )
+            for i, unit in enumerate(plan.copy_units)
+            if unit.key not in self.written
+        ]
+        if plan.needs_calibration:
+            with self.events.stage("calibration_setup"):
+                self.calibration = self._prepare_calibration()
+        with self.events.stage("layers"):
+            self._layer_loop()
+        with self.events.stage("copy"):
+            for written in self._get(copies):
+                self.written[self._key_of(written.name)] = written
+                self.computed.append(written.name)
+        if self.calibration is not None:
+            self._write_scales()
+
+    def _key_of(self, file_name: str) -> str:
+        return file_name.rsplit("-", 1)[1].removesuffix(".safetensors")
+
+    def _get(self, refs):
+        try:
+            return ray.get(refs)
+        except ray.exceptions.RayTaskError as exc:
+            cause = unwrap(exc)
+            if isinstance(cause, InputError):
+                raise cause from None
+            raise JobError(_task_failure(exc)) from None
+
+    # ---- calibration setup ---------------------------------------------------------
+    def _prepare_calibration(self) -> Calibration:
+        plan, placement = self.plan, self.placement
+        batches = make_batches(plan.samples, self.config.exact, self.config.batch_tokens)
+        count = min(placement.size, len(batches))
+        workers = [
+            CalibrationWorker.options(**placement.worker_options(i)).remote(plan.source.config, self.config.exact)
+            for i in range(count)
+        ]
+        infos = self._get([w.describe.remote() for w in workers])
+        signature = "+".join(sorted({info["signature"] for info in infos}))
+        keys = calibration_keys(plan, signature)
+        first, checkpoint = self._resume_point(keys)
+        calibration = Calibration(
+            workers=workers,
+            shares=deal(batches, count),
+            nodes=[placement.nodes[i] for i in range(count)],
+            keys=keys,
+            first=first,
+            checkpoint=checkpoint,
+            devices=[info["device"] for info in infos],
+        )
+        if first == len(keys):
+            self.events.info("calibration statistics for every layer already at DEST: skipping calibration")
+            return calibration
+        if first:
+            self.events.info(f"resuming calibration at layer {first} from persisted state", layer=first)
+        self._start_workers(calibration, range(count))
+        return calibration
+
+    def _resume_point(self, keys: list[str]) -> tuple[int, int | None]:
+        """First layer to calibrate, and the layer whose hidden states to start from."""
+        first, checkpoint = 0, None
+        for index, key in enumerate(keys):
+            try:
+                self.layer_amax[index] = json.loads(self.dest.read_text(f"{CALIBRATION_DIR}/{key}.json"))
+            except (FileNotFoundError, ValueError):
+                break
+            first = index + 1
+            if self.dest.exists(f"{CALIBRATION_DIR}/{key}/_COMPLETE"):
+                checkpoint = index
+        if first < len(keys):
+            first = 0 if checkpoint is None else checkpoint + 1
+        return first, checkpoint
+
+    def _start_workers(self, calibration: Calibration, indices) -> None:
+        plan = self.plan
+        embed = plan.source.tensors[plan.spec.embed_tensor]
+        embed_refs = {}
+        starts = []
+        for i in indices:
+            node = calibration.nodes[i]
+            if node not in embed_refs:
+                embed_refs[node] = read_tensors_task.options(**Placement.on_node(node)).remote(self.config.source, [embed])
+            starts.append(calibration.workers[i].start.remote(calibration.shares[i], embed_refs[node], embed.name))
+        tokens = self._get(starts)
+        calibration.tokens = max(calibration.tokens, sum(tokens))
+        if calibration.checkpoint is not None:
+            folder = f"{CALIBRATION_DIR}/{calibration.keys[calibration.checkpoint]}"
+            self._get([calibration.workers[i].load_hidden.remote(self.config.dest, folder) for i in indices])
+
+    # ---- the layer loop ----------------------------------------------------------
+    def _layer_loop(self) -> None:
+        plan, calibration = self.plan, self.calibration
+        count = len(plan.layer_units)
+        calibrate_from = calibration.first if calibration else count
+        todo = [
+            index
+            for index, unit in enumerate(plan.layer_units)
+            if unit.key not in self.written or index >= calibrate_from
+        ]
+        self.events.progress("layers", len(todo), unit="layer")
+        reads: dict[int, dict[str, object]] = {}
+        pending: deque = deque()
+        window = self.config.prefetch_layers + 1
+        next_read = 0
+        for position, index in enumerate(todo):
+            while next_read < len(todo) and next_read <= position + self.config.prefetch_layers:
+                reads[todo[next_read]] = self._issue_reads(todo[next_read], calibrate_from)
+                next_read += 1
+            unit = plan.layer_units[index]
+            if unit.key not in self.written:
+                bundle_index = index % self.placement.size
+                ref = reads[index][self.placement.nodes[bundle_index]]
+                task = quantize_layer_task.options(**self.placement.task_options(bundle_index))
+                pending.append(task.remote(unit, ref, self.config.dest))
+            if index >= calibrate_from:
+                self._calibrate_layer(index, reads[index])
+            del reads[index]
+            while len(pending) > window or (pending and not calibration):
+                self._finish_weight_task(pending.popleft())
+            self.events.advance("layers")
+        while pending:
+            self._finish_weight_task(pending.popleft())
+
+    def _issue_reads(self, index: int, calibrate_from: int) -> dict[str, object]:
+        unit = self.plan.layer_units[index]
+        nodes = set()
+        if unit.key not in self.written:
+            nodes.add(self.placement.nodes[index % self.placement.size])
+        if index >= calibrate_from:
+            nodes.update(self.calibration.nodes)
+        refs = {}
+        for node in sorted(nodes):
+            refs[node] = read_tensors_task.options(**Placement.on_node(node)).remote(self.config.source, unit.tensors)
+            self.reads[node] += 1
+        return refs
+
+    def _finish_weight_task(self, ref) -> None:
+        (written,) = self._get([ref])
+        self.written[self._key_of(written.name)] = written
+        self.computed.append(written.name)
+
+    def _calibrate_layer(self, index: int, refs: dict[str, object]) -> None:
+        calibration = self.calibration
+        spec = self.plan.layer_units[index].spec
+        record = [linear.local for linear in spec.linears]
+        calls = [
+            worker.run_layer.remote(index, refs[node], spec.tensors, record)
+            for worker, node in zip(calibration.workers, calibration.nodes)
+        ]
+        results = self._gather_layer(index, calls, refs)
+        reduced = {}
+        for local in record:
+            values = [result[local] for result in results if local in result]
+            reduced[local] = math.nan if any(math.isnan(v) for v in values) else max(values)
+        self.layer_amax[index] = reduced
+        key = calibration.keys[index]
+        self.dest.write_text(f"{CALIBRATION_DIR}/{key}.json", json.dumps(reduced, sort_keys=True))
+        self._maybe_checkpoint(index)
+
+    def _gather_layer(self, index: int, calls: list, refs: dict) -> list[dict]:
+        """Results of every worker for one layer; a lost worker is replaced and caught up."""
+        results = []
+        for i, call in enumerate(calls):
+            try:
+                results.append(ray.get(call))
+            except ray.exceptions.RayTaskError as exc:
+                cause = unwrap(exc)
+                if isinstance(cause, InputError):
+                    raise cause from None
+                raise JobError(_task_failure(exc)) from None
+            except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError) as exc:
+                results.append(self._replace_worker(i, index, refs, exc))
+        return results
+
+    def _replace_worker(self, i: int, index: int, refs: dict, error: Exception) -> dict:
+        """Start a new worker in the lost one's bundle and redo its batches up to ``index``."""
+        calibration = self.calibration
+        self.replacements += 1
+        if self.replacements > MAX_WORKER_REPLACEMENTS:
+            raise JobError(f"calibration workers failed {self.replacements} times; last: {type(error).__name__}")
+        self.events.warning(f"calibration worker {i} was lost at layer {index}; redoing its batches", worker=i, layer=index)
+        worker = CalibrationWorker.options(**self.placement.worker_options(i)).remote(
+            self.plan.source.config, self.config.exact
+        )
+        calibration.workers[i] = worker
+        info = self._get([worker.describe.remote()])[0]
+        calibration.nodes[i] = node = info["node_id"]
+        self._start_workers(calibration, [i])
+        start = 0 if calibration.checkpoint is None else calibration.checkpoint + 1
+        for layer in range(start, index + 1):
+            unit = self.plan.layer_units[layer]
+            ref = refs.get(node) if layer == index else None
+            if ref is None:
+                ref = read_tensors_task.options(**Placement.on_node(node)).remote(self.config.source, unit.tensors)
+                self.reads[node] += 1
+            record = [linear.local for linear in unit.spec.linears]
+            result = self._get([worker.run_layer.remote(layer, ref, unit.spec.tensors, record)])[0]
+        return result
+
+    def _maybe_checkpoint(self, index: int) -> None:
+        calibration = self.calibration
+        if index == len(calibration.keys) - 1:
+            return
+        if time.monotonic() - calibration.last_checkpoint_time < self.config.checkpoint_minutes * 60:
+            return
+        folder = f"{CALIBRATION_DIR}/{calibration.keys[index]}"
+        self._get([w.save_hidden.remote(self.config.dest, folder) for w in calibration.workers])
+        self.dest.write_bytes(f"{folder}/_COMPLETE", b"")
+        if calibration.checkpoint is not None and calibration.checkpoint != index:
+            self.dest.delete(f"{CALIBRATION_DIR}/{calibration.keys[calibration.checkpoint]}")
+        calibration.checkpoint = index
+        calibration.last_checkpoint_time = time.monotonic()
+
+    # ---- input scales -----------------------------------------------------------
+    def _write_scales(self) -> None:
+        plan = self.plan
+        for unit, reduced in zip(plan.layer_units, self.layer_amax):
+            for linear in unit.spec.linears:
+                self.amax[linear.checkpoint] = reduced[linear.local]
+        key = digest([self.calibration.keys[-1], sorted(self.amax)])
+        file_name = f"model-input-scales-{key}.safetensors"
+        done = destination.load_done(self.dest, key, file_name)
+        if done is None:
+            done = write_shard(self.dest, file_name, input_scale_entries(self.amax, TORCH_DTYPES[plan.spec.dtype]))
+            destination.save_done(self.dest, key, done)
+            self.computed.append(file_name)
+        else:
+            self.reused.append(file_name)
+        self.scales = done
+
+    def files(self) -> list[WrittenFile]:
+        files = [self.written[u.key] for u in self.plan.layer_units] + [self.written[u.key] for u in self.plan.copy_units]
+        return files + ([self.scales] if self.scales else [])
+
+
+def _task_failure(exc: Exception) -> str:
+    from nvfp4_ray.io.storage import redact
+
+    lines = [line for line in str(exc).splitlines() if line.strip()]
+    return redact(f"a task failed: {lines[-1] if lines else type(exc).__name__}")

@@ -1,0 +1,93 @@
+"""One quantization job, start to finish: plan, connect to Ray, execute, commit, report."""
+
+from __future__ import annotations
+
+import os
+import time
+from contextlib import contextmanager
+
+from nvfp4_ray.config import QuantizeConfig
+from nvfp4_ray.pipeline.events import Events
+from nvfp4_ray.pipeline.plan import build_plan
+
+
+@contextmanager
+def ray_session(address: str | None):
+    """Use the Ray instance already initialised in this process, join ``address``
+    (or RAY_ADDRESS), or start a local instance for the duration of the job."""
+    import ray
+
+    if ray.is_initialized():
+        yield
+        return
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, log_to_driver=False)
+    else:
+        # A private, short-lived local instance: Ray 2.60 would otherwise enable token
+        # authentication, which nothing outside this process needs.
+        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+        ray.init(include_dashboard=False, log_to_driver=False)
+    try:
+        yield
+    finally:
+        ray.shutdown()
+
+
+def run_quantize(config: QuantizeConfig, events: Events) -> dict:
+    """Run the job; return the summary. Raises InputError (exit 2) or JobError (exit 3)."""
+    started = time.monotonic()
+    with events.stage("plan"):
+        plan = build_plan(config)
+    events.info(
+        f"planned {len(plan.layer_units)} decoder layers, {sum(len(u.spec.linears) for u in plan.layer_units)} "
+        f"Linears to quantize, {len(plan.samples or [])} calibration samples",
+        model=plan.spec.architecture,
+    )
+    with ray_session(config.ray_address):
+        from nvfp4_ray.pipeline.commit import commit
+        from nvfp4_ray.pipeline.driver import Execution
+        from nvfp4_ray.pipeline.placement import Placement
+
+        with events.stage("placement"):
+            placement = Placement.create(config.num_workers)
+        try:
+            execution = Execution(plan, placement, events)
+            execution.run()
+        finally:
+            placement.release()
+        report = _report(plan, execution, events, started)
+        with events.stage("commit"):
+            manifest = commit(plan, execution.files(), execution.layer_amax, report)
+    report["timings_s"] = {name: round(seconds, 3) for name, seconds in events.timings.items()}
+    report["total_s"] = round(time.monotonic() - started, 3)
+    return {"status": "succeeded", "dest": _display(config.dest), "version": manifest["version"], **report}
+
+
+def _display(url: str) -> str:
+    from nvfp4_ray.io.storage import redact
+
+    return redact(url)
+
+
+def _report(plan, execution, events: Events, started: float) -> dict:
+    bytes_in = sum(t.entry.nbytes for t in plan.source.tensors.values())
+    bytes_out = sum(f.size for f in execution.files())
+    calibration = execution.calibration
+    return {
+        "model": plan.spec.architecture,
+        "layers": len(plan.layer_units),
+        "linears_quantized": sum(len(u.spec.linears) for u in plan.layer_units),
+        "tensors_copied": len(plan.spec.other_tensors),
+        "bytes_in": bytes_in,
+        "bytes_out": bytes_out,
+        "units_computed": len(execution.computed),
+        "units_reused": len(execution.reused),
+        "calibration_samples": len(plan.samples or []),
+        "calibration_tokens": calibration.tokens if calibration else 0,
+        "calibration_workers": len(calibration.workers) if calibration else 0,
+        "calibration_devices": sorted(set(calibration.devices)) if calibration else [],
+        "worker_replacements": execution.replacements,
+        "layer_reads_per_node": dict(sorted(execution.reads.items())),
+        "elapsed_s": round(time.monotonic() - started, 3),
+    }

@@ -1,0 +1,78 @@
+"""Where the work runs: one placement-group bundle per calibration worker.
+
+A bundle is one GPU (plus CPUs) on GPU clusters, or a node's CPUs on CPU-only clusters.
+The worker actor takes half of its bundle's GPU; weight tasks take the other half, so
+packing runs on the same GPU beside calibration (a task without a GPU share would get an
+empty CUDA_VISIBLE_DEVICES from Ray). Reads are zero-CPU tasks pinned to a node.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import ray
+from ray.util.placement_group import placement_group, placement_group_table, remove_placement_group
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy, PlacementGroupSchedulingStrategy
+
+from nvfp4_ray.errors import InputError, JobError
+
+PLACEMENT_TIMEOUT_S = 120
+
+
+@dataclass
+class Placement:
+    group: object
+    nodes: list[str]  # node id of each bundle
+    gpu: bool
+    worker_cpus: float
+    task_cpus: float
+
+    @classmethod
+    def create(cls, num_workers: int | None) -> "Placement":
+        alive = [node for node in ray.nodes() if node.get("Alive")]
+        gpus = sum(int(node["Resources"].get("GPU", 0)) for node in alive)
+        cpus = [node["Resources"].get("CPU", 0) for node in alive]
+        if gpus:
+            count = num_workers or gpus
+            if count > gpus:
+                raise InputError(f"--num-workers {count} asks for more GPUs than the cluster has ({gpus})")
+            bundle = {"CPU": 2, "GPU": 1}
+        else:
+            count = num_workers or len([c for c in cpus if c >= 2]) or 1
+            per_bundle = max(2, int(sum(cpus) // count))
+            bundle = {"CPU": per_bundle}
+        group = placement_group([dict(bundle) for _ in range(count)], strategy="PACK")
+        ready, _ = ray.wait([group.ready()], timeout=PLACEMENT_TIMEOUT_S)
+        if not ready:
+            remove_placement_group(group)
+            raise JobError(
+                f"the cluster could not place {count} calibration workers of {bundle} each within "
+                f"{PLACEMENT_TIMEOUT_S}s (cluster: {gpus} GPUs, CPUs per node {cpus})"
+            )
+        table = placement_group_table(group)["bundles_to_node_id"]
+        nodes = [table[i] for i in range(count)]
+        half = bundle["CPU"] / 2
+        return cls(group=group, nodes=nodes, gpu=bool(gpus), worker_cpus=half, task_cpus=half)
+
+    @property
+    def size(self) -> int:
+        return len(self.nodes)
+
+    def distinct_nodes(self) -> list[str]:
+        return list(dict.fromkeys(self.nodes))
+
+    def _in_bundle(self, index: int) -> dict:
+        return {"scheduling_strategy": PlacementGroupSchedulingStrategy(self.group, placement_group_bundle_index=index)}
+
+    def worker_options(self, index: int) -> dict:
+        return {"num_cpus": self.worker_cpus, "num_gpus": 0.5 if self.gpu else 0, **self._in_bundle(index)}
+
+    def task_options(self, index: int) -> dict:
+        return {"num_cpus": self.task_cpus, "num_gpus": 0.5 if self.gpu else 0, **self._in_bundle(index)}
+
+    @staticmethod
+    def on_node(node_id: str) -> dict:
+        return {"scheduling_strategy": NodeAffinitySchedulingStrategy(node_id, soft=False)}
+
+    def release(self) -> None:
+        remove_placement_group(self.group)

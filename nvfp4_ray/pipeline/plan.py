@@ -1,0 +1,181 @@
+"""Plan the job from headers alone, validating everything before any work starts.
+
+The plan splits the output into units, each one safetensors file named after a content
+key: a hash of exactly what its bytes depend on. A unit whose file (and completion
+record) already exists at DEST is done, whichever run produced it; that single rule
+gives resume after a crash, idempotent re-runs, and partial recomputation when only
+some source shards change.
+
+  layer unit  decoder layer i: its quantized Linears and its other tensors
+  copy unit   tensors outside the decoder layers (embeddings, norm, lm_head, vision
+              tower, projector), copied byte for byte
+  scales unit every input_global_scale (depends on the calibration, nothing else)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+
+import compressed_tensors
+
+from nvfp4_ray import __version__
+from nvfp4_ray.architecture import ALWAYS_IGNORED, LayerSpec, ModelSpec, describe_model
+from nvfp4_ray.calibration.data import read_samples, samples_hash
+from nvfp4_ray.config import QuantizeConfig
+from nvfp4_ray.errors import InputError
+from nvfp4_ray.io.checkpoint import SourceCheckpoint, SourceTensor, open_checkpoint
+from nvfp4_ray.io.storage import Store
+from nvfp4_ray.io import destination
+from nvfp4_ray.recipe import Recipe, load_recipe
+
+# Bump when the bytes a unit produces could change for the same inputs.
+FORMAT_VERSION = "1"
+COPY_UNIT_BYTES = 2 << 30  # tensors outside the layers go into files of about this size
+# config.json fields that cannot change what the decoder layers compute.
+_METADATA_KEYS = {
+    "_name_or_path", "transformers_version", "architectures", "bos_token_id", "eos_token_id", "pad_token_id",
+    "use_cache", "output_attentions", "output_hidden_states", "return_dict", "torch_dtype", "dtype",
+}  # fmt: skip
+
+
+@dataclass(frozen=True)
+class LayerUnit:
+    spec: LayerSpec
+    tensors: list[SourceTensor]
+    key: str
+    file: str
+
+
+@dataclass(frozen=True)
+class CopyUnit:
+    index: int
+    tensors: list[SourceTensor]
+    key: str
+    file: str
+
+
+@dataclass
+class Plan:
+    config: QuantizeConfig
+    source: SourceCheckpoint
+    recipe: Recipe
+    spec: ModelSpec
+    layer_units: list[LayerUnit]
+    copy_units: list[CopyUnit]
+    samples: list[list[int]] | None
+    calibration_base: dict  # what every layer's calibration depends on, before device facts
+    config_json: bytes
+    fingerprint: dict
+    previous: dict | None = None  # manifest of the checkpoint committed at DEST, if any
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def needs_calibration(self) -> bool:
+        return self.samples is not None
+
+    def record_sets(self) -> list[list[str]]:
+        """Per layer: the Linears (names inside the layer) whose input amax is recorded."""
+        return [[linear.local for linear in unit.spec.linears] for unit in self.layer_units]
+
+
+def digest(value: object) -> str:
+    text = json.dumps(value, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
+
+
+def tensor_identity(source: SourceCheckpoint, tensor: SourceTensor) -> list:
+    entry = tensor.entry
+    return [entry.name, source.files[tensor.file].identity, entry.start, entry.end, entry.dtype, list(entry.shape)]
+
+
+def build_plan(config: QuantizeConfig) -> Plan:
+    source = open_checkpoint(config.source)
+    model_type = source.config.get("model_type")
+    recipe = load_recipe(config.recipe, config.scheme, config.ignore_patterns, ALWAYS_IGNORED.get(model_type, []))
+    spec = describe_model(source.config, source.tensors, recipe)
+    dest = Store(config.dest)
+    previous = destination.check_dest(dest, config.overwrite)
+
+    samples = None
+    if recipe.needs_calibration:
+        if config.calibration is None:
+            raise InputError("--calibration is required: NVFP4 activation scales come from calibration data")
+        text_config = source.config.get("text_config") or source.config
+        samples = read_samples(
+            config.calibration, config.num_samples, config.max_seq_len, int(text_config["vocab_size"]), source
+        )
+
+    from nvfp4_ray.checkpoint_metadata import output_config_json
+
+    config_json = output_config_json(source.config_bytes, source.config, spec, recipe)
+    scheme_tag = {"format": FORMAT_VERSION, "compressed_tensors": compressed_tensors.__version__}
+    width = max(3, len(str(len(spec.layers) - 1)))
+    layer_units = []
+    for layer in spec.layers:
+        tensors = [source.tensors[name] for name in sorted(layer.tensors)]
+        key = digest(
+            {
+                **scheme_tag,
+                "kind": "layer",
+                "tensors": [tensor_identity(source, t) for t in tensors],
+                "groups": [[(linear.checkpoint, linear.scheme) for linear in group] for group in layer.groups],
+            }
+        )
+        layer_units.append(LayerUnit(layer, tensors, key, f"model-layer-{layer.index:0{width}d}-{key}.safetensors"))
+    copy_units = _copy_units(source, spec, scheme_tag)
+
+    calibration_base = {}
+    if samples is not None:
+        forward_config = {k: v for k, v in source.config.items() if k not in _METADATA_KEYS}
+        calibration_base = {
+            **scheme_tag,
+            "samples": samples_hash(samples),
+            "exact": config.exact,
+            "batch_tokens": None if config.exact else config.batch_tokens,
+            "embed": tensor_identity(source, source.tensors[spec.embed_tensor]),
+            "config": digest(forward_config),
+        }
+    fingerprint = {
+        "tool_version": __version__,
+        "source": {name: info.identity for name, info in sorted(source.files.items())},
+        "config_sha256": hashlib.sha256(source.config_bytes).hexdigest(),
+        "copied_files": {name: info.identity for name, info in sorted(source.copied_files.items())},
+        "recipe_sha256": hashlib.sha256(recipe.yaml_text.encode()).hexdigest(),
+        "calibration": calibration_base.get("samples"),
+        "calibration_options": {k: calibration_base.get(k) for k in ("exact", "batch_tokens")},
+    }
+    if previous is not None and previous.get("fingerprint") != fingerprint and not config.overwrite:
+        raise InputError(
+            f"DEST {dest.display()} already holds a checkpoint made from other inputs; pass --overwrite to replace it"
+        )
+    destination.probe_writable(dest)
+    return Plan(config, source, recipe, spec, layer_units, copy_units, samples, calibration_base, config_json, fingerprint, previous)
+
+
+def _copy_units(source: SourceCheckpoint, spec: ModelSpec, scheme_tag: dict) -> list[CopyUnit]:
+    units, current, size = [], [], 0
+    for name in spec.other_tensors:
+        tensor = source.tensors[name]
+        if current and size + tensor.entry.nbytes > COPY_UNIT_BYTES:
+            units.append(current)
+            current, size = [], 0
+        current.append(tensor)
+        size += tensor.entry.nbytes
+    if current:
+        units.append(current)
+    result = []
+    for index, tensors in enumerate(units):
+        key = digest({**scheme_tag, "kind": "copy", "tensors": [tensor_identity(source, t) for t in tensors]})
+        result.append(CopyUnit(index, tensors, key, f"model-other-{index:02d}-{key}.safetensors"))
+    return result
+
+
+def calibration_keys(plan: Plan, device_signature: str) -> list[str]:
+    """One key per layer: what its recorded amax depends on (this layer and all before it)."""
+    keys, previous = [], digest({**plan.calibration_base, "device": device_signature})
+    for unit, record in zip(plan.layer_units, plan.record_sets()):
+        previous = digest([previous, [tensor_identity(plan.source, t) for t in unit.tensors], record])
+        keys.append(previous)
+    return keys

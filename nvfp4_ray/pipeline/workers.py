@@ -1,0 +1,112 @@
+"""The Ray tasks and the calibration actor. Each wraps a plain function from the library.
+
+  read_tensors_task   reads tensors once on a node; the result stays in that node's
+                      object store, shared zero-copy by the node's workers and tasks
+  quantize_layer_task quantizes one decoder layer and writes its unit file
+  copy_unit_task      copies tensors outside the decoder layers, byte for byte
+  CalibrationWorker   holds a share of the calibration batches and runs them through
+                      the decoder one layer at a time (one actor per GPU, or per node)
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+
+import ray
+import torch
+
+from nvfp4_ray.errors import InputError
+from nvfp4_ray.io import destination
+from nvfp4_ray.io.storage import Store
+from nvfp4_ray.io.tensors import TensorBundle, read_file, read_tensors, torch_entry, write_shard
+from nvfp4_ray.layer_quantizer import check_finite, quantize_layer
+
+# Storage hiccups (resets, throttling, timeouts) surface as OSError subclasses: retry those.
+# InputError (a broken source) is never retried.
+RETRY = dict(max_retries=4, retry_exceptions=[OSError, ConnectionError, TimeoutError])
+
+
+def _device() -> torch.device:
+    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+
+
+def _use_threads() -> None:
+    """Use the CPUs Ray gave this worker (Ray sets OMP_NUM_THREADS to the task's num_cpus)."""
+    threads = os.environ.get("OMP_NUM_THREADS")
+    if threads and threads.isdigit() and int(threads) > 0:
+        torch.set_num_threads(int(threads))
+
+
+@ray.remote(num_cpus=0, **RETRY)
+def read_tensors_task(source_url: str, tensors: list) -> TensorBundle:
+    return read_tensors(Store(source_url), tensors)
+
+
+@ray.remote(**RETRY)
+def quantize_layer_task(unit, bundle: TensorBundle, dest_url: str):
+    _use_threads()
+    dest = Store(dest_url)
+    entries = quantize_layer(unit.spec, bundle, _device())
+    written = write_shard(dest, unit.file, entries)
+    destination.save_done(dest, unit.key, written)
+    return written
+
+
+@ray.remote(num_cpus=0, **RETRY)
+def copy_unit_task(unit, source_url: str, dest_url: str):
+    dest = Store(dest_url)
+    bundle = read_tensors(Store(source_url), unit.tensors)
+    check_finite(bundle, bundle.names(), torch.device("cpu"))
+    entries = [(name, *bundle.entries[name][1:], memoryview(bundle.raw(name)).cast("B")) for name in bundle.names()]
+    written = write_shard(dest, unit.file, entries)
+    destination.save_done(dest, unit.key, written)
+    return written
+
+
+@ray.remote(max_restarts=0, max_task_retries=0)
+class CalibrationWorker:
+    def __init__(self, model_config: dict, exact: bool):
+        from nvfp4_ray.calibration.runner import DecoderRunner
+
+        _use_threads()
+        self.device = _device()
+        self.runner = DecoderRunner(model_config, str(self.device), exact)
+
+    def describe(self) -> dict:
+        name = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu"
+        return {
+            "node_id": ray.get_runtime_context().get_node_id(),
+            "host": socket.gethostname(),
+            "device": name,
+            # Calibration numerics depend on the kernels: results persisted for resume are
+            # reused only on the same kind of device and the same torch.
+            "signature": f"torch-{torch.__version__}/{name}",
+        }
+
+    def start(self, batches: list, embed: TensorBundle, embed_name: str) -> int:
+        self.runner.start(batches, embed.tensor(embed_name))
+        return sum(batch.tokens for batch in batches)
+
+    def run_layer(self, index: int, bundle: TensorBundle, tensor_names: dict[str, str], record: list[str]) -> dict:
+        weights = {local: bundle.tensor(name) for name, local in tensor_names.items()}
+        return self.runner.run_layer(index, weights, record)
+
+    def save_hidden(self, dest_url: str, folder: str) -> None:
+        dest = Store(dest_url)
+        for index, hidden in self.runner.hidden_states().items():
+            write_shard(dest, f"{folder}/batch-{index:05d}.safetensors", [torch_entry("hidden", hidden)])
+
+    def load_hidden(self, dest_url: str, folder: str) -> None:
+        dest = Store(dest_url)
+        hidden = {}
+        for state in self.runner.states:
+            bundle = read_file(dest, f"{folder}/batch-{state.batch.index:05d}.safetensors")
+            hidden[state.batch.index] = bundle.tensor("hidden")
+        self.runner.restore_hidden_states(hidden)
+
+
+def unwrap(error: Exception) -> Exception:
+    """The InputError inside a Ray task error, if that is what failed."""
+    cause = getattr(error, "cause", None)
+    return cause if isinstance(cause, InputError) else error

@@ -1,0 +1,137 @@
+"""Quantization recipes: llm-compressor's own parser, so users keep the recipes they have.
+
+A recipe (``--recipe FILE.yaml``) or the ``--scheme``/``--ignore`` options become one
+llm-compressor ``QuantizationModifier``; its resolved compressed-tensors config gives the
+config groups (targets and scheme per group), the ignore patterns and the KV-cache
+scheme. llm-compressor is imported here, on the driver only: workers receive plain data.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+from nvfp4_ray.errors import InputError
+
+os.environ.setdefault("LLM_COMPRESSOR_LOG_DISABLED", "true")
+
+# Each supported scheme: how the weights and the activations of a targeted Linear are handled.
+SUPPORTED_SCHEMES = ("NVFP4",)
+
+
+@dataclass(frozen=True)
+class Recipe:
+    modifier: object  # llmcompressor QuantizationModifier (driver only)
+    quantization_config: object  # compressed_tensors QuantizationConfig, resolved
+    config_groups: dict  # group name -> compressed_tensors QuantizationScheme
+    ignore: list[str]
+    yaml_text: str
+
+    @property
+    def needs_calibration(self) -> bool:
+        return any(scheme_name(s) in ("NVFP4",) for s in self.config_groups.values())
+
+
+def load_recipe(recipe_path: str | None, scheme: str, ignore: list[str], always_ignore: list[str] = ()) -> Recipe:
+    """The recipe file, or one QuantizationModifier built from --scheme/--ignore.
+
+    ``always_ignore`` (the vision tower of multimodal models) is appended to the modifier's
+    ignore list, so recipe.yaml and quantization_config say what was actually done.
+    """
+    from llmcompressor.modifiers.quantization import QuantizationModifier
+    from llmcompressor.recipe import Recipe as LLMCRecipe
+
+    if recipe_path is None:
+        if scheme.upper() not in SUPPORTED_SCHEMES:
+            raise InputError(f"scheme {scheme!r} is not supported (valid: {', '.join(SUPPORTED_SCHEMES)})")
+        try:
+            modifier = QuantizationModifier(targets="Linear", scheme=scheme.upper(), ignore=list(ignore))
+        except Exception as exc:  # pydantic validation inside llm-compressor
+            raise InputError(f"invalid quantization options: {_first_line(exc)}") from None
+        llmc_recipe = LLMCRecipe.create_instance(modifier)
+    else:
+        llmc_recipe = _parse_recipe_file(recipe_path, LLMCRecipe)
+        modifiers = [m for m in llmc_recipe.modifiers]
+        names = [type(m).__name__ for m in modifiers]
+        if len(modifiers) != 1 or not isinstance(modifiers[0], QuantizationModifier):
+            raise InputError(
+                f"recipe {recipe_path}: only a single QuantizationModifier is supported, found {names or 'none'} "
+                "(GPTQ, AWQ, SmoothQuant and other modifiers need llm-compressor's oneshot)"
+            )
+        modifier = modifiers[0]
+    missing = [pattern for pattern in always_ignore if pattern not in modifier.ignore]
+    if missing:
+        modifier.ignore = list(modifier.ignore) + missing
+        modifier._resolved_config = None
+    try:
+        resolved = modifier.resolved_config
+    except Exception as exc:
+        raise InputError(f"invalid quantization recipe: {_first_line(exc)}") from None
+    for name, group in resolved.config_groups.items():
+        if scheme_name(group) not in SUPPORTED_SCHEMES:
+            raise InputError(
+                f"recipe group {name!r} (targets {group.targets}) uses a scheme that is not supported "
+                f"(valid: {', '.join(SUPPORTED_SCHEMES)})"
+            )
+    if resolved.kv_cache_scheme is not None:
+        raise InputError("kv_cache_scheme is not supported yet; remove it from the recipe")
+    return Recipe(
+        modifier=modifier,
+        quantization_config=resolved,
+        config_groups=dict(resolved.config_groups),
+        ignore=list(modifier.ignore),
+        yaml_text=llmc_recipe.yaml(),
+    )
+
+
+def _parse_recipe_file(path: str, llmc_recipe_class):
+    import yaml
+
+    from nvfp4_ray.io.storage import Store
+
+    folder, _, name = path.rpartition("/")
+    store = Store(folder or ".")
+    if not store.exists(name):
+        raise InputError(f"recipe file {path} does not exist")
+    text = store.read_text(name)
+    try:
+        if not isinstance(yaml.safe_load(text), dict):
+            raise InputError(f"recipe {path} must be a YAML mapping (stage -> modifiers)")
+        return llmc_recipe_class.create_instance(text)
+    except InputError:
+        raise
+    except Exception as exc:
+        raise InputError(f"recipe {path} is not a valid llm-compressor recipe: {_first_line(exc)}") from None
+
+
+def scheme_name(scheme) -> str | None:
+    """The preset a resolved scheme is equal to (ignoring targets/observers), or None."""
+    from compressed_tensors.quantization import preset_name_to_scheme
+
+    for name in SUPPORTED_SCHEMES:
+        preset = preset_name_to_scheme(name, scheme.targets)
+        if _same_args(preset.weights, scheme.weights) and _same_args(preset.input_activations, scheme.input_activations):
+            if scheme.output_activations is None:
+                return name
+    return None
+
+
+_WEIGHT_OBSERVERS = (None, "minmax", "static_minmax", "memoryless_minmax")  # all become memoryless_minmax
+_INPUT_OBSERVERS = ("static_minmax",)  # a running max: exact under a max-reduce over sample shards
+
+
+def _same_args(preset, given) -> bool:
+    if preset is None or given is None:
+        return preset is given
+    keep = {"num_bits", "type", "symmetric", "group_size", "strategy", "dynamic", "block_structure", "scale_dtype"}
+    if preset.model_dump(include=keep) != given.model_dump(include=keep):
+        return False
+    if given.dynamic is True:
+        return True
+    allowed = _INPUT_OBSERVERS if preset.observer in _INPUT_OBSERVERS else _WEIGHT_OBSERVERS
+    return given.observer in allowed
+
+
+def _first_line(exc: Exception) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else exc.__class__.__name__
