@@ -24,6 +24,11 @@ SUPPORTED_MODEL_TYPES = {
 }  # fmt: skip
 # Vision parts of multimodal models are never quantized (vLLM runs them unquantized).
 ALWAYS_IGNORED = {"mistral3": ["re:.*vision_tower.*", "re:.*multi_modal_projector.*"]}
+# llm-compressor 0.14 traces the model with `mask_function` on its tracing_ignore list; the
+# backbones of these text model types build their causal mask through a local variable of
+# that name, so the reference calibrates them with attention_mask=None: bidirectional
+# attention. --exact reproduces that to stay byte-identical; the default mode does not.
+REFERENCE_DROPS_CAUSAL_MASK = ("mistral", "ministral3")
 # Siblings that vLLM fuses into one GEMM (llm-compressor's FUSED_LAYER_NAMES): they share a
 # global scale, and must be all quantized or all ignored.
 FUSED_SIBLINGS = (("gate_proj", "up_proj"), ("q_proj", "k_proj", "v_proj"), ("q_a_proj", "kv_a_proj_with_mqa"), ("w1", "w3"))
@@ -64,8 +69,8 @@ class ModelSpec:
     ignored_linears: list[str] = field(default_factory=list)  # checkpoint names, for quantization_config
 
 
-def build_meta_model(config: dict, attn_implementation: str = "eager"):
-    """The full model on the meta device (no memory), in bf16, from a config dict."""
+def build_meta_model(config: dict, attn_implementation: str = "eager", dtype: torch.dtype = torch.bfloat16):
+    """The full model on the meta device (no memory), from a config dict."""
     import transformers
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
@@ -75,9 +80,13 @@ def build_meta_model(config: dict, attn_implementation: str = "eager"):
     if model_class is None:
         model_class = transformers.AutoModelForCausalLM._model_mapping[type(hf_config)]
     with torch.device("meta"):
-        model = model_class._from_config(hf_config, attn_implementation=attn_implementation, dtype=torch.bfloat16)
+        model = model_class._from_config(hf_config, attn_implementation=attn_implementation, dtype=dtype)
     model.eval()
     return model
+
+
+def text_model_type(config: dict) -> str:
+    return (config.get("text_config") or config).get("model_type")
 
 
 def find_backbone(model) -> tuple[str, torch.nn.Module]:

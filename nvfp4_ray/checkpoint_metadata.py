@@ -10,6 +10,8 @@ which follows the source's tensor naming.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 import tempfile
 
@@ -24,22 +26,26 @@ def output_config_json(config_bytes: bytes, config: dict, spec: ModelSpec, recip
     from compressed_tensors.compressors import ModelCompressor
     from compressed_tensors.quantization import QuantizationStatus, apply_quantization_config
     from llmcompressor.transformers.compression.compressed_tensors_utils import resave_config
-    from transformers import AutoConfig
 
-    model = build_meta_model(config)
-    apply_quantization_config(model, recipe.quantization_config)
-    for module in model.modules():
-        if hasattr(module, "quantization_scheme"):
-            module.quantization_status = QuantizationStatus.COMPRESSED
-    compressor = ModelCompressor.from_pretrained_model(model)
-    compressor.quantization_config.ignore = list(spec.ignored_linears)
+    model = build_meta_model(config, dtype=_TORCH_DTYPES[spec.dtype])
+    output, embed = model.get_output_embeddings(), model.get_input_embeddings()
+    if output is not None and output.weight is embed.weight:
+        # llm-compressor re-ties equal input/output embeddings before saving and marks the
+        # text config tied (``_retie_embeddings``); the serialized config shows it.
+        model.config.get_text_config(decoder=True).tie_word_embeddings = True
     with tempfile.TemporaryDirectory() as source_dir, tempfile.TemporaryDirectory() as out_dir:
         with open(os.path.join(source_dir, "config.json"), "wb") as handle:
             handle.write(config_bytes)
-        hf_config = AutoConfig.from_pretrained(source_dir)
-        hf_config.dtype = _TORCH_DTYPES[spec.dtype]
-        hf_config.save_pretrained(out_dir)
-        resave_config(hf_config, out_dir)
+        model.config._name_or_path = source_dir
+        model.config.save_pretrained(out_dir)  # what transformers writes on save...
+        resave_config(model.config, out_dir)  # ...replaced by the source's own file where possible
+        with contextlib.redirect_stderr(io.StringIO()):  # compressed-tensors draws a progress bar here
+            apply_quantization_config(model, recipe.quantization_config)
+        for module in model.modules():
+            if hasattr(module, "quantization_scheme"):
+                module.quantization_status = QuantizationStatus.COMPRESSED
+        compressor = ModelCompressor.from_pretrained_model(model)
+        compressor.quantization_config.ignore = list(spec.ignored_linears)
         compressor.update_config(out_dir)
         with open(os.path.join(out_dir, "config.json"), "rb") as handle:
             return handle.read()

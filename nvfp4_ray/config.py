@@ -28,12 +28,16 @@ class QuantizeConfig(BaseModel):
     ignore: list[str] | None = Field(None, description="module names or re: patterns left unquantized")
     scheme: str = Field("NVFP4", description="quantization scheme preset when no recipe is given")
     recipe: str | None = Field(None, description="llm-compressor recipe YAML (QuantizationModifier)")
-    exact: bool = Field(False, description="batch size 1 + eager attention: input scales equal llm-compressor's")
+    exact: bool = Field(
+        False, description="also reproduce llm-compressor 0.14's quirks (no causal mask for Mistral-family models)"
+    )
     overwrite: bool = Field(False, description="replace a checkpoint of another source already at DEST")
     ray_address: str | None = Field(None, description="Ray cluster to join; default: start a local one")
     log_format: Literal["text", "json"] = "text"
     num_workers: int | None = Field(None, ge=1, description="calibration actors (default: one per GPU)")
-    batch_tokens: int = Field(16384, ge=1, description="tokens per calibration forward (padded), fast mode")
+    batch_tokens: int | None = Field(
+        None, ge=1, description="pack samples into padded SDPA batches of this many tokens (input scales drift a little)"
+    )
     prefetch_layers: int = Field(2, ge=0, description="layers read ahead of the one being calibrated")
     checkpoint_minutes: float = Field(
         5.0, ge=0, description="persist calibration state this often so a crash resumes mid-model (0: every layer)"
@@ -54,6 +58,8 @@ class QuantizeConfig(BaseModel):
 
     @model_validator(mode="after")
     def _recipe_or_scheme(self):
+        if self.exact and self.batch_tokens is not None:
+            raise ValueError("--exact computes one sample per forward like llm-compressor; drop --batch-tokens")
         if self.recipe is not None and "scheme" in self.model_fields_set:
             raise ValueError("give either --recipe or --scheme, not both (the recipe names its scheme)")
         if self.recipe is not None and self.ignore is not None:

@@ -1,8 +1,10 @@
 """Calibration batches, formed once for the whole job so results never depend on sharding.
 
-Exact mode: one sample per batch, in file order, as llm-compressor runs them.
-Fast mode: samples sorted by length and packed, right-padded, into batches of at most
-``batch_tokens`` (padded) tokens; padded positions are masked out of every amax.
+Default: one sample per forward, in file order, as llm-compressor runs them; the
+activations are then bit-identical to the reference's.
+``batch_tokens``: samples sorted by length and packed, right-padded, into batches of at
+most that many (padded) tokens; padded positions are masked out of every amax. Other GEMM
+shapes round differently, so input scales drift by a few bf16 steps (measured in tests).
 Either way the batches are a pure function of the samples, and whole batches are dealt
 to workers, so the same batch is computed the same way on any number of GPUs or nodes.
 """
@@ -25,8 +27,8 @@ class Batch:
         return int(self.attention_mask.sum())
 
 
-def make_batches(samples: list[list[int]], exact: bool, batch_tokens: int) -> list[Batch]:
-    if exact:
+def make_batches(samples: list[list[int]], batch_tokens: int | None) -> list[Batch]:
+    if batch_tokens is None:
         groups = [[i] for i in range(len(samples))]
     else:
         order = sorted(range(len(samples)), key=lambda i: (-len(samples[i]), i))

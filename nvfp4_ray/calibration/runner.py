@@ -51,9 +51,11 @@ class _BatchState:
 
 
 class DecoderRunner:
-    def __init__(self, config: dict, device: str, exact: bool):
+    def __init__(self, config: dict, device: str, batched: bool = False, drop_causal_mask: bool = False):
+        """``batched``: SDPA attention for padded batches; otherwise eager, as the reference."""
         self.device = torch.device(device)
-        model = build_meta_model(config, "eager" if exact else "sdpa")
+        self.drop_causal_mask = drop_causal_mask
+        model = build_meta_model(config, "sdpa" if batched else "eager")
         _, self.backbone = find_backbone(model)
         self.layers = list(self.backbone.layers)
         self._sink: dict = {}
@@ -90,6 +92,8 @@ class DecoderRunner:
                 pass
             valid = None if bool(batch.attention_mask.all()) else mask.bool()
             kwargs = {i: self._sink[i] for i in range(self.num_layers)}
+            if self.drop_causal_mask:  # reproduce the reference (see REFERENCE_DROPS_CAUSAL_MASK)
+                kwargs = {i: {**layer_kwargs, "attention_mask": None} for i, layer_kwargs in kwargs.items()}
             self.states.append(_BatchState(batch, self._sink["hidden"], kwargs, valid))
         self._sink.clear()
         embed.to("meta")

@@ -110,12 +110,9 @@ class Execution:
     # ---- calibration setup ---------------------------------------------------------
     def _prepare_calibration(self) -> Calibration:
         plan, placement = self.plan, self.placement
-        batches = make_batches(plan.samples, self.config.exact, self.config.batch_tokens)
+        batches = make_batches(plan.samples, self.config.batch_tokens)
         count = min(placement.size, len(batches))
-        workers = [
-            CalibrationWorker.options(**placement.worker_options(i)).remote(plan.source.config, self.config.exact)
-            for i in range(count)
-        ]
+        workers = [self._new_worker(i) for i in range(count)]
         infos = self._get([w.describe.remote() for w in workers])
         signature = "+".join(sorted({info["signature"] for info in infos}))
         keys = calibration_keys(plan, signature)
@@ -136,6 +133,12 @@ class Execution:
             self.events.info(f"resuming calibration at layer {first} from persisted state", layer=first)
         self._start_workers(calibration, range(count))
         return calibration
+
+    def _new_worker(self, bundle: int):
+        options = self.placement.worker_options(bundle)
+        drop_mask = self.plan.reference_drops_causal_mask
+        batched = self.config.batch_tokens is not None
+        return CalibrationWorker.options(**options).remote(self.plan.source.config, batched, drop_mask)
 
     def _resume_point(self, keys: list[str]) -> tuple[int, int | None]:
         """First layer to calibrate, and the layer whose hidden states to start from."""
@@ -260,10 +263,7 @@ class Execution:
         if self.replacements > MAX_WORKER_REPLACEMENTS:
             raise JobError(f"calibration workers failed {self.replacements} times; last: {type(error).__name__}")
         self.events.warning(f"calibration worker {i} was lost at layer {index}; redoing its batches", worker=i, layer=index)
-        worker = CalibrationWorker.options(**self.placement.worker_options(i)).remote(
-            self.plan.source.config, self.config.exact
-        )
-        calibration.workers[i] = worker
+        worker = calibration.workers[i] = self._new_worker(i)
         info = self._get([worker.describe.remote()])[0]
         calibration.nodes[i] = node = info["node_id"]
         self._start_workers(calibration, [i])

@@ -6,6 +6,7 @@ import os
 import time
 from contextlib import contextmanager
 
+from nvfp4_ray.architecture import REFERENCE_DROPS_CAUSAL_MASK, text_model_type
 from nvfp4_ray.config import QuantizeConfig
 from nvfp4_ray.pipeline.events import Events
 from nvfp4_ray.pipeline.plan import build_plan
@@ -44,6 +45,16 @@ def run_quantize(config: QuantizeConfig, events: Events) -> dict:
         f"Linears to quantize, {len(plan.samples or [])} calibration samples",
         model=plan.spec.architecture,
     )
+    if text_model_type(plan.source.config) in REFERENCE_DROPS_CAUSAL_MASK:
+        events.warning(
+            "llm-compressor 0.14 calibrates this model type without a causal mask (bidirectional attention); "
+            + (
+                "--exact reproduces that, byte for byte"
+                if plan.reference_drops_causal_mask
+                else "this run uses the causal mask vLLM uses, so input scales differ from llm-compressor's "
+                "(--exact reproduces them)"
+            )
+        )
     with ray_session(config.ray_address):
         from nvfp4_ray.pipeline.commit import commit
         from nvfp4_ray.pipeline.driver import Execution

@@ -21,7 +21,14 @@ from dataclasses import dataclass, field
 import compressed_tensors
 
 from nvfp4_ray import __version__
-from nvfp4_ray.architecture import ALWAYS_IGNORED, LayerSpec, ModelSpec, describe_model
+from nvfp4_ray.architecture import (
+    ALWAYS_IGNORED,
+    REFERENCE_DROPS_CAUSAL_MASK,
+    LayerSpec,
+    ModelSpec,
+    describe_model,
+    text_model_type,
+)
 from nvfp4_ray.calibration.data import read_samples, samples_hash
 from nvfp4_ray.config import QuantizeConfig
 from nvfp4_ray.errors import InputError
@@ -74,6 +81,10 @@ class Plan:
     @property
     def needs_calibration(self) -> bool:
         return self.samples is not None
+
+    @property
+    def reference_drops_causal_mask(self) -> bool:
+        return self.config.exact and text_model_type(self.source.config) in REFERENCE_DROPS_CAUSAL_MASK
 
     def record_sets(self) -> list[list[str]]:
         """Per layer: the Linears (names inside the layer) whose input amax is recorded."""
@@ -132,8 +143,8 @@ def build_plan(config: QuantizeConfig) -> Plan:
         calibration_base = {
             **scheme_tag,
             "samples": samples_hash(samples),
-            "exact": config.exact,
-            "batch_tokens": None if config.exact else config.batch_tokens,
+            "drops_causal_mask": config.exact and text_model_type(source.config) in REFERENCE_DROPS_CAUSAL_MASK,
+            "batch_tokens": config.batch_tokens,
             "embed": tensor_identity(source, source.tensors[spec.embed_tensor]),
             "config": digest(forward_config),
         }
@@ -144,7 +155,7 @@ def build_plan(config: QuantizeConfig) -> Plan:
         "copied_files": {name: info.identity for name, info in sorted(source.copied_files.items())},
         "recipe_sha256": hashlib.sha256(recipe.yaml_text.encode()).hexdigest(),
         "calibration": calibration_base.get("samples"),
-        "calibration_options": {k: calibration_base.get(k) for k in ("exact", "batch_tokens")},
+        "calibration_options": {k: calibration_base.get(k) for k in ("drops_causal_mask", "batch_tokens")},
     }
     if previous is not None and previous.get("fingerprint") != fingerprint and not config.overwrite:
         raise InputError(

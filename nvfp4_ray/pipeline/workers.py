@@ -66,12 +66,12 @@ def copy_unit_task(unit, source_url: str, dest_url: str):
 
 @ray.remote(max_restarts=0, max_task_retries=0)
 class CalibrationWorker:
-    def __init__(self, model_config: dict, exact: bool):
+    def __init__(self, model_config: dict, batched: bool, drop_causal_mask: bool):
         from nvfp4_ray.calibration.runner import DecoderRunner
 
         _use_threads()
         self.device = _device()
-        self.runner = DecoderRunner(model_config, str(self.device), exact)
+        self.runner = DecoderRunner(model_config, str(self.device), batched, drop_causal_mask)
 
     def describe(self) -> dict:
         name = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu"

@@ -1,0 +1,101 @@
+"""Shared fixtures: one real local Ray instance per session, the real SmolLM2 checkpoint,
+random checkpoints of every supported family and their llm-compressor references."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import sys
+
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # Ray 2.60 enables token auth for local instances
+os.environ.setdefault("LLM_COMPRESSOR_LOG_DISABLED", "true")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+
+import pytest  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(__file__))
+from models import MULTIMODAL_IGNORE, build_model, random_rows, save_model, write_rows  # noqa: E402
+
+NUM_ROWS = 6
+
+
+@pytest.fixture(scope="session")
+def ray_instance():
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, object_store_memory=1 << 30)
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """The real SmolLM2-135M-Instruct as a bf16 safetensors checkpoint (converted once)."""
+    from nvfp4_ray.demo import smollm2_checkpoint
+
+    return smollm2_checkpoint()
+
+
+class FamilyCase:
+    def __init__(self, family: str, source: str, rows: list[list[int]], calibration: str, ignore: list[str]):
+        self.family, self.source, self.rows, self.calibration, self.ignore = family, source, rows, calibration, ignore
+
+
+@pytest.fixture(scope="session")
+def family_case(tmp_path_factory, smollm2):
+    """family -> FamilyCase, built once per session."""
+    cache: dict[str, FamilyCase] = {}
+
+    def get(family: str) -> FamilyCase:
+        if family not in cache:
+            folder = tmp_path_factory.mktemp(family)
+            source = save_model(build_model(family), str(folder / "source"), smollm2)
+            rows = random_rows(NUM_ROWS, 2048, seed=len(family))
+            calibration = write_rows(rows, str(folder / "calibration.parquet"))
+            ignore = MULTIMODAL_IGNORE if family == "mistral3" else ["lm_head"]
+            cache[family] = FamilyCase(family, source, rows, calibration, ignore)
+        return cache[family]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def reference(tmp_path_factory, family_case):
+    """family -> folder of llm-compressor's NVFP4 checkpoint for that family's case."""
+    from reference import run_llmcompressor
+
+    cache: dict[str, str] = {}
+
+    def get(family: str) -> str:
+        if family not in cache:
+            case = family_case(family)
+            out = str(tmp_path_factory.mktemp(f"{family}-reference"))
+            cache[family] = run_llmcompressor(case.source, case.rows, case.ignore, out)
+        return cache[family]
+
+    return get
+
+
+def quantize(source: str, dest: str, calibration: str | None = None, **options) -> dict:
+    """Run a job in-process on the session's Ray instance (what the CLI does)."""
+    from nvfp4_ray.config import QuantizeConfig
+    from nvfp4_ray.pipeline.events import Events
+    from nvfp4_ray.pipeline.job import run_quantize
+
+    options.setdefault("num_samples", NUM_ROWS)
+    options.setdefault("max_seq_len", 64)
+    config = QuantizeConfig(source=source, dest=dest, calibration=calibration, **options)
+    return run_quantize(config, Events("json", stream=io.StringIO()))
+
+
+def run_cli(*args: str) -> tuple[int, str, str]:
+    """``nvfp4-ray ARGS`` in-process; returns (exit code, stdout, stderr)."""
+    from nvfp4_ray.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main(list(args))
+    return code, out.getvalue(), err.getvalue()

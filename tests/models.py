@@ -1,0 +1,90 @@
+"""Small random checkpoints of every supported architecture, written as real safetensors.
+
+Shapes differ per family, shards are small so that one layer (and its fused q/k/v or
+gate/up siblings) spreads over several files, and a few input channels are scaled up to
+mimic the outlier channels of trained models.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+import torch
+
+# family -> (config class path, kwargs). Every in_features is a multiple of 16.
+FAMILIES = {
+    "llama": ("LlamaConfig", dict(hidden_size=256, intermediate_size=512, num_hidden_layers=3, num_attention_heads=4,
+                                   num_key_value_heads=2, vocab_size=2048, max_position_embeddings=512)),
+    "mistral": ("MistralConfig", dict(hidden_size=192, intermediate_size=416, num_hidden_layers=2, num_attention_heads=6,
+                                      num_key_value_heads=2, head_dim=32, vocab_size=2048, sliding_window=None,
+                                      max_position_embeddings=512)),
+    "qwen3": ("Qwen3Config", dict(hidden_size=128, intermediate_size=352, num_hidden_layers=3, num_attention_heads=4,
+                                  num_key_value_heads=2, head_dim=48, vocab_size=2048, tie_word_embeddings=True,
+                                  max_position_embeddings=512)),
+    "qwen2": ("Qwen2Config", dict(hidden_size=160, intermediate_size=320, num_hidden_layers=2, num_attention_heads=5,
+                                  num_key_value_heads=1, vocab_size=2048, max_position_embeddings=512)),
+}  # fmt: skip
+MISTRAL3_TEXT = dict(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
+                     num_key_value_heads=2, head_dim=64, vocab_size=2048, max_position_embeddings=1024)  # fmt: skip
+MISTRAL3_VISION = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+                       image_size=64, patch_size=16)  # fmt: skip
+ALL_FAMILIES = sorted(FAMILIES) + ["mistral3"]
+MULTIMODAL_IGNORE = ["lm_head", "re:.*vision_tower.*", "re:.*multi_modal_projector.*"]
+
+
+def build_model(family: str, seed: int = 0):
+    import transformers
+
+    torch.manual_seed(seed)
+    if family == "mistral3":
+        from transformers import Mistral3Config, Mistral3ForConditionalGeneration
+        from transformers.models.ministral3 import Ministral3Config
+        from transformers.models.pixtral import PixtralVisionConfig
+
+        config = Mistral3Config(
+            text_config=Ministral3Config(**MISTRAL3_TEXT).to_dict(),
+            vision_config=PixtralVisionConfig(**MISTRAL3_VISION).to_dict(),
+            image_token_index=10,
+            spatial_merge_size=2,
+        )
+        model = Mistral3ForConditionalGeneration(config)
+    else:
+        class_name, kwargs = FAMILIES[family]
+        config = getattr(transformers, class_name)(**kwargs)
+        model = transformers.AutoModelForCausalLM.from_config(config)
+    model = model.to(torch.bfloat16).eval()
+    generator = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for name, module in model.named_modules():
+            if isinstance(module, torch.nn.Linear):
+                weight = torch.randn(module.weight.shape, generator=generator) * 0.05
+                outliers = torch.randint(0, weight.shape[1], (2,), generator=generator)
+                weight[:, outliers] *= 12.0  # outlier input channels, as in trained models
+                module.weight.copy_(weight.to(torch.bfloat16))
+    return model
+
+
+def save_model(model, path: str, tokenizer_dir: str, max_shard_size: str = "150KB") -> str:
+    model.save_pretrained(path, max_shard_size=max_shard_size)
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        if os.path.exists(os.path.join(tokenizer_dir, name)):
+            shutil.copy(os.path.join(tokenizer_dir, name), path)
+    return path
+
+
+def random_rows(count: int, vocab: int, min_len: int = 8, max_len: int = 48, seed: int = 0) -> list[list[int]]:
+    generator = torch.Generator().manual_seed(seed)
+    rows = []
+    for _ in range(count):
+        length = int(torch.randint(min_len, max_len + 1, (1,), generator=generator))
+        rows.append(torch.randint(0, vocab, (length,), generator=generator).tolist())
+    return rows
+
+
+def write_rows(rows: list[list[int]], path: str) -> str:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"input_ids": rows}), path)
+    return path
