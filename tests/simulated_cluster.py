@@ -1,0 +1,45 @@
+"""Run one job on a simulated multi-node Ray cluster (``ray.cluster_utils.Cluster``).
+
+Every node is a real set of Ray processes on this machine and advertises one fake GPU,
+so the job places one calibration worker per node. Used by tests/test_ray_jobs.py in a
+subprocess (a process can join only one Ray cluster).
+
+usage: simulated_cluster.py NODES SOURCE DEST CALIBRATION NUM_SAMPLES
+"""
+
+import io
+import json
+import os
+import sys
+
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+
+
+def main() -> None:
+    nodes, source, dest, calibration, num_samples = sys.argv[1:6]
+    import ray
+    from ray.cluster_utils import Cluster
+
+    from nvfp4_ray.config import QuantizeConfig
+    from nvfp4_ray.pipeline.events import Events
+    from nvfp4_ray.pipeline.job import run_quantize
+
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "num_gpus": 1})
+    for _ in range(int(nodes) - 1):
+        cluster.add_node(num_cpus=2, num_gpus=1)
+    cluster.wait_for_nodes()
+    ray.init(address=cluster.address, log_to_driver=False)
+    try:
+        config = QuantizeConfig(
+            source=source, dest=dest, calibration=calibration, num_samples=int(num_samples), max_seq_len=64
+        )
+        summary = run_quantize(config, Events("json", stream=io.StringIO()))
+        summary["nodes"] = [node["NodeID"] for node in ray.nodes() if node["Alive"]]
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+    print(json.dumps(summary))
+
+
+if __name__ == "__main__":
+    main()

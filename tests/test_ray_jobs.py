@@ -1,0 +1,142 @@
+"""Ray jobs for real: ``ray job submit`` to a head the test starts, and a simulated
+multi-node cluster where every node takes part and reads each layer once."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+from conftest import NUM_ROWS, run_cli
+from reference import load_tensors
+
+pytestmark = pytest.mark.slow
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BIN = os.path.dirname(sys.executable)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def ray_head(tmp_path_factory):
+    """A Ray head started with `ray start --head`, with its job server on a free port."""
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+    dashboard = free_port()
+    ports = ["--port", str(free_port()), "--dashboard-port", str(dashboard),
+             "--ray-client-server-port", str(free_port()), "--dashboard-agent-listen-port", str(free_port()),
+             "--metrics-export-port", str(free_port()), "--node-manager-port", str(free_port()),
+             "--object-manager-port", str(free_port())]  # fmt: skip
+    temp_dir = str(tmp_path_factory.mktemp("ray-head"))
+    # --block keeps `ray start` in the foreground: terminating it stops exactly this head
+    # (`ray stop` would stop every Ray instance on the machine).
+    head = subprocess.Popen(
+        [f"{BIN}/ray", "start", "--head", "--block", "--num-cpus", "2", "--include-dashboard", "true",
+         "--dashboard-host", "127.0.0.1", "--node-ip-address", "127.0.0.1", "--temp-dir", temp_dir,
+         "--disable-usage-stats", *ports],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )  # fmt: skip
+    address = f"http://127.0.0.1:{dashboard}"
+    wait_for_job_server(address)
+    try:
+        yield address, env
+    finally:
+        head.terminate()
+        head.wait(timeout=60)
+
+
+def wait_for_job_server(address: str) -> None:
+    from ray.job_submission import JobSubmissionClient
+
+    deadline = time.time() + 120
+    while True:
+        try:
+            JobSubmissionClient(address).list_jobs()
+            return
+        except Exception:
+            if time.time() > deadline:
+                raise
+            time.sleep(1)
+
+
+def submit(address: str, env: dict, *args: str) -> dict:
+    """`ray job submit --no-wait`, then wait for the job to finish; return its details."""
+    from ray.job_submission import JobSubmissionClient
+
+    submission_id = f"nvfp4-test-{time.time_ns()}"
+    subprocess.run(
+        [f"{BIN}/ray", "job", "submit", "--address", address, "--submission-id", submission_id,
+         "--working-dir", REPO, "--no-wait", "--", "python", "jobs/quantize.py", *args],
+        check=True, env=env, capture_output=True, timeout=120,
+    )  # fmt: skip
+    client = JobSubmissionClient(address)
+    deadline = time.time() + 600
+    while time.time() < deadline:
+        info = client.get_job_info(submission_id)
+        if info.status.is_terminal():
+            return {"info": info, "logs": client.get_job_logs(submission_id)}
+        time.sleep(1)
+    raise TimeoutError(submission_id)
+
+
+def job_args(case, dest: str) -> list[str]:
+    return [case.source, dest, "--calibration", case.calibration, "--num-samples", str(NUM_ROWS), "--max-seq-len", "64"]
+
+
+@pytest.mark.usefixtures("ray_instance")
+def test_ray_job_submit_matches_the_cli(ray_head, family_case, tmp_path):
+    address, env = ray_head
+    case = family_case("llama")
+    job_dest, cli_dest = str(tmp_path / "job"), str(tmp_path / "cli")
+
+    result = submit(address, env, *job_args(case, job_dest))
+    assert result["info"].status.name == "SUCCEEDED", result["logs"][-3000:]
+    summary = json.loads(result["logs"].strip().splitlines()[-1])  # the log's last line is the summary
+    assert summary["status"] == "succeeded" and summary["dest"] == job_dest
+    assert "[nvfp4-ray] progress layers" in result["logs"]  # progress is readable in `ray job logs`
+
+    assert run_cli("quantize", *job_args(case, cli_dest))[0] == 0
+    assert load_tensors(job_dest) == load_tensors(cli_dest)
+    for name in ("config.json", "model.safetensors.index.json", "recipe.yaml"):
+        assert open(os.path.join(job_dest, name)).read() == open(os.path.join(cli_dest, name)).read()
+
+
+def test_ray_job_with_bad_input_fails_with_exit_code_2(ray_head, family_case, tmp_path):
+    address, env = ray_head
+    case = family_case("llama")
+    result = submit(address, env, str(tmp_path / "missing"), str(tmp_path / "dest"), "--calibration", case.calibration)
+    info = result["info"]
+    assert info.status.name == "FAILED"
+    assert info.driver_exit_code == 2
+    summary = json.loads(result["logs"].strip().splitlines()[-1])
+    assert summary == {"status": "failed", "exit_code": 2, "error": f"SOURCE {tmp_path / 'missing'} does not exist"}
+
+
+@pytest.mark.usefixtures("ray_instance")
+def test_simulated_three_node_cluster(family_case, tmp_path):
+    """One worker per (fake) GPU node; each node reads every layer exactly once; same bytes."""
+    case = family_case("llama")
+    dest = str(tmp_path / "cluster")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([REPO, os.environ.get("PYTHONPATH", "")])}
+    process = subprocess.run(
+        [sys.executable, os.path.join(REPO, "tests", "simulated_cluster.py"), "3", case.source, dest, case.calibration, str(NUM_ROWS)],
+        capture_output=True, text=True, env=env, timeout=600,
+    )  # fmt: skip
+    assert process.returncode == 0, process.stderr[-3000:]
+    summary = json.loads(process.stdout.strip().splitlines()[-1])
+    layers = summary["layers"]
+    assert summary["calibration_workers"] == 3
+    reads = summary["layer_reads_per_node"]
+    assert sorted(reads) == sorted(summary["nodes"])  # every node took part
+    assert all(count == layers for count in reads.values())  # once per layer per node, not per worker
+
+    single = str(tmp_path / "single")
+    assert run_cli("quantize", *job_args(case, single))[0] == 0
+    assert load_tensors(dest) == load_tensors(single)
