@@ -63,6 +63,9 @@ def run_guarded(action, log_format: str = "text") -> int:
     except JobError as exc:
         message = redact(str(exc))
         code = EXIT_RUN
+    except OSError as exc:  # storage failed under the driver (the tasks' own errors are JobErrors)
+        message = redact(f"storage error: {exc}; run the same command again to resume")
+        code = EXIT_RUN
     except KeyboardInterrupt:
         message, code = "interrupted; run the same command again to resume", EXIT_RUN
     except Exception as exc:  # a bug or an unexpected environment problem: resumable

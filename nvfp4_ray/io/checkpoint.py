@@ -84,7 +84,7 @@ def open_checkpoint(url: str) -> SourceCheckpoint:
 def _parse_config(data: bytes, store: Store) -> dict:
     try:
         config = json.loads(data.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
         raise InputError(f"{store.display(CONFIG_NAME)} is not valid JSON: {exc}") from None
     if not isinstance(config, dict) or not isinstance(config.get("model_type"), str):
         raise InputError(f"{store.display(CONFIG_NAME)} has no 'model_type'; is SOURCE a transformers checkpoint?")
@@ -101,7 +101,7 @@ def _shard_names(store: Store) -> tuple[list[str], dict[str, str] | None]:
             weight_map = index["weight_map"]
             if not isinstance(weight_map, dict):
                 raise TypeError
-        except (ValueError, KeyError, TypeError):
+        except (ValueError, KeyError, TypeError, RecursionError):
             raise InputError(f"{store.display(INDEX_NAME)} is not a valid index: it needs a 'weight_map' object") from None
         for name, file_name in weight_map.items():
             _check_shard_name(file_name, name)

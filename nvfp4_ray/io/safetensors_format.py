@@ -72,7 +72,7 @@ def parse_header(header_bytes: bytes, file_size: int, where: str) -> Safetensors
     data_start = 8 + len(header_bytes)
     try:
         raw = json.loads(header_bytes.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
         raise InputError(f"{where}: corrupt safetensors header: not valid JSON ({exc.__class__.__name__})") from None
     if not isinstance(raw, dict):
         raise InputError(f"{where}: corrupt safetensors header: expected a JSON object")

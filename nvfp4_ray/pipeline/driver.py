@@ -23,15 +23,22 @@ from dataclasses import dataclass, field
 import ray
 
 from nvfp4_ray.calibration.batches import deal, make_batches
-from nvfp4_ray.errors import InputError, JobError
+from nvfp4_ray.errors import JobError
 from nvfp4_ray.io import destination
 from nvfp4_ray.io.storage import Store
-from nvfp4_ray.io.tensors import TORCH_DTYPES, WrittenFile, write_shard
+from nvfp4_ray.io.tensors import TORCH_DTYPES, WrittenFile
 from nvfp4_ray.layer_quantizer import input_scale_entries
 from nvfp4_ray.pipeline.events import Events
 from nvfp4_ray.pipeline.placement import Placement
 from nvfp4_ray.pipeline.plan import Plan, calibration_keys, digest
-from nvfp4_ray.pipeline.workers import CalibrationWorker, copy_unit_task, quantize_layer_task, read_tensors_task, unwrap
+from nvfp4_ray.pipeline.workers import (
+    CalibrationWorker,
+    copy_unit_task,
+    quantize_layer_task,
+    read_tensors_task,
+    unwrap,
+    write_unit,
+)
 
 CALIBRATION_DIR = f"{destination.STATE_DIR}/calibration"
 MAX_WORKER_REPLACEMENTS = 3
@@ -103,7 +110,7 @@ class Execution:
             return ray.get(refs)
         except ray.exceptions.RayTaskError as exc:
             cause = unwrap(exc)
-            if isinstance(cause, InputError):
+            if cause is not exc:
                 raise cause from None
             raise JobError(_task_failure(exc)) from None
 
@@ -249,7 +256,7 @@ class Execution:
                 results.append(ray.get(call))
             except ray.exceptions.RayTaskError as exc:
                 cause = unwrap(exc)
-                if isinstance(cause, InputError):
+                if cause is not exc:
                     raise cause from None
                 raise JobError(_task_failure(exc)) from None
             except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError) as exc:
@@ -302,8 +309,8 @@ class Execution:
         file_name = f"model-input-scales-{key}.safetensors"
         done = destination.load_done(self.dest, key, file_name)
         if done is None:
-            done = write_shard(self.dest, file_name, input_scale_entries(self.amax, TORCH_DTYPES[plan.spec.dtype]))
-            destination.save_done(self.dest, key, done)
+            entries = input_scale_entries(self.amax, TORCH_DTYPES[plan.spec.dtype])
+            done = write_unit(self.dest, file_name, key, entries)
             self.computed.append(file_name)
         else:
             self.reused.append(file_name)

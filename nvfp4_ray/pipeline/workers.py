@@ -10,21 +10,38 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import socket
 
 import ray
 import torch
 
-from nvfp4_ray.errors import InputError
+from nvfp4_ray.errors import InputError, JobError
 from nvfp4_ray.io import destination
 from nvfp4_ray.io.storage import Store
 from nvfp4_ray.io.tensors import TensorBundle, read_file, read_tensors, torch_entry, write_shard
 from nvfp4_ray.layer_quantizer import check_finite, quantize_layer
 
 # Storage hiccups (resets, throttling, timeouts) surface as OSError subclasses: retry those.
-# InputError (a broken source) is never retried.
+# InputError (a broken source) and JobError (e.g. a full disk) are never retried.
 RETRY = dict(max_retries=4, retry_exceptions=[OSError, ConnectionError, TimeoutError])
+_HOPELESS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
+
+
+def write_unit(dest: Store, file_name: str, key: str, entries: list):
+    """Write a unit's file and its completion record; storage errors that a retry cannot
+    fix (full disk, read-only or forbidden DEST) fail the job at once."""
+    try:
+        written = write_shard(dest, file_name, entries)
+        destination.save_done(dest, key, written)
+    except OSError as exc:
+        if exc.errno in _HOPELESS:
+            raise JobError(
+                f"cannot write {dest.display(file_name)}: {exc.strerror}; fix DEST and run the same command again to resume"
+            ) from None
+        raise
+    return written
 
 
 def _device() -> torch.device:
@@ -46,22 +63,16 @@ def read_tensors_task(source_url: str, tensors: list) -> TensorBundle:
 @ray.remote(**RETRY)
 def quantize_layer_task(unit, bundle: TensorBundle, dest_url: str):
     _use_threads()
-    dest = Store(dest_url)
     entries = quantize_layer(unit.spec, bundle, _device())
-    written = write_shard(dest, unit.file, entries)
-    destination.save_done(dest, unit.key, written)
-    return written
+    return write_unit(Store(dest_url), unit.file, unit.key, entries)
 
 
 @ray.remote(num_cpus=0, **RETRY)
 def copy_unit_task(unit, source_url: str, dest_url: str):
-    dest = Store(dest_url)
     bundle = read_tensors(Store(source_url), unit.tensors)
     check_finite(bundle, bundle.names(), torch.device("cpu"))
     entries = [(name, *bundle.entries[name][1:], memoryview(bundle.raw(name)).cast("B")) for name in bundle.names()]
-    written = write_shard(dest, unit.file, entries)
-    destination.save_done(dest, unit.key, written)
-    return written
+    return write_unit(Store(dest_url), unit.file, unit.key, entries)
 
 
 @ray.remote(max_restarts=0, max_task_retries=0)
@@ -107,6 +118,6 @@ class CalibrationWorker:
 
 
 def unwrap(error: Exception) -> Exception:
-    """The InputError inside a Ray task error, if that is what failed."""
+    """The InputError or JobError a task raised, if that is what failed."""
     cause = getattr(error, "cause", None)
-    return cause if isinstance(cause, InputError) else error
+    return cause if isinstance(cause, (InputError, JobError)) else error

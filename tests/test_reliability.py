@@ -1,0 +1,174 @@
+"""Faults survived, for real: processes are killed with SIGKILL, disks fill up, mounts are
+read-only. Every surviving run must produce the bytes of an uninterrupted run."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+from conftest import quantize, run_cli
+from reference import load_tensors
+
+pytestmark = [pytest.mark.usefixtures("ray_instance"), pytest.mark.slow]
+SAMPLES, SEQ_LEN = 32, 256  # enough work on SmolLM2 (30 layers) to kill things mid-run
+
+
+@pytest.fixture(scope="module")
+def smol_job(smollm2, tmp_path_factory):
+    """SmolLM2, its calibration file, and the output of an uninterrupted run."""
+    from nvfp4_ray.prepare import demo_calibration
+
+    calibration = demo_calibration(smollm2, SAMPLES, SEQ_LEN)
+    clean = str(tmp_path_factory.mktemp("clean") / "out")
+    quantize(smollm2, clean, calibration, num_samples=SAMPLES, max_seq_len=SEQ_LEN)
+    return smollm2, calibration, clean
+
+
+def unit_files(folder: str) -> list[str]:
+    index = json.load(open(os.path.join(folder, "model.safetensors.index.json")))
+    return sorted(set(index["weight_map"].values()))
+
+
+def assert_same_checkpoint(out: str, clean: str) -> None:
+    assert unit_files(out) == unit_files(clean)  # same content keys
+    assert load_tensors(out) == load_tensors(clean)
+
+
+def wait_for(predicate, timeout: float = 300, what: str = "condition"):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.05)
+    raise TimeoutError(what)
+
+
+def calibrated_layers(dest: str) -> int:
+    folder = os.path.join(dest, ".nvfp4", "calibration")
+    return len([n for n in os.listdir(folder) if n.endswith(".json")]) if os.path.isdir(folder) else 0
+
+
+def session_processes(title_prefix: str) -> list[int]:
+    """PIDs of this test session's Ray workers whose process title starts with the prefix
+    (Ray titles a worker "ray::<task or actor>"); other Ray instances on the machine are ignored."""
+    import ray
+
+    raylet = ray._private.worker._global_node.all_processes["raylet"][0].process.pid
+    children = subprocess.run(["pgrep", "-P", str(raylet)], capture_output=True, text=True).stdout.split()
+    found = []
+    for pid in children:
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as handle:
+                if handle.read().startswith(title_prefix.encode()):
+                    found.append(int(pid))
+        except FileNotFoundError:
+            continue
+    return found
+
+
+def run_in_background(**kwargs) -> tuple[threading.Thread, dict]:
+    result: dict = {}
+
+    def target():
+        try:
+            result["summary"] = quantize(**kwargs)
+        except Exception as exc:  # surfaced by the test's assertions
+            result["error"] = exc
+
+    thread = threading.Thread(target=target, daemon=True)  # never outlives a failed test
+    thread.start()
+    return thread, result
+
+
+def test_driver_killed_mid_run_resumes_byte_identical(smol_job, tmp_path):
+    source, calibration, clean = smol_job
+    dest = str(tmp_path / "out")
+    command = [os.path.join(os.path.dirname(sys.executable), "nvfp4-ray"), "quantize", source, dest,
+               "--calibration", calibration, "--num-samples", str(SAMPLES), "--max-seq-len", str(SEQ_LEN),
+               "--checkpoint-minutes", "0"]  # fmt: skip
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+    job = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        wait_for(lambda: calibrated_layers(dest) >= 8, what="eight calibrated layers")
+    finally:
+        # kill -9 of the whole job: the driver and every Ray process it started (one session)
+        subprocess.run(["pkill", "-9", "-s", str(job.pid)])
+        job.wait()
+    assert not os.path.exists(os.path.join(dest, "_SUCCESS"))
+
+    resumed = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "reusing" in resumed.stderr and "resuming calibration at layer" in resumed.stderr
+    assert json.loads(resumed.stdout.strip().splitlines()[-1])["units_reused"] > 0
+    assert_same_checkpoint(dest, clean)
+
+
+def test_calibration_actor_killed_is_replaced(smol_job, tmp_path):
+    source, calibration, clean = smol_job
+    dest = str(tmp_path / "out")
+    thread, result = run_in_background(source=source, dest=dest, calibration=calibration, num_samples=SAMPLES,
+                                       max_seq_len=SEQ_LEN)  # fmt: skip
+    wait_for(lambda: calibrated_layers(dest) >= 5, what="five calibrated layers")
+    (actor,) = session_processes("ray::CalibrationWorker")
+    os.kill(actor, signal.SIGKILL)
+    thread.join(timeout=900)
+    assert "error" not in result, result.get("error")
+    assert result["summary"]["worker_replacements"] == 1
+    assert_same_checkpoint(dest, clean)
+
+
+def test_weight_task_worker_killed_is_retried(smol_job, tmp_path):
+    source, calibration, clean = smol_job
+    dest = str(tmp_path / "out")
+    thread, result = run_in_background(source=source, dest=dest, calibration=calibration, num_samples=SAMPLES,
+                                       max_seq_len=SEQ_LEN)  # fmt: skip
+
+    (pid, *_) = wait_for(lambda: session_processes("ray::quantize_layer_task"), what="a running weight task")
+    os.kill(pid, signal.SIGKILL)  # the task dies with its worker; Ray runs it again
+    thread.join(timeout=900)
+    assert "error" not in result, result.get("error")
+    assert_same_checkpoint(dest, clean)
+
+
+@pytest.fixture
+def mount_tmpfs(tmp_path):
+    """A real mount point; unmounted afterwards."""
+    mounts = []
+
+    def mount(options: str) -> str:
+        point = tmp_path / f"mount{len(mounts)}"
+        point.mkdir()
+        subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(point)], check=True)
+        mounts.append(point)
+        return str(point)
+
+    yield mount
+    for point in mounts:
+        subprocess.run(["umount", "-l", str(point)])
+
+
+def test_dest_on_a_read_only_filesystem(family_case, mount_tmpfs):
+    case = family_case("llama")
+    dest = os.path.join(mount_tmpfs("ro,size=1m"), "out")
+    code, _, stderr = run_cli("quantize", case.source, dest, "--calibration", case.calibration, "--num-samples", "6")
+    assert code == 2 and "is not writable: " in stderr and "Read-only file system" in stderr
+    assert not os.path.exists(dest)
+
+
+def test_disk_full_fails_cleanly_and_resumes_elsewhere(family_case, mount_tmpfs, tmp_path):
+    case = family_case("llama")
+    dest = os.path.join(mount_tmpfs("size=600k"), "out")  # the output needs ~3 MB
+    args = ["--calibration", case.calibration, "--num-samples", "6", "--max-seq-len", "64"]
+    code, stdout, stderr = run_cli("quantize", case.source, dest, *args)
+    assert code == 3, stderr
+    assert "No space left on device" in stderr and "run the same command again to resume" in stderr
+    assert "Traceback" not in stderr
+    assert not os.path.exists(os.path.join(dest, "_SUCCESS"))
+    assert json.loads(stdout.strip().splitlines()[-1])["exit_code"] == 3
