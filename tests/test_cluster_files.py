@@ -325,3 +325,12 @@ def test_dockerfile_base_has_cuda_for_blackwell_and_tags_the_manifests_image():
     major, minor = map(int, re.search(r"^FROM nvidia/cuda:(\d+)\.(\d+)\.", text, re.MULTILINE).groups())
     assert (major, minor) >= (12, 8)
     assert f"-t {IMAGE} ." in text
+
+
+def test_readme_cluster_section_names_existing_files():
+    readme = (ROOT / "README.md").read_text()
+    section = readme[readme.index("## Run on a cluster") :].split("\n## ", 1)[0]
+    paths = set(re.findall(r"\b(?:cluster|jobs)/[\w./-]+\.(?:yaml|py)\b|cluster/docker/Dockerfile\b", section))
+    assert "jobs/configs/mistral-medium-3.5-128b-nvfp4.yaml" in paths
+    missing = sorted(p for p in paths if not (ROOT / p).is_file())
+    assert not missing
