@@ -4,15 +4,11 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
-import socket
-import subprocess
-import sys
-import textwrap
 import time
 from pathlib import Path
 
 import pytest
+from test_ray_jobs import free_port, ray_head  # noqa: F401  (ray_head: `ray start --head` on free ports)
 
 ROOT = Path(__file__).resolve().parent.parent
 _spec = importlib.util.spec_from_file_location("submit_job", ROOT / "cluster" / "submit_job.py")
@@ -43,10 +39,7 @@ def test_arguments_after_double_dash_go_to_the_job():
 def test_unreachable_cluster_is_a_resumable_failure(tmp_path, monkeypatch, capsys):
     monkeypatch.delenv("RAY_API_SERVER_ADDRESS", raising=False)
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
-    with socket.socket() as probe:  # a port nothing listens on
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    argv = ["--address", f"http://127.0.0.1:{port}", "--outputs", str(tmp_path), "--", "--config", "c.yaml"]
+    argv = ["--address", f"http://127.0.0.1:{free_port()}", "--outputs", str(tmp_path), "--", "--config", "c.yaml"]
     assert submit_job.main(argv) == 3
     summary = json.loads(capsys.readouterr().out.splitlines()[-1])
     assert summary["status"] == "failed" and summary["exit_code"] == 3
@@ -65,36 +58,10 @@ sys.exit(code)
 
 
 @pytest.fixture(scope="module")
-def dashboard(tmp_path_factory):
-    """A Ray instance with the job API, in its own process (the suite's instance has none)."""
-    folder = tmp_path_factory.mktemp("ray-dashboard")
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    ready = folder / "address"
-    script = textwrap.dedent(
-        f"""
-        import sys, ray
-        context = ray.init(num_cpus=1, include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port={port})
-        open({str(ready)!r}, "w").write("http://" + context.dashboard_url)
-        sys.stdin.read()
-        ray.shutdown()
-        """
-    )
-    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS")}
-    env["RAY_AUTH_MODE"] = "disabled"
-    process = subprocess.Popen([sys.executable, "-c", script], stdin=subprocess.PIPE, env=env)
-    deadline = time.monotonic() + 180
-    while not ready.exists() and process.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.5)
-    try:
-        assert ready.exists(), "the Ray instance did not start"
-        address = ready.read_text()
-        _wait_for_job_agent(address, deadline)
-        yield address
-    finally:
-        process.stdin.close()
-        process.wait(timeout=120)
+def dashboard(ray_head):
+    address, _ = ray_head
+    _wait_for_job_agent(address, time.monotonic() + 180)
+    return address
 
 
 def _wait_for_job_agent(address: str, deadline: float) -> None:
@@ -135,3 +102,19 @@ def test_exit_code_and_summary_of_the_ray_job_come_back(dashboard, tmp_path, mon
     assert json.loads(capsys.readouterr().out.splitlines()[-1]) == summary
     assert json.loads((outputs / "summary.json").read_text()) == summary
     assert (outputs / "status").read_text() == status and (outputs / "exit_code").read_text() == str(exit_code)
+
+
+@pytest.mark.slow
+def test_bad_input_to_the_real_entrypoint_is_exit_2(dashboard, tmp_path, monkeypatch, capsys):
+    monkeypatch.delenv("RAY_API_SERVER_ADDRESS", raising=False)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    missing = tmp_path / "missing"
+    argv = [
+        "--address", dashboard,
+        "--working-dir", str(ROOT),
+        "--runtime-env", str(ROOT / "cluster" / "runtime_env.yaml"),
+        "--", str(missing), str(tmp_path / "dest"),
+    ]  # fmt: skip
+    assert submit_job.main(argv) == 2
+    summary = json.loads(capsys.readouterr().out.splitlines()[-1])
+    assert summary == {"status": "failed", "exit_code": 2, "error": f"SOURCE {missing} does not exist"}
