@@ -10,8 +10,8 @@ job's JSON summary line, like ``jobs/quantize.py`` run locally:
         --config jobs/configs/mistral-medium-3.5-128b-nvfp4.yaml [--if-changed]
 
 ``--outputs DIR`` also writes ``summary.json``, ``status`` and ``exit_code`` there, for
-pipeline engines that read step outputs from files. Without ``--address`` the address comes
-from RAY_API_SERVER_ADDRESS or RAY_ADDRESS, as for ``ray job submit``.
+pipeline engines that read step outputs from files. As for ``ray job submit``,
+RAY_API_SERVER_ADDRESS or RAY_ADDRESS, when set, win over ``--address``.
 """
 
 from __future__ import annotations

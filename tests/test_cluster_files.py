@@ -31,17 +31,16 @@ def load(relative: str) -> dict:
     return yaml.safe_load((ROOT / relative).read_text())
 
 
-def pyproject_pins() -> dict[str, str]:
-    """name -> version of every ``==`` dependency in pyproject.toml (extras dropped)."""
+def pyproject_requirements() -> list:
     from packaging.requirements import Requirement
 
-    pins = {}
-    for line in tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]:
-        requirement = Requirement(line)
-        for spec in requirement.specifier:
-            if spec.operator == "==":
-                pins[requirement.name] = spec.version
-    return pins
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    return [Requirement(line) for line in project["dependencies"]]
+
+
+def pyproject_pins() -> dict[str, str]:
+    """name -> version of every ``==`` dependency in pyproject.toml (extras dropped)."""
+    return {r.name: s.version for r in pyproject_requirements() for s in r.specifier if s.operator == "=="}
 
 
 def containers(pod_spec: dict) -> list[dict]:
@@ -171,7 +170,10 @@ def _unknown_docker_option(c):
     c["docker"]["gpus"] = "all"
 
 
-@pytest.mark.parametrize("breakage", [_typo, _no_node_config, _unknown_head, _too_many_min_workers, _unknown_docker_option])
+BREAKAGES = [_typo, _no_node_config, _unknown_head, _too_many_min_workers, _unknown_docker_option]
+
+
+@pytest.mark.parametrize("breakage", BREAKAGES)
 def test_rays_validator_rejects_a_broken_copy(breakage):
     import jsonschema
 
@@ -309,14 +311,12 @@ def dockerfile_pins() -> dict[str, str]:
 
 
 def test_dockerfile_pins_agree_with_pyproject_and_the_tested_torch():
-    from packaging.requirements import Requirement
-
     pins = dockerfile_pins()
     for name, version in pyproject_pins().items():
         assert pins.get(name) == version, f"{name}: Dockerfile {pins.get(name)} != pyproject.toml {version}"
     tested_torch = re.search(r"torch==(\S+)", (ROOT / "Makefile").read_text()).group(1)
     assert pins["torch"] == tested_torch
-    [torch] = [r for r in map(Requirement, tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]) if r.name == "torch"]
+    [torch] = [r for r in pyproject_requirements() if r.name == "torch"]
     assert torch.specifier.contains(pins["torch"])
 
 
