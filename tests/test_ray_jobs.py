@@ -28,7 +28,8 @@ def free_port() -> int:
 @pytest.fixture(scope="module")
 def ray_head(tmp_path_factory):
     """A Ray head started with `ray start --head`, with its job server on a free port."""
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+    # The job's `python` is looked up on the head's PATH: make it this environment's.
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PATH": os.pathsep.join([BIN, os.environ["PATH"]])}
     dashboard = free_port()
     ports = ["--port", str(free_port()), "--dashboard-port", str(dashboard),
              "--ray-client-server-port", str(free_port()), "--dashboard-agent-listen-port", str(free_port()),
