@@ -35,6 +35,10 @@ class QuantizeConfig(BaseModel):
     ray_address: str | None = Field(None, description="Ray cluster to join; default: start a local one")
     log_format: Literal["text", "json"] = "text"
     num_workers: int | None = Field(None, ge=1, description="calibration actors (default: one per GPU)")
+    worker_device: Literal["auto", "gpu", "cpu"] = Field(
+        "auto", description="auto: GPUs if the cluster has any now; gpu: wait for the autoscaler to add GPU nodes"
+    )
+    placement_timeout_minutes: float = Field(15.0, gt=0, description="how long to wait for workers to be placed")
     batch_tokens: int | None = Field(
         None, ge=1, description="pack samples into padded SDPA batches of this many tokens (input scales drift a little)"
     )

@@ -4,19 +4,26 @@ Every node is a real set of Ray processes on this machine and advertises one fak
 so the job places one calibration worker per node. Used by tests/test_ray_jobs.py in a
 subprocess (a process can join only one Ray cluster).
 
-usage: simulated_cluster.py NODES SOURCE DEST CALIBRATION NUM_SAMPLES
+usage: simulated_cluster.py NODES SOURCE DEST CALIBRATION NUM_SAMPLES [--late-gpus]
+
+--late-gpus: the cluster starts without any GPU node and the job asks for NODES GPU
+workers (worker_device=gpu); the GPU nodes join a few seconds after the job started,
+as an autoscaler would add them.
 """
 
 import io
 import json
 import os
 import sys
+import threading
+import time
 
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
 
 def main() -> None:
     nodes, source, dest, calibration, num_samples = sys.argv[1:6]
+    late = "--late-gpus" in sys.argv[6:]
     import ray
     from ray.cluster_utils import Cluster
 
@@ -24,15 +31,25 @@ def main() -> None:
     from nvfp4_ray.pipeline.events import Events
     from nvfp4_ray.pipeline.job import run_quantize
 
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "num_gpus": 1})
-    for _ in range(int(nodes) - 1):
-        cluster.add_node(num_cpus=2, num_gpus=1)
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "num_gpus": 0 if late else 1})
+    for _ in range(int(nodes) - (0 if late else 1)):
+        if not late:
+            cluster.add_node(num_cpus=2, num_gpus=1)
     cluster.wait_for_nodes()
     ray.init(address=cluster.address, log_to_driver=False)
+
+    def add_gpu_nodes():
+        time.sleep(5)
+        for _ in range(int(nodes)):
+            cluster.add_node(num_cpus=2, num_gpus=1)
+
     try:
+        options = {"worker_device": "gpu", "num_workers": int(nodes)} if late else {}
         config = QuantizeConfig(
-            source=source, dest=dest, calibration=calibration, num_samples=int(num_samples), max_seq_len=64
+            source=source, dest=dest, calibration=calibration, num_samples=int(num_samples), max_seq_len=64, **options
         )
+        if late:
+            threading.Thread(target=add_gpu_nodes, daemon=True).start()
         summary = run_quantize(config, Events("json", stream=io.StringIO()))
         summary["nodes"] = [node["NodeID"] for node in ray.nodes() if node["Alive"]]
     finally:

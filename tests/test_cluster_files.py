@@ -187,7 +187,7 @@ def test_aws_cluster_runs_the_image_on_b200_workers():
     config = load("cluster/aws/cluster.yaml")
     workers = [t for name, t in config["available_node_types"].items() if name != config["head_node_type"]]
     assert [w["node_config"]["InstanceType"] for w in workers] == ["p6-b200.48xlarge"]
-    assert workers[0]["resources"]["GPU"] == 8 and 1 <= workers[0]["min_workers"] <= workers[0]["max_workers"]
+    assert workers[0]["resources"]["GPU"] == 8 and 0 <= workers[0]["min_workers"] <= workers[0]["max_workers"]
     assert config["docker"]["image"] == IMAGE
     # Ray's defaults would pip-install a Ray wheel over the image's pinned one.
     assert config["setup_commands"] == config["head_setup_commands"] == config["worker_setup_commands"] == []
@@ -210,7 +210,7 @@ def check_ray_cluster_spec(spec: dict) -> None:
     ]
     assert gpu_groups, "a worker group must request GPUs"
     for group in gpu_groups:
-        assert 1 <= group["minReplicas"] <= group["replicas"] <= group["maxReplicas"]
+        assert 0 <= group["minReplicas"] <= group["replicas"] <= group["maxReplicas"]
         pod = group["template"]["spec"]
         assert pod["nodeSelector"] and pod["tolerations"]
     pods = [head["template"]["spec"]] + [g["template"]["spec"] for g in spec["workerGroupSpecs"]]

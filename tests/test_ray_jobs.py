@@ -141,3 +141,21 @@ def test_simulated_three_node_cluster(family_case, tmp_path):
     single = str(tmp_path / "single")
     assert run_cli("quantize", *job_args(case, single))[0] == 0
     assert load_tensors(dest) == load_tensors(single)
+
+
+@pytest.mark.usefixtures("ray_instance")
+def test_gpu_workers_wait_for_nodes_that_join_later(family_case, tmp_path):
+    """worker_device=gpu on a cluster with no GPU node yet: the job waits for the nodes an
+    autoscaler adds (here: joined 5 s after the start) instead of falling back to CPU."""
+    case = family_case("llama")
+    dest = str(tmp_path / "late")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([REPO, os.environ.get("PYTHONPATH", "")])}
+    process = subprocess.run(
+        [sys.executable, os.path.join(REPO, "tests", "simulated_cluster.py"), "2", case.source, dest,
+         case.calibration, str(NUM_ROWS), "--late-gpus"],
+        capture_output=True, text=True, env=env, timeout=600,
+    )  # fmt: skip
+    assert process.returncode == 0, process.stderr[-3000:]
+    summary = json.loads(process.stdout.strip().splitlines()[-1])
+    assert summary["calibration_workers"] == 2
+    assert len(summary["layer_reads_per_node"]) == 2  # the two GPU nodes that joined, not the head

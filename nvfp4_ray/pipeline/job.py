@@ -61,7 +61,9 @@ def run_quantize(config: QuantizeConfig, events: Events) -> dict:
         from nvfp4_ray.pipeline.placement import Placement
 
         with events.stage("placement"):
-            placement = Placement.create(config.num_workers)
+            placement = Placement.create(
+                config.num_workers, config.worker_device, config.placement_timeout_minutes * 60
+            )
         try:
             execution = Execution(plan, placement, events)
             execution.run()

@@ -16,7 +16,6 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy, Place
 
 from nvfp4_ray.errors import InputError, JobError
 
-PLACEMENT_TIMEOUT_S = 120
 
 
 @dataclass
@@ -28,31 +27,40 @@ class Placement:
     task_cpus: float
 
     @classmethod
-    def create(cls, num_workers: int | None) -> "Placement":
+    def create(cls, num_workers: int | None, device: str = "auto", timeout_s: float = 900) -> "Placement":
+        """``device``: "gpu" asks for GPU bundles even if no GPU node is up yet (the
+        autoscaler adds them while the placement group waits); "auto" sizes to the GPUs
+        present now, falling back to CPU workers on a cluster without GPUs."""
         alive = [node for node in ray.nodes() if node.get("Alive")]
         gpus = sum(int(node["Resources"].get("GPU", 0)) for node in alive)
         cpus = [node["Resources"].get("CPU", 0) for node in alive]
-        if gpus:
+        use_gpu = device == "gpu" or (device == "auto" and gpus > 0)
+        if use_gpu:
             count = num_workers or gpus
-            if count > gpus:
-                raise InputError(f"--num-workers {count} asks for more GPUs than the cluster has ({gpus})")
+            if not count:
+                raise InputError("--worker-device gpu on a cluster with no GPU node up yet needs --num-workers")
+            if count > gpus and device == "auto":
+                raise InputError(
+                    f"--num-workers {count} asks for more GPUs than the cluster has ({gpus}); "
+                    "pass --worker-device gpu to wait for the autoscaler to add GPU nodes"
+                )
             bundle = {"CPU": 2, "GPU": 1}
         else:
             count = num_workers or len([c for c in cpus if c >= 2]) or 1
             per_bundle = max(2, int(sum(cpus) // count))
             bundle = {"CPU": per_bundle}
         group = placement_group([dict(bundle) for _ in range(count)], strategy="PACK")
-        ready, _ = ray.wait([group.ready()], timeout=PLACEMENT_TIMEOUT_S)
+        ready, _ = ray.wait([group.ready()], timeout=timeout_s)
         if not ready:
             remove_placement_group(group)
             raise JobError(
                 f"the cluster could not place {count} calibration workers of {bundle} each within "
-                f"{PLACEMENT_TIMEOUT_S}s (cluster: {gpus} GPUs, CPUs per node {cpus})"
+                f"{timeout_s:.0f}s (cluster now: {gpus} GPUs, CPUs per node {cpus})"
             )
         table = placement_group_table(group)["bundles_to_node_id"]
         nodes = [table[i] for i in range(count)]
         half = bundle["CPU"] / 2
-        return cls(group=group, nodes=nodes, gpu=bool(gpus), worker_cpus=half, task_cpus=half)
+        return cls(group=group, nodes=nodes, gpu=use_gpu, worker_cpus=half, task_cpus=half)
 
     @property
     def size(self) -> int:
