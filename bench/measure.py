@@ -6,6 +6,12 @@ import os
 import threading
 import time
 
+try:
+    import psutil
+except ImportError:  # Ray ships a copy (ray/thirdparty_files), put on sys.path by importing ray
+    import ray  # noqa: F401
+    import psutil
+
 GIB = 1 << 30
 READ_CHUNK = 64 << 20
 TOP_PROCESSES = 8  # the largest processes at the peak, listed in the record
@@ -43,8 +49,6 @@ class PeakSampler:
     """
 
     def __init__(self, root_pid: int, interval: float = 0.2):
-        import psutil
-
         self.root = psutil.Process(root_pid)
         self.interval = interval
         self.gpu = nvml()
@@ -71,8 +75,6 @@ class PeakSampler:
             self._sample()
 
     def _sample(self) -> None:
-        import psutil
-
         parts = {"main": 0, "ray_workers": 0, "other": 0}
         pss, sizes = 0, []
         try:
@@ -115,6 +117,10 @@ class PeakSampler:
             "gpu_baseline_gib": [round(b / GIB, 3) for b in self.gpu_baseline] if gpu else None,
             "memory_samples": self.samples,
         }
+
+
+def host_memory_gib() -> float:
+    return psutil.virtual_memory().total / GIB
 
 
 def files_under(folder: str) -> list[str]:

@@ -34,7 +34,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from bench import log  # noqa: E402
 from bench.compare import checkpoint_tensors, compare_checkpoints, quantized_weight_bytes  # noqa: E402
-from bench.measure import GIB, PeakSampler, device_name, drop_page_cache, files_under, nvml, read_files  # noqa: E402
+from bench.measure import (  # noqa: E402
+    GIB, PeakSampler, device_name, drop_page_cache, files_under, host_memory_gib, nvml, read_files,
+)  # fmt: skip
 from bench.model import PRESETS, SHAPE_KEYS, SHARD_BYTES, SPEC_FILE, model_is_written, write_calibration  # noqa: E402
 
 
@@ -42,7 +44,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", choices=sorted(PRESETS), required=True, help="model shape and calibration set")
     parser.add_argument("--gpus", type=int, help="GPUs nvfp4-ray may use (default: 1 on a GPU machine, 0 without GPUs)")
-    parser.add_argument("--layers", type=int, help="decoder layers (default: the preset's)")
+    parser.add_argument("--layers", type=int, help="decoder layers (default: the preset's; --reuse-model keeps its own)")
     parser.add_argument("--samples", type=int, help="calibration rows (default: the preset's)")
     parser.add_argument("--seq-len", type=int, help="tokens per calibration row (default: the preset's)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the weights and of the calibration rows")
@@ -265,8 +267,6 @@ def load_baseline(path: str, model: str, samples: int, seq_len: int) -> dict:
 # ---- the record ---------------------------------------------------------------------------
 def make_record(*, command, device, gpus, machine_gpus, spec, source, samples, seq_len, model_write_s, source_read_s,
                 source_bytes, page_cache, reference, run, baseline) -> dict:  # fmt: skip
-    import psutil
-
     shape = spec["shape"]
     tensors = checkpoint_tensors(source)
     params = sum(math.prod(entry[2]) for entry in tensors.values())
@@ -321,7 +321,7 @@ def make_record(*, command, device, gpus, machine_gpus, spec, source, samples, s
         "llmcompressor": {k: v for k, v in reference.items() if k != "inputs"} if reference else None,
         "nvfp4_ray": run["summary"],
         "baseline_1gpu": _baseline_summary(baseline),
-        "host": {"cpus": os.cpu_count(), "memory_gib": round(psutil.virtual_memory().total / GIB, 1), "gpus": machine_gpus},
+        "host": {"cpus": os.cpu_count(), "memory_gib": round(host_memory_gib(), 1), "gpus": machine_gpus},
         "versions": versions(),
         "command": command,
     }
