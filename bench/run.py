@@ -63,6 +63,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
+    load_average = os.getloadavg()[0]  # other work on the machine skews every figure
     command = "python bench/run.py " + " ".join(argv if argv is not None else sys.argv[1:])
     preset = PRESETS[args.preset]
     samples, seq_len = args.samples or preset["samples"], args.seq_len or preset["seq_len"]
@@ -103,6 +104,7 @@ def main(argv: list[str] | None = None) -> dict:
         command=command, device=device_name(gpu_lib), gpus=gpus, machine_gpus=machine_gpus, spec=spec, source=source,
         samples=samples, seq_len=seq_len, model_write_s=model_write_s, source_read_s=source_read_s,
         source_bytes=source_bytes, page_cache=page_cache, reference=reference, run=run, baseline=baseline,
+        load_average=load_average,
     )  # fmt: skip
     os.makedirs(args.out, exist_ok=True)
     stamp, model = record["date"][:16].replace(":", ""), record["model"].removeprefix("random-llama-")
@@ -266,7 +268,7 @@ def load_baseline(path: str, model: str, samples: int, seq_len: int) -> dict:
 
 # ---- the record ---------------------------------------------------------------------------
 def make_record(*, command, device, gpus, machine_gpus, spec, source, samples, seq_len, model_write_s, source_read_s,
-                source_bytes, page_cache, reference, run, baseline) -> dict:  # fmt: skip
+                source_bytes, page_cache, reference, run, baseline, load_average) -> dict:  # fmt: skip
     shape = spec["shape"]
     tensors = checkpoint_tensors(source)
     params = sum(math.prod(entry[2]) for entry in tensors.values())
@@ -313,6 +315,7 @@ def make_record(*, command, device, gpus, machine_gpus, spec, source, samples, s
         "peak_pss_gib": run["peak_pss_gib"],
         "peak_gpu_per_device_gib": run["peak_gpu_per_device_gib"],
         "gpu_baseline_gib": run["gpu_baseline_gib"],
+        "memory_samples": run["memory_samples"],
         # the terms of the GPU memory formula: one layer's weights + the actor's activations
         "one_layer_weights_gib": round(layer_bytes / GIB, 3),
         "activations_per_worker_gib": round(-(-samples // workers) * seq_len * shape["hidden"] * 2 / GIB, 3),
@@ -321,7 +324,13 @@ def make_record(*, command, device, gpus, machine_gpus, spec, source, samples, s
         "llmcompressor": {k: v for k, v in reference.items() if k != "inputs"} if reference else None,
         "nvfp4_ray": run["summary"],
         "baseline_1gpu": _baseline_summary(baseline),
-        "host": {"cpus": os.cpu_count(), "memory_gib": round(host_memory_gib(), 1), "gpus": machine_gpus},
+        "host": {
+            "cpus": os.cpu_count(),
+            "memory_gib": round(host_memory_gib(), 1),
+            "gpus": machine_gpus,
+            "load_average_at_start": round(load_average, 2),
+            "load_average_at_end": round(os.getloadavg()[0], 2),
+        },
         "versions": versions(),
         "command": command,
     }
