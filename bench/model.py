@@ -66,8 +66,8 @@ def model_is_written(folder: str, spec: dict) -> bool:
         return False
 
 
-def write_model(spec: dict, folder: str) -> float:
-    """Write the checkpoint for ``spec`` ({"shape", "seed", "shard_bytes"}); return seconds."""
+def write_model(spec: dict, folder: str) -> None:
+    """Write the checkpoint for ``spec`` ({"shape", "seed", "shard_bytes"}) into ``folder``."""
     start = time.monotonic()
     os.makedirs(folder, exist_ok=True)
     marker = os.path.join(folder, SPEC_FILE)
@@ -98,7 +98,6 @@ def write_model(spec: dict, folder: str) -> float:
     seconds = time.monotonic() - start
     with open(marker, "w") as handle:
         json.dump({"spec": spec, "device": device.type, "write_s": round(seconds, 3)}, handle, indent=2)
-    return seconds
 
 
 def _shards(tensors: list, shard_bytes: int) -> list[list]:
