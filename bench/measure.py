@@ -1,0 +1,170 @@
+"""What the benchmark measures besides time: host and GPU memory, the page cache, the I/O floor."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+
+try:
+    import psutil
+except ImportError:  # Ray ships a copy (ray/thirdparty_files), put on sys.path by importing ray
+    import ray  # noqa: F401
+    import psutil
+
+GIB = 1 << 30
+READ_CHUNK = 64 << 20
+TOP_PROCESSES = 8  # the largest processes at the peak, listed in the record
+
+
+def nvml():
+    """pynvml initialised (nvidia-ml-py, or the copy vendored in Ray), or None without an
+    NVIDIA driver. NVML reads memory without creating a CUDA context in this process."""
+    try:
+        import pynvml
+    except ImportError:
+        from ray._private.thirdparty import pynvml
+    try:
+        pynvml.nvmlInit()
+    except pynvml.NVMLError:
+        return None
+    return pynvml
+
+
+def gpu_used_bytes(lib) -> list[int]:
+    """Memory in use on every GPU of the machine (all processes), as nvidia-smi shows it."""
+    handles = [lib.nvmlDeviceGetHandleByIndex(i) for i in range(lib.nvmlDeviceGetCount())]
+    return [int(lib.nvmlDeviceGetMemoryInfo(h).used) for h in handles]
+
+
+class PeakSampler:
+    """Every ``interval`` seconds, in a background thread: the memory of a process tree (a
+    root process and all its descendants, which for a Ray driver that started its local
+    instance is every Ray process) and of every GPU. Keeps the peaks.
+
+    Host memory per process is RSS; the tree's sum counts a page shared by several
+    processes (Ray's object store, mapped by the store and by every reader) once per
+    process, so the sum of PSS (each shared page split among its sharers) is kept as well.
+    GPU memory is NVML's used memory minus what was in use when sampling started.
+    """
+
+    def __init__(self, root_pid: int, interval: float = 0.2):
+        self.root = psutil.Process(root_pid)
+        self.interval = interval
+        self.gpu = nvml()
+        self.gpu_baseline = gpu_used_bytes(self.gpu) if self.gpu else []
+        self.gpu_peak = list(self.gpu_baseline)
+        self.rss_peak, self.rss_peak_parts, self.rss_peak_top, self.processes_peak = 0, {}, [], 0
+        self.pss_peak, self.process_peak = 0, 0
+        self.samples = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="peak-sampler", daemon=True)
+
+    def __enter__(self) -> "PeakSampler":
+        self._sample()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self._sample()
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.interval):
+            self._sample()
+
+    def _sample(self) -> None:
+        parts = {"main": 0, "ray_workers": 0, "other": 0}
+        pss, sizes = 0, []
+        try:
+            processes = [self.root] + self.root.children(recursive=True)
+        except psutil.NoSuchProcess:
+            return
+        for process in processes:
+            try:
+                info = process.memory_full_info()  # rss, and pss from /proc/PID/smaps_rollup
+                name = process.name()
+                if name.startswith("ray::"):  # the name is cut at 15 characters; Ray's title is whole
+                    name = (process.cmdline() or [name])[0]
+            except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+                continue
+            part = "main" if process.pid == self.root.pid else "ray_workers" if name.startswith("ray::") else "other"
+            parts[part] += info.rss
+            sizes.append((info.rss, name))
+            pss += info.pss
+            self.process_peak = max(self.process_peak, info.rss)
+        total = sum(parts.values())
+        if total > self.rss_peak:
+            self.rss_peak, self.rss_peak_parts, self.processes_peak = total, parts, len(processes)
+            self.rss_peak_top = sorted(sizes, reverse=True)[:TOP_PROCESSES]
+        self.pss_peak = max(self.pss_peak, pss)
+        if self.gpu:
+            self.gpu_peak = [max(a, b) for a, b in zip(self.gpu_peak, gpu_used_bytes(self.gpu))]
+        self.samples += 1
+
+    def result(self) -> dict:
+        gpu = [(peak - base) / GIB for peak, base in zip(self.gpu_peak, self.gpu_baseline)]
+        return {
+            "peak_rss_gib": round(self.rss_peak / GIB, 3),
+            "peak_rss_parts_gib": {k: round(v / GIB, 3) for k, v in self.rss_peak_parts.items()},
+            "peak_rss_processes": self.processes_peak,
+            "peak_rss_top_processes_gib": [[name, round(rss / GIB, 3)] for rss, name in self.rss_peak_top],
+            "peak_rss_single_process_gib": round(self.process_peak / GIB, 3),
+            "peak_pss_gib": round(self.pss_peak / GIB, 3),
+            "peak_gpu_gib": round(max(gpu), 3) if gpu else None,
+            "peak_gpu_per_device_gib": [round(g, 3) for g in gpu] if gpu else None,
+            "gpu_baseline_gib": [round(b / GIB, 3) for b in self.gpu_baseline] if gpu else None,
+            "memory_samples": self.samples,
+        }
+
+
+def host_memory_gib() -> float:
+    return psutil.virtual_memory().total / GIB
+
+
+def files_under(folder: str) -> list[str]:
+    return sorted(os.path.join(root, name) for root, _, names in os.walk(folder) for name in names)
+
+
+def drop_page_cache(paths: list[str]) -> str:
+    """Make the next read of ``paths`` come from the disk; return how it was done:
+    "drop_caches" (the whole page cache; needs root and a writable /proc/sys), else
+    "fadvise" (POSIX_FADV_DONTNEED on each file: evicts its clean pages that no process
+    has mapped; works without root and inside containers)."""
+    os.sync()  # dirty pages cannot be dropped
+    try:
+        with open("/proc/sys/vm/drop_caches", "w") as handle:
+            handle.write("3\n")
+        return "drop_caches"
+    except OSError:
+        pass
+    for path in paths:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+    return "fadvise"
+
+
+def read_files(paths: list[str]) -> tuple[float, int]:
+    """Read every byte of ``paths`` once, file after file, in 64 MiB reads on one thread;
+    return (seconds, bytes)."""
+    buffer = bytearray(READ_CHUNK)
+    total = 0
+    start = time.monotonic()
+    for path in paths:
+        with open(path, "rb", buffering=0) as handle:
+            while count := handle.readinto(buffer):
+                total += count
+    return time.monotonic() - start, total
+
+
+def device_name(lib) -> str:
+    if lib and lib.nvmlDeviceGetCount():
+        name = lib.nvmlDeviceGetName(lib.nvmlDeviceGetHandleByIndex(0))
+        return name.decode() if isinstance(name, bytes) else name
+    with open("/proc/cpuinfo") as handle:
+        model = next((line.split(":", 1)[1].strip() for line in handle if line.startswith("model name")), "unknown")
+    return f"cpu ({model})"

@@ -1,0 +1,430 @@
+"""The benchmark: llm-compressor 0.14 (the reference) and nvfp4-ray on the same model and the
+same calibration rows, in one run; outputs compared; one JSON record per run.
+
+    python bench/run.py --preset 8b --gpus 1 --out bench/results      # the GPU machine
+    python bench/run.py --preset tiny                                  # any machine, on the CPU
+
+Steps, each printed with the time: write the model (or reuse it), read the source once from
+a cold page cache (the I/O floor), run llm-compressor in a child process, run nvfp4-ray on a
+fresh local Ray instance (with --gpus N > 1 also on 1 GPU), compare the outputs, write the
+record and print the table. bench/README.md describes every field and measurement.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import os
+import platform
+import re
+import shutil
+import subprocess
+import sys
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+# The child processes (model writer, llm-compressor) and Ray's workers import from this checkout too.
+os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (REPO, os.environ.get("PYTHONPATH")) if p)
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # Ray 2.60 enables token auth for local instances
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from bench import log  # noqa: E402
+from bench.compare import checkpoint_tensors, compare_checkpoints, quantized_weight_bytes  # noqa: E402
+from bench.measure import (  # noqa: E402
+    GIB, PeakSampler, device_name, drop_page_cache, files_under, host_memory_gib, nvml, read_files,
+)  # fmt: skip
+from bench.model import PRESETS, SHAPE_KEYS, SHARD_BYTES, SPEC_FILE, model_is_written, write_calibration  # noqa: E402
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", choices=sorted(PRESETS), required=True, help="model shape and calibration set")
+    parser.add_argument("--gpus", type=int, help="GPUs nvfp4-ray may use (default: 1 on a GPU machine, 0 without GPUs)")
+    parser.add_argument("--layers", type=int, help="decoder layers (default: the preset's; --reuse-model keeps its own)")
+    parser.add_argument("--samples", type=int, help="calibration rows (default: the preset's)")
+    parser.add_argument("--seq-len", type=int, help="tokens per calibration row (default: the preset's)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the weights and of the calibration rows")
+    parser.add_argument("--work", help="scratch folder for the model and the outputs (default: /tmp/nvfp4-bench-PRESET)")
+    parser.add_argument("--out", default=os.path.join(REPO, "bench", "results"), help="folder of the JSON records")
+    parser.add_argument("--reuse-model", metavar="DIR", help="a model this benchmark wrote before (skips writing one)")
+    parser.add_argument(
+        "--skip-reference",
+        action="store_true",
+        help="do not run llm-compressor; compare with (and take the timings of) the reference of an earlier run "
+        "in --work if it was made from the same model and rows",
+    )
+    parser.add_argument("--baseline", metavar="RECORD", help="a 1-GPU record of the same model, instead of a 1-GPU run")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    load_average = os.getloadavg()[0]  # other work on the machine skews every figure
+    command = "python bench/run.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    preset = PRESETS[args.preset]
+    samples, seq_len = args.samples or preset["samples"], args.seq_len or preset["seq_len"]
+    gpu_lib = nvml()
+    machine_gpus = gpu_lib.nvmlDeviceGetCount() if gpu_lib else 0
+    gpus = min(1, machine_gpus) if args.gpus is None else args.gpus
+    if gpus > machine_gpus or (machine_gpus and gpus < 1):
+        choices = f"1..{machine_gpus}" if machine_gpus else "0, or leave --gpus out"
+        raise SystemExit(f"--gpus {gpus}: this machine has {machine_gpus} GPUs (use {choices})")
+    work = os.path.abspath(args.work or f"/tmp/nvfp4-bench-{args.preset}")
+    os.makedirs(work, exist_ok=True)
+    log(f"{command}: work folder {work}, {gpus} GPU(s) of {machine_gpus}")
+
+    source, spec, model_write_s = prepare_model(args, preset, work)
+    shape = spec["shape"]
+    calibration = os.path.join(work, f"calibration-{samples}x{seq_len}-seed{args.seed}.parquet")
+    if not os.path.exists(calibration):
+        write_calibration(calibration, samples, seq_len, shape["vocab"], args.seed)
+    source_files = files_under(source)
+    timed_inputs = source_files + [calibration]
+
+    page_cache = drop_page_cache(source_files)
+    source_read_s, source_bytes = read_files(source_files)
+    log(f"source read once, cold: {source_bytes / 1e9:.2f} GB in {source_read_s:.1f}s (page cache: {page_cache})")
+
+    inputs_key = [[os.path.relpath(p, work), os.path.getsize(p), os.stat(p).st_mtime_ns] for p in timed_inputs]
+    reference = run_reference(source, calibration, work, samples, seq_len, timed_inputs, inputs_key, args.skip_reference)
+
+    baseline = None
+    if gpus > 1:
+        if args.baseline:
+            baseline = load_baseline(args.baseline, model_name(shape), samples, seq_len)
+        else:
+            baseline = nvfp4_ray_run(source, calibration, work, samples, seq_len, 1, timed_inputs, reference)
+    run = nvfp4_ray_run(source, calibration, work, samples, seq_len, gpus, timed_inputs, reference)
+
+    record = make_record(
+        command=command, device=device_name(gpu_lib), gpus=gpus, machine_gpus=machine_gpus, spec=spec, source=source,
+        samples=samples, seq_len=seq_len, model_write_s=model_write_s, source_read_s=source_read_s,
+        source_bytes=source_bytes, page_cache=page_cache, reference=reference, run=run, baseline=baseline,
+        load_average=load_average,
+    )  # fmt: skip
+    os.makedirs(args.out, exist_ok=True)
+    stamp, model = record["date"][:16].replace(":", ""), record["model"].removeprefix("random-llama-")
+    path = os.path.join(args.out, f"{stamp}-{slug(record['device'])}-{model}-{gpus}gpu.json")
+    with open(path, "w") as handle:
+        json.dump(record, handle, indent=2)
+        handle.write("\n")
+    print_table(record)
+    log(f"record written to {path}")
+    return record
+
+
+# ---- the model ----------------------------------------------------------------------
+def prepare_model(args, preset: dict, work: str) -> tuple[str, dict, float | None]:
+    """The source checkpoint: --reuse-model, the one in WORK/model if it has this shape, or a
+    new one written by a child process. Returns (folder, spec, seconds spent writing)."""
+    if args.reuse_model:
+        folder = os.path.abspath(args.reuse_model)
+        with open(os.path.join(folder, SPEC_FILE)) as handle:
+            spec = json.load(handle)["spec"]
+        log(f"reusing the model in {folder}")
+        return folder, spec, None
+    shape = {key: preset[key] for key in SHAPE_KEYS}
+    if args.layers:
+        shape["layers"] = args.layers
+    spec = {"shape": shape, "seed": args.seed, "shard_bytes": SHARD_BYTES[args.preset]}
+    folder = os.path.join(work, "model")
+    if model_is_written(folder, spec):
+        log(f"reusing the model in {folder} (same shape and seed)")
+        return folder, spec, None
+    shutil.rmtree(folder, ignore_errors=True)
+    log(f"writing a random Llama {shape} to {folder}")
+    start = time.monotonic()
+    subprocess.run([sys.executable, "-m", "bench.model", json.dumps(spec), folder], check=True)
+    seconds = time.monotonic() - start
+    log(f"model written in {seconds:.1f}s")
+    return folder, spec, seconds
+
+
+# ---- the reference --------------------------------------------------------------------
+def run_reference(source, calibration, work, samples, seq_len, timed_inputs, inputs_key, skip: bool) -> dict | None:
+    """llm-compressor in a child process (bench/llmcompressor_run.py), its memory sampled;
+    or, with ``skip``, the record of an earlier reference run made from the same inputs."""
+    out, record_path = os.path.join(work, "reference"), os.path.join(work, "reference.json")
+    if skip:
+        try:
+            with open(record_path) as handle:
+                earlier = json.load(handle)
+        except (OSError, ValueError):
+            earlier = None
+        if earlier and earlier["inputs"] == inputs_key and os.path.exists(out):
+            log(f"skipping llm-compressor: reusing its output and timings from an earlier run ({earlier['date']})")
+            return {**earlier, "reused": True}
+        log("skipping llm-compressor: no earlier reference from the same inputs, so no comparison")
+        return None
+    # a run that fails half-way must leave nothing for --skip-reference to reuse
+    if os.path.exists(record_path):
+        os.remove(record_path)
+    shutil.rmtree(out, ignore_errors=True)
+    result_path, log_path = os.path.join(work, "reference-result.json"), os.path.join(work, "reference.log")
+    command = [sys.executable, "-m", "bench.llmcompressor_run", source, calibration, out, str(samples), str(seq_len), result_path]
+    page_cache = drop_page_cache(timed_inputs)
+    log(f"llm-compressor: starting (page cache: {page_cache}; its output goes to {log_path})")
+    start = time.monotonic()
+    with open(log_path, "w") as log_file:
+        process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        with PeakSampler(process.pid) as sampler:
+            for line in process.stdout:
+                log_file.write(line)
+                if line.startswith("[bench "):
+                    print(line, end="", flush=True)
+            code = process.wait()
+    if code:
+        raise SystemExit(f"llm-compressor failed with exit code {code}; see {log_path}")
+    with open(result_path) as handle:
+        result = json.load(handle)
+    memory = sampler.result()
+    reference = {
+        "inputs": inputs_key,
+        "date": now_iso(),
+        "seconds": round(result["seconds"], 3),
+        "stages_s": result["stages_s"],
+        "process_s": round(time.monotonic() - start, 3),
+        "page_cache": page_cache,
+        **{key: memory[key] for key in ("peak_rss_gib", "peak_gpu_gib", "peak_pss_gib")},
+    }
+    with open(record_path, "w") as handle:
+        json.dump(reference, handle, indent=2)
+    return {**reference, "reused": False}
+
+
+# ---- nvfp4-ray --------------------------------------------------------------------------
+class _LogStream:
+    """nvfp4-ray's progress lines (Events), each printed through log() with the time."""
+
+    def write(self, text: str) -> None:
+        for line in text.splitlines():
+            log(line)
+
+    def flush(self) -> None:
+        pass
+
+
+def nvfp4_ray_run(source, calibration, work, samples, seq_len, gpus, timed_inputs, reference) -> dict:
+    """One timed job, run_quantize called to returned (_SUCCESS written), on a fresh local Ray
+    instance started before the clock (a running Ray instance is assumed, as on a cluster)."""
+    import ray
+
+    from nvfp4_ray.config import QuantizeConfig
+    from nvfp4_ray.pipeline.events import Events
+    from nvfp4_ray.pipeline.job import run_quantize
+
+    dest = os.path.join(work, f"nvfp4-ray-{gpus}gpu")
+    shutil.rmtree(dest, ignore_errors=True)  # units already at DEST would be reused, not computed
+    config = QuantizeConfig(
+        source=source, dest=dest, calibration=calibration, num_samples=samples, max_seq_len=seq_len, num_workers=gpus or None
+    )
+    ray.init(include_dashboard=False, log_to_driver=False)
+    try:
+        page_cache = drop_page_cache(timed_inputs)
+        log(f"nvfp4-ray: starting on {gpus or 'no'} GPU(s) (page cache: {page_cache})")
+        with PeakSampler(os.getpid()) as sampler:
+            start = time.monotonic()
+            summary = run_quantize(config, Events("text", stream=_LogStream()))
+            seconds = time.monotonic() - start
+        log(f"nvfp4-ray: done in {seconds:.1f}s")
+    finally:
+        ray.shutdown()
+    if not os.path.exists(os.path.join(dest, "_SUCCESS")):
+        raise SystemExit(f"nvfp4-ray returned without writing {dest}/_SUCCESS")
+    stages = summary["timings_s"]
+    run = {
+        "gpus": gpus,
+        "nvfp4_ray_s": round(seconds, 3),
+        "stages_s": stages,
+        # calibration runs inside the layer loop, beside the weight tasks: both stages count
+        "calibration_s": round(stages.get("calibration_setup", 0.0) + stages.get("layers", 0.0), 3),
+        "page_cache": page_cache,
+        "summary": {key: summary[key] for key in (
+            "layers", "linears_quantized", "bytes_in", "bytes_out", "calibration_tokens", "calibration_workers",
+            "calibration_devices", "layer_reads_per_node", "worker_replacements", "total_s",
+        )},  # fmt: skip
+        "dest": dest,
+        **sampler.result(),
+    }
+    if reference is not None:
+        log("comparing the outputs with llm-compressor's, tensor by tensor")
+        run["comparison"] = compare_checkpoints(dest, os.path.join(work, "reference"))
+        log(f"outputs_equal={run['comparison']['outputs_equal']}")
+    return run
+
+
+def load_baseline(path: str, model: str, samples: int, seq_len: int) -> dict:
+    with open(path) as handle:
+        record = json.load(handle)
+    if (record["gpus"], record["model"], record["samples"], record["seq_len"]) != (1, model, samples, seq_len):
+        raise SystemExit(f"--baseline {path} is not a 1-GPU record of {model} with {samples} x {seq_len} tokens")
+    fields = ("nvfp4_ray_s", "calibration_s", "stages_s", "outputs_equal")
+    return {"record": os.path.abspath(path), **{k: record[k] for k in fields}}
+
+
+# ---- the record ---------------------------------------------------------------------------
+def make_record(*, command, device, gpus, machine_gpus, spec, source, samples, seq_len, model_write_s, source_read_s,
+                source_bytes, page_cache, reference, run, baseline, load_average) -> dict:  # fmt: skip
+    shape = spec["shape"]
+    tensors = checkpoint_tensors(source)
+    params = sum(math.prod(entry[2]) for entry in tensors.values())
+    layer_bytes = sum(e[4] - e[3] for name, e in tensors.items() if name.startswith("model.layers.0."))
+    weight_bytes = quantized_weight_bytes(run["dest"], source)
+    tokens = run["summary"]["calibration_tokens"]
+    workers = max(run["summary"]["calibration_workers"], 1)
+    llmcompressor_s = reference["seconds"] if reference else None
+    comparison = run.get("comparison")
+    record = {
+        "device": device,
+        "date": now_iso(),
+        "gpus": gpus,
+        "model": model_name(shape),
+        "params": params,
+        "samples": samples,
+        "seq_len": seq_len,
+        "llmcompressor_s": llmcompressor_s,
+        "nvfp4_ray_s": run["nvfp4_ray_s"],
+        "speedup_vs_llmcompressor": round(llmcompressor_s / run["nvfp4_ray_s"], 3) if reference else None,
+        "outputs_equal": comparison["outputs_equal"] if comparison else None,
+        "stages_s": run["stages_s"],
+        "calibration_s": run["calibration_s"],
+        "calibration_tokens_per_s": round(tokens / run["calibration_s"], 1),
+        "weight_gb_per_s": round(weight_bytes / 1e9 / run["stages_s"]["layers"], 3),
+        "peak_rss_gib": run["peak_rss_gib"],
+        "peak_gpu_gib": run["peak_gpu_gib"],
+        "source_read_s": round(source_read_s, 3),
+        "calibration_speedup_vs_1gpu": round(baseline["calibration_s"] / run["calibration_s"], 3) if baseline else None,
+        # what the figures above are made of
+        "model_shape": shape,
+        "model_seed": spec["seed"],
+        "model_write_s": round(model_write_s, 3) if model_write_s is not None else None,
+        "source_bytes": source_bytes,
+        "source_read_gb_per_s": round(source_bytes / 1e9 / source_read_s, 3),
+        "page_cache_drop": {"source_read": page_cache, "llmcompressor": reference["page_cache"] if reference else None,
+                            "nvfp4_ray": run["page_cache"]},  # fmt: skip
+        "calibration_tokens": tokens,
+        "quantized_weight_bytes": weight_bytes,
+        "peak_rss_parts_gib": run["peak_rss_parts_gib"],
+        "peak_rss_processes": run["peak_rss_processes"],
+        "peak_rss_top_processes_gib": run["peak_rss_top_processes_gib"],
+        "peak_rss_single_process_gib": run["peak_rss_single_process_gib"],
+        "peak_pss_gib": run["peak_pss_gib"],
+        "peak_gpu_per_device_gib": run["peak_gpu_per_device_gib"],
+        "gpu_baseline_gib": run["gpu_baseline_gib"],
+        "memory_samples": run["memory_samples"],
+        # the terms of the GPU memory formula: one layer's weights + the actor's activations
+        "one_layer_weights_gib": round(layer_bytes / GIB, 3),
+        "activations_per_worker_gib": round(-(-samples // workers) * seq_len * shape["hidden"] * 2 / GIB, 3),
+        "comparison": comparison,
+        "max_input_scale_diff_bf16_steps": comparison["max_input_scale_diff_bf16_steps"] if comparison else None,
+        "llmcompressor": {k: v for k, v in reference.items() if k != "inputs"} if reference else None,
+        "nvfp4_ray": run["summary"],
+        "baseline_1gpu": _baseline_summary(baseline),
+        "host": {
+            "cpus": os.cpu_count(),
+            "memory_gib": round(host_memory_gib(), 1),
+            "gpus": machine_gpus,
+            "load_average_at_start": round(load_average, 2),
+            "load_average_at_end": round(os.getloadavg()[0], 2),
+        },
+        "versions": versions(),
+        "command": command,
+    }
+    return record
+
+
+def _baseline_summary(baseline: dict | None) -> dict | None:
+    if baseline is None or "record" in baseline:
+        return baseline
+    comparison = baseline.get("comparison")
+    return {
+        **{k: baseline[k] for k in ("nvfp4_ray_s", "calibration_s", "stages_s", "peak_rss_gib", "peak_gpu_gib")},
+        "outputs_equal": comparison["outputs_equal"] if comparison else None,
+    }
+
+
+def model_name(shape: dict) -> str:
+    """random-llama-<preset> for a preset's shape, -<N>L appended when only the depth differs."""
+    presets = {name: {k: p[k] for k in SHAPE_KEYS} for name, p in PRESETS.items()}
+    for name, preset in presets.items():
+        if preset == shape:
+            return f"random-llama-{name}"
+    for name, preset in presets.items():
+        if {**preset, "layers": shape["layers"]} == shape:
+            return f"random-llama-{name}-{shape['layers']}L"
+    return "random-llama-" + "-".join(f"{k}{shape[k]}" for k in SHAPE_KEYS)
+
+
+def now_iso() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+
+
+def slug(text: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
+
+
+def versions() -> dict:
+    from importlib.metadata import PackageNotFoundError, version
+
+    import nvfp4_ray
+
+    found = {"python": platform.python_version(), "nvfp4_ray": nvfp4_ray.__version__}
+    for package in ("torch", "transformers", "llmcompressor", "compressed-tensors", "ray"):
+        try:
+            found[package] = version(package)
+        except PackageNotFoundError:
+            found[package] = None
+    try:
+        found["git_commit"] = subprocess.run(
+            ["git", "-C", REPO, "rev-parse", "HEAD"], capture_output=True, text=True, check=True
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        found["git_commit"] = None
+    return found
+
+
+def print_table(record: dict) -> None:
+    def show(value, unit: str = "", digits: int = 1) -> str:
+        return "-" if value is None else f"{value:.{digits}f}{unit}"
+
+    reference, comparison, baseline = record["llmcompressor"], record["comparison"], record["baseline_1gpu"]
+    rows = [
+        ("device", f"{record['device']}, {record['gpus']} GPU(s)"),
+        ("model", f"{record['model']}, {record['params'] / 1e9:.3f}B params, {record['source_bytes'] / 1e9:.2f} GB"),
+        ("calibration", f"{record['samples']} samples x {record['seq_len']} tokens"),
+        ("source_read_s", f"{show(record['source_read_s'], 's', 2)} ({record['source_read_gb_per_s']:.2f} GB/s, "
+                          f"page cache: {record['page_cache_drop']['source_read']})"),
+        ("llmcompressor_s", "-" if reference is None else f"{show(reference['seconds'], 's')} ("
+            + ", ".join(f"{k} {v:.1f}s" for k, v in reference["stages_s"].items())
+            + (", reused from an earlier run)" if reference["reused"] else ")")),
+        ("  peak RSS / GPU", "-" if reference is None else
+            f"{show(reference['peak_rss_gib'], ' GiB', 2)} / {show(reference['peak_gpu_gib'], ' GiB', 2)}"),
+        ("nvfp4_ray_s", show(record["nvfp4_ray_s"], "s")),
+        ("  stages", ", ".join(f"{k} {v:.1f}s" for k, v in record["stages_s"].items())),
+        ("  peak RSS / GPU", f"{show(record['peak_rss_gib'], ' GiB', 2)} (PSS {show(record['peak_pss_gib'], ' GiB', 2)}, "
+            f"largest process {show(record['peak_rss_single_process_gib'], ' GiB', 2)}) / "
+            f"{show(record['peak_gpu_gib'], ' GiB', 2)}"),
+        ("  layer reads per node", ", ".join(str(n) for n in record["nvfp4_ray"]["layer_reads_per_node"].values())),
+        ("speedup_vs_llmcompressor", show(record["speedup_vs_llmcompressor"], "x", 2)),
+        ("outputs_equal", "-" if comparison is None else
+            f"{record['outputs_equal']} ({comparison['tensors_compared']} tensors, max input-scale difference "
+            f"{comparison['max_input_scale_diff_bf16_steps']} bf16 steps)"),
+        ("calibration_tokens_per_s", show(record["calibration_tokens_per_s"], digits=0)),
+        ("weight_gb_per_s", show(record["weight_gb_per_s"], digits=3)),
+        ("calibration_speedup_vs_1gpu", show(record["calibration_speedup_vs_1gpu"], "x", 2)
+            + ("" if baseline is None else f" (1 GPU: calibration {baseline['calibration_s']:.1f}s, "
+               f"job {baseline['nvfp4_ray_s']:.1f}s)")),
+    ]  # fmt: skip
+    width = max(len(name) for name, _ in rows)
+    print()
+    for name, value in rows:
+        print(f"{name:<{width}}  {value}")
+    print(flush=True)
+
+
+if __name__ == "__main__":
+    main()
