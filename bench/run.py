@@ -222,7 +222,7 @@ def nvfp4_ray_run(source, calibration, work, samples, seq_len, gpus, timed_input
     config = QuantizeConfig(
         source=source, dest=dest, calibration=calibration, num_samples=samples, max_seq_len=seq_len, num_workers=gpus or None
     )
-    ray.init(include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", include_dashboard=False, log_to_driver=False)
     try:
         page_cache = drop_page_cache(timed_inputs)
         log(f"nvfp4-ray: starting on {gpus or 'no'} GPU(s) (page cache: {page_cache})")

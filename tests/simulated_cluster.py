@@ -38,19 +38,22 @@ def main() -> None:
     cluster.wait_for_nodes()
     ray.init(address=cluster.address, log_to_driver=False)
 
-    def add_gpu_nodes():
-        time.sleep(5)
-        for _ in range(int(nodes)):
-            cluster.add_node(num_cpus=2, num_gpus=1)
-
     try:
         options = {"worker_device": "gpu", "num_workers": int(nodes)} if late else {}
         config = QuantizeConfig(
             source=source, dest=dest, calibration=calibration, num_samples=int(num_samples), max_seq_len=64, **options
         )
-        if late:
-            threading.Thread(target=add_gpu_nodes, daemon=True).start()
-        summary = run_quantize(config, Events("json", stream=io.StringIO()))
+        result: dict = {}
+        job = threading.Thread(target=lambda: result.update(run_quantize(config, Events("json", stream=io.StringIO()))))
+        job.start()
+        if late:  # nodes join while the job waits for its placement group (main thread only)
+            time.sleep(5)
+            for _ in range(int(nodes)):
+                cluster.add_node(num_cpus=2, num_gpus=1)
+        job.join()
+        if not result:
+            raise SystemExit("the job failed")
+        summary = result
         summary["nodes"] = [node["NodeID"] for node in ray.nodes() if node["Alive"]]
     finally:
         ray.shutdown()

@@ -28,7 +28,8 @@ def ray_session(address: str | None):
         # A private, short-lived local instance: Ray 2.60 would otherwise enable token
         # authentication, which nothing outside this process needs.
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-        ray.init(include_dashboard=False, log_to_driver=False)
+        # "local": a new instance even when `ray start` left a cluster on this machine.
+        ray.init(address="local", include_dashboard=False, log_to_driver=False)
     try:
         yield
     finally:
