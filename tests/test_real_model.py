@@ -16,7 +16,7 @@ pytestmark = [pytest.mark.usefixtures("ray_instance"), pytest.mark.slow]
 def test_smollm2_is_byte_identical_to_llmcompressor(smollm2, tmp_path):
     import pyarrow.parquet as pq
 
-    from nvfp4_ray.prepare import demo_calibration
+    from nvfp4_ray.demo import demo_calibration
 
     calibration = demo_calibration(smollm2, 12, 128)
     rows = pq.read_table(calibration).column("input_ids").to_pylist()
