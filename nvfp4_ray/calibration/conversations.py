@@ -59,8 +59,12 @@ def read_conversations(url: str) -> list[Conversation]:
 
 
 def _jsonl_records(data: bytes, display: str) -> list[tuple[str, object]]:
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise InputError(f"{display} is not UTF-8 text (invalid byte at offset {exc.start})") from None
     records = []
-    for number, line in enumerate(data.decode("utf-8", errors="replace").splitlines(), start=1):
+    for number, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
         try:
