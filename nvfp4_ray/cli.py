@@ -103,21 +103,36 @@ def _prepare_calibration(args: argparse.Namespace) -> int:
     return run_guarded(action)
 
 
+def _evaluate(args: argparse.Namespace) -> int:
+    from nvfp4_ray.pipeline.events import Events
+    from nvfp4_ray.quality.evaluate import EvaluateOptions, run_evaluate
+
+    def action():
+        options = config_from_args(args, EvaluateOptions)
+        return run_evaluate(options, Events(options.log_format))
+
+    return run_guarded(action)
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from nvfp4_ray.prepare import PrepareOptions
+    from nvfp4_ray.quality.evaluate import EvaluateOptions
+
     parser = argparse.ArgumentParser(prog="nvfp4-ray", description="Quantize Hugging Face checkpoints to NVFP4 on Ray.")
     commands = parser.add_subparsers(dest="command", required=True)
     quantize = commands.add_parser("quantize", help="quantize SOURCE into DEST")
     add_config_options(quantize)
     quantize.set_defaults(handler=_quantize)
-    demo = commands.add_parser("demo", help="quantize the bundled SmolLM2-135M-Instruct and print a summary")
+    demo = commands.add_parser("demo", help="quantize the bundled SmolLM2-135M-Instruct, print a summary and its quality report")
     demo.add_argument("dest", nargs="?", default=None, help="output directory (default: ./nvfp4-demo-out)")
     demo.add_argument("--log-format", choices=["text", "json"], default=None)
     demo.set_defaults(handler=_demo)
-    from nvfp4_ray.prepare import PrepareOptions
-
     prepare = commands.add_parser("prepare-calibration", help="render, sample and tokenize conversations into a calibration Parquet")
     add_config_options(prepare, model=PrepareOptions)
     prepare.set_defaults(handler=_prepare_calibration)
+    evaluate = commands.add_parser("evaluate", help="perplexity, top-1 agreement, KL and weight SQNR of QUANT against BASE")
+    add_config_options(evaluate, model=EvaluateOptions)
+    evaluate.set_defaults(handler=_evaluate)
     return parser
 
 

