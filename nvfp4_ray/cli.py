@@ -123,14 +123,20 @@ def build_parser() -> argparse.ArgumentParser:
     quantize = commands.add_parser("quantize", help="quantize SOURCE into DEST")
     add_config_options(quantize)
     quantize.set_defaults(handler=_quantize)
-    demo = commands.add_parser("demo", help="quantize the bundled SmolLM2-135M-Instruct, print a summary and its quality report")
+    demo = commands.add_parser(
+        "demo", help="quantize the bundled SmolLM2-135M-Instruct, print a summary and its quality report"
+    )
     demo.add_argument("dest", nargs="?", default=None, help="output directory (default: ./nvfp4-demo-out)")
     demo.add_argument("--log-format", choices=["text", "json"], default=None)
     demo.set_defaults(handler=_demo)
-    prepare = commands.add_parser("prepare-calibration", help="render, sample and tokenize conversations into a calibration Parquet")
+    prepare = commands.add_parser(
+        "prepare-calibration", help="render, sample and tokenize conversations into a calibration Parquet"
+    )
     add_config_options(prepare, model=PrepareOptions)
     prepare.set_defaults(handler=_prepare_calibration)
-    evaluate = commands.add_parser("evaluate", help="perplexity, top-1 agreement, KL and weight SQNR of QUANT against BASE")
+    evaluate = commands.add_parser(
+        "evaluate", help="perplexity, top-1 agreement, KL and weight SQNR of QUANT against BASE"
+    )
     add_config_options(evaluate, model=EvaluateOptions)
     evaluate.set_defaults(handler=_evaluate)
     return parser

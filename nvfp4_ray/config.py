@@ -44,7 +44,7 @@ class QuantizeConfig(BaseModel):
         5.0, ge=0, description="persist calibration state this often so a crash resumes mid-model (0: every layer)"
     )
     evaluate: bool = Field(
-        False, description="measure quality against SOURCE before committing (nvfp4-ray evaluate) and store it in the manifest"
+        False, description="measure quality against SOURCE before committing (nvfp4-ray evaluate); kept in the manifest"
     )
 
     @field_validator("ignore")

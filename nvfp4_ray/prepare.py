@@ -23,7 +23,13 @@ from typing import Literal
 from pydantic import Field
 
 from nvfp4_ray import __version__
-from nvfp4_ray.calibration.conversations import BUILTIN, MULTILINGUAL, builtin_conversations, read_conversations, shipped
+from nvfp4_ray.calibration.conversations import (
+    BUILTIN,
+    MULTILINGUAL,
+    builtin_conversations,
+    read_conversations,
+    shipped,
+)
 from nvfp4_ray.calibration.data import is_tokenizer_file, tokenizer_from_store
 from nvfp4_ray.calibration.render import render
 from nvfp4_ray.errors import InputError
@@ -38,7 +44,7 @@ FORMAT_CYCLE = ("chat_template", "xml", "chat_template", "openai_json")
 class PrepareOptions(CommandOptions):
     POSITIONAL = ("model", "output")
 
-    model: str = Field(description="checkpoint or tokenizer directory (or URL) whose tokenizer and chat template are used")
+    model: str = Field(description="checkpoint or tokenizer directory (or URL): its tokenizer and chat template are used")
     output: str = Field(description="Parquet file to write (path or URL)")
     conversations: str | None = Field(
         None, description="JSONL or Parquet of conversations (messages, optional tools); default: the shipped corpus"
@@ -67,11 +73,12 @@ def prepare_calibration(options: PrepareOptions, events) -> dict:
         pool = read_conversations(options.conversations) if options.conversations else builtin_conversations()
         multilingual_count = round(options.num_samples * options.multilingual)
         supplement = shipped(MULTILINGUAL) if multilingual_count else []
-        _check_enough(len(pool), options.num_samples - multilingual_count, options.conversations or BUILTIN, "--num-samples")
+        main_count = options.num_samples - multilingual_count
+        _check_enough(len(pool), main_count, options.conversations or BUILTIN, "--num-samples")
         _check_enough(len(supplement), multilingual_count, MULTILINGUAL, "--multilingual")
 
     rng = random.Random(options.seed)
-    picks = rng.sample(pool, options.num_samples - multilingual_count) + rng.sample(supplement, multilingual_count)
+    picks = rng.sample(pool, main_count) + rng.sample(supplement, multilingual_count)
     rng.shuffle(picks)
     formats = [FORMAT_CYCLE[i % len(FORMAT_CYCLE)] for i in range(len(picks))]
     formats = [chat_format if fmt == "chat_template" else fmt for fmt in formats]

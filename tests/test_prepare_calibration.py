@@ -39,7 +39,8 @@ def conversations_file(path, records, lines=None):
 
 
 def qa(index: int) -> dict:
-    return {"messages": [{"role": "user", "content": f"Question {index}?"}, {"role": "assistant", "content": f"Answer {index}."}]}
+    return {"messages": [{"role": "user", "content": f"Question {index}?"},
+                         {"role": "assistant", "content": f"Answer {index}."}]}  # fmt: skip
 
 
 def test_builtin_corpus_mix_metadata_and_quantize_input(smollm2, tmp_path):
@@ -127,7 +128,8 @@ def test_malformed_json_line_names_the_line(smollm2, tmp_path):
 def test_conversation_without_a_user_turn(smollm2, tmp_path):
     no_user = {"messages": [{"role": "system", "content": "Be brief."}, {"role": "assistant", "content": "Hello."}]}
     source = conversations_file(tmp_path / "c.jsonl", [qa(0), no_user, qa(2)])
-    assert_input_error(prepare(smollm2, str(tmp_path / "o.parquet"), "--conversations", source), "c.jsonl line 2", "no user turn")
+    result = prepare(smollm2, str(tmp_path / "o.parquet"), "--conversations", source)
+    assert_input_error(result, "c.jsonl line 2", "no user turn")
 
 
 @pytest.mark.parametrize(
@@ -136,7 +138,8 @@ def test_conversation_without_a_user_turn(smollm2, tmp_path):
 )
 def test_malformed_message(smollm2, tmp_path, message, fragment):
     source = conversations_file(tmp_path / "c.jsonl", [qa(0), {"messages": [message]}])
-    assert_input_error(prepare(smollm2, str(tmp_path / "o.parquet"), "--conversations", source), "line 2 message 0", fragment)
+    result = prepare(smollm2, str(tmp_path / "o.parquet"), "--conversations", source)
+    assert_input_error(result, "line 2 message 0", fragment)
 
 
 def test_too_few_conversations_for_num_samples(smollm2, tmp_path):

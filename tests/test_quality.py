@@ -96,7 +96,8 @@ def test_quantize_evaluate_checks_its_input_before_any_work(tmp_path, family_cas
                                    "--num-samples", "6", "--max-seq-len", "64", "--evaluate")  # fmt: skip
     assert code == 2 and "beyond the model's vocab_size 2048" in json.loads(stdout.strip().splitlines()[-1])["error"]
     assert not os.path.exists(dest)
-    code, stdout, stderr = run_cli("quantize", case.source, "s3://bucket/out", "--calibration", case.calibration, "--evaluate")
+    code, stdout, stderr = run_cli("quantize", case.source, "s3://bucket/out", "--calibration", case.calibration,
+                                   "--evaluate")  # fmt: skip
     assert code == 2 and "--evaluate loads SOURCE and DEST with transformers" in stderr
 
 

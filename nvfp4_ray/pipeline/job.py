@@ -83,7 +83,8 @@ def run_quantize(config: QuantizeConfig, events: Events) -> dict:
             manifest = commit(plan, execution.files(), small, execution.layer_amax, report, quality)
     report["timings_s"] = {name: round(seconds, 3) for name, seconds in events.timings.items()}
     report["total_s"] = round(time.monotonic() - started, 3)
-    return {"status": "succeeded", "dest": _display(config.dest), "version": manifest["version"], **report, "quality": quality}
+    summary = {"status": "succeeded", "dest": _display(config.dest), "version": manifest["version"], **report}
+    return {**summary, "quality": quality}
 
 
 def _display(url: str) -> str:

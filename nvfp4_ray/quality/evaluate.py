@@ -143,7 +143,9 @@ def _local_checkpoint(url: str, role: str, quantized: bool) -> tuple[str, dict]:
         raise InputError(f"{role} {path} is not valid JSON: {exc}") from None
     method = (config.get("quantization_config") or {}).get("format")
     if quantized and method != NVFP4_FORMAT:
-        raise InputError(f"QUANT {folder} is not an NVFP4 checkpoint (quantization format {method!r}, need {NVFP4_FORMAT!r})")
+        raise InputError(
+            f"QUANT {folder} is not an NVFP4 checkpoint (quantization format {method!r}, need {NVFP4_FORMAT!r})"
+        )
     if not quantized and "quantization_config" in config:
         raise InputError(f"BASE {folder} is quantized; give the unquantized checkpoint QUANT was made from")
     return folder, config
@@ -169,7 +171,8 @@ def format_table(report: dict) -> str:
     lines = [
         f"Quality of QUANT against BASE on {text['tokens']} held-out tokens ({text['name']},"
         f" {text['windows']} windows of up to {text['seq_len']})",
-        f"  perplexity       base {ppl['base']:.4f}   quant {ppl['quant']:.4f}   ({ppl['quant'] / ppl['base'] - 1:+.2%})",
+        f"  perplexity       base {ppl['base']:.4f}   quant {ppl['quant']:.4f}"
+        f"   ({ppl['quant'] / ppl['base'] - 1:+.2%})",
         f"  top-1 agreement  {report['top1_agreement']:.2%}",
         f"  mean KL          {report['mean_kl']:.5f} nats/token",
         f"  weight SQNR      mean {_db(sqnr['mean'])}, min {_db(sqnr['min'])} over {sqnr['linears']} Linears",

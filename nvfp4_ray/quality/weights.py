@@ -46,7 +46,8 @@ def weight_sqnr(base: str, quant: str) -> dict[str, float]:
         if f"{prefix}.weight" not in base_files:
             raise InputError(f"QUANT quantizes {prefix} but BASE has no {prefix}.weight; was QUANT made from BASE?")
         weight = _read(base_files, f"{prefix}.weight")
-        packed = PackedWeight(*(_read(quant_files, prefix + s) for s in (PACKED, ".weight_scale", ".weight_global_scale")))
+        suffixes = (PACKED, ".weight_scale", ".weight_global_scale")
+        packed = PackedWeight(*(_read(quant_files, prefix + suffix) for suffix in suffixes))
         if packed.weight_packed.shape[0] != weight.shape[0] or packed.weight_packed.shape[1] * 2 != weight.shape[1]:
             raise InputError(
                 f"{prefix}: BASE weight is {list(weight.shape)} but QUANT packs {list(packed.weight_packed.shape)}; "
@@ -66,7 +67,8 @@ def _read(files: dict[str, str], name: str) -> torch.Tensor:
 
 
 def summarize(per_linear: dict[str, float | None], worst: int) -> dict:
-    ranked = sorted(((name, db) for name, db in per_linear.items() if db is not None), key=lambda item: (item[1], item[0]))
+    measured = [(name, db) for name, db in per_linear.items() if db is not None]
+    ranked = sorted(measured, key=lambda item: (item[1], item[0]))
     return {
         "linears": len(per_linear),
         "mean": math.fsum(db for _, db in ranked) / len(ranked) if ranked else None,
