@@ -19,16 +19,16 @@ from nvfp4_ray.io.storage import redact
 _POSITIONAL = ("source", "dest")
 
 
-def add_config_options(parser: argparse.ArgumentParser, positional: bool = True) -> None:
-    """One flag per QuantizeConfig field (``--config FILE.yaml`` may hold any of them)."""
+def add_config_options(parser: argparse.ArgumentParser, positional: bool = True, model=QuantizeConfig) -> None:
+    """One flag per field of ``model`` (``--config FILE.yaml`` may hold any of them)."""
     parser.add_argument("--config", metavar="FILE.yaml", help="job configuration file; flags override it")
-    for name, field in QuantizeConfig.model_fields.items():
+    for name, field in model.model_fields.items():
         flag = "--" + name.replace("_", "-")
         annotation = field.annotation
         origin = typing.get_origin(annotation)
         args = [a for a in typing.get_args(annotation) if a is not type(None)]
         help_text = field.description
-        if name in _POSITIONAL:
+        if name in getattr(model, "POSITIONAL", _POSITIONAL):
             if positional:
                 parser.add_argument(name, nargs="?", help=help_text)
             continue
@@ -43,9 +43,9 @@ def add_config_options(parser: argparse.ArgumentParser, positional: bool = True)
             parser.add_argument(flag, type=base if base in (int, float) else str, default=None, help=help_text)
 
 
-def config_from_args(args: argparse.Namespace) -> QuantizeConfig:
-    values = {name: getattr(args, name, None) for name in QuantizeConfig.model_fields}
-    return QuantizeConfig.build(values, args.config)
+def config_from_args(args: argparse.Namespace, model=QuantizeConfig):
+    values = {name: getattr(args, name, None) for name in model.model_fields}
+    return model.build(values, args.config)
 
 
 def _finish(summary: dict, code: int) -> int:
@@ -95,16 +95,53 @@ def _demo(args: argparse.Namespace) -> int:
     return run_guarded(lambda: run_demo(args.dest, args.log_format or "text"))
 
 
+def _prepare_calibration(args: argparse.Namespace) -> int:
+    from nvfp4_ray.pipeline.events import Events
+    from nvfp4_ray.prepare import PrepareOptions, prepare_calibration
+
+    def action():
+        options = config_from_args(args, PrepareOptions)
+        return prepare_calibration(options, Events(options.log_format))
+
+    return run_guarded(action)
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    from nvfp4_ray.pipeline.events import Events
+    from nvfp4_ray.quality.evaluate import EvaluateOptions, run_evaluate
+
+    def action():
+        options = config_from_args(args, EvaluateOptions)
+        return run_evaluate(options, Events(options.log_format))
+
+    return run_guarded(action)
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from nvfp4_ray.prepare import PrepareOptions
+    from nvfp4_ray.quality.evaluate import EvaluateOptions
+
     parser = argparse.ArgumentParser(prog="nvfp4-ray", description="Quantize Hugging Face checkpoints to NVFP4 on Ray.")
     commands = parser.add_subparsers(dest="command", required=True)
     quantize = commands.add_parser("quantize", help="quantize SOURCE into DEST")
     add_config_options(quantize)
     quantize.set_defaults(handler=_quantize)
-    demo = commands.add_parser("demo", help="quantize the bundled SmolLM2-135M-Instruct and print a summary")
+    demo = commands.add_parser(
+        "demo", help="quantize the bundled SmolLM2-135M-Instruct, print a summary and its quality report"
+    )
     demo.add_argument("dest", nargs="?", default=None, help="output directory (default: ./nvfp4-demo-out)")
     demo.add_argument("--log-format", choices=["text", "json"], default=None)
     demo.set_defaults(handler=_demo)
+    prepare = commands.add_parser(
+        "prepare-calibration", help="render, sample and tokenize conversations into a calibration Parquet"
+    )
+    add_config_options(prepare, model=PrepareOptions)
+    prepare.set_defaults(handler=_prepare_calibration)
+    evaluate = commands.add_parser(
+        "evaluate", help="perplexity, top-1 agreement, KL and weight SQNR of QUANT against BASE"
+    )
+    add_config_options(evaluate, model=EvaluateOptions)
+    evaluate.set_defaults(handler=_evaluate)
     return parser
 
 

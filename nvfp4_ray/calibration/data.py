@@ -93,16 +93,27 @@ def _tokenize(texts: list, tokenizer_source, max_seq_len: int) -> list[list[int]
 
 def load_tokenizer(source):
     """The tokenizer of a SourceCheckpoint, copied to a local folder when SOURCE is remote."""
-    from transformers import AutoTokenizer
-
-    names = [n for n in source.copied_files if "token" in n or n.endswith((".model", ".tiktoken", ".jinja"))]
+    names = [n for n in source.copied_files if is_tokenizer_file(n)]
     if not names:
         raise InputError("SOURCE has no tokenizer files (tokenizer.json, tokenizer_config.json, ...)")
-    folder = tempfile.mkdtemp(prefix="nvfp4-ray-tokenizer-")
-    for name in names + ["config.json"]:
-        with open(os.path.join(folder, name), "wb") as handle:
-            handle.write(source.store.read_bytes(name))
+    return tokenizer_from_store(source.store, names + ["config.json"], "SOURCE")
+
+
+def is_tokenizer_file(name: str) -> bool:
+    return "token" in name or "chat_template" in name or name.endswith((".model", ".tiktoken", ".jinja"))
+
+
+def tokenizer_from_store(store: Store, names: list[str], what: str):
+    """AutoTokenizer over the named files of ``store`` (read in place when it is local)."""
+    from transformers import AutoTokenizer
+
+    folder = store.root
+    if not store.local:
+        folder = tempfile.mkdtemp(prefix="nvfp4-ray-tokenizer-")
+        for name in names:
+            with open(os.path.join(folder, name), "wb") as handle:
+                handle.write(store.read_bytes(name))
     try:
         return AutoTokenizer.from_pretrained(folder)
     except Exception as exc:
-        raise InputError(f"the tokenizer in SOURCE cannot be loaded: {exc}") from None
+        raise InputError(f"the tokenizer in {what} cannot be loaded: {exc}") from None

@@ -1,9 +1,10 @@
 """Commit: the small files that make DEST a checkpoint, written after every unit file.
 
 Order: config.json, recipe.yaml and the copied tokenizer/processor files; then the index
-(the switch: consumers load the files it names); then manifest.json; then ``_SUCCESS``,
-created exclusively on a fresh DEST. Old unit files that no retained version names are
-deleted last; files that nvfp4-ray did not write are never touched.
+(the switch: consumers load the files it names): write_checkpoint. Then, after the
+optional quality evaluation of that checkpoint, commit: manifest.json (with the quality
+report); then ``_SUCCESS``, created exclusively on a fresh DEST. Old unit files that no
+retained version names are deleted last; files that nvfp4-ray did not write are never touched.
 """
 
 from __future__ import annotations
@@ -24,9 +25,9 @@ from nvfp4_ray.pipeline.plan import Plan, digest
 UNIT_FILE = re.compile(r"^model-(layer|other|input-scales)-.*\.safetensors$")
 
 
-def commit(plan: Plan, files: list[WrittenFile], layer_amax: list[dict], report: dict) -> dict:
+def write_checkpoint(plan: Plan, files: list[WrittenFile]) -> dict[str, bytes]:
+    """Everything a loader needs, index last; returns the small files written (name -> bytes)."""
     dest = Store(plan.config.dest)
-    version = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + "-" + digest(plan.fingerprint)[:8]
     small: dict[str, bytes] = {
         "config.json": plan.config_json,
         "recipe.yaml": plan.recipe.yaml_text.encode("utf-8"),
@@ -47,7 +48,16 @@ def commit(plan: Plan, files: list[WrittenFile], layer_amax: list[dict], report:
         list(pool.map(lambda item: dest.write_bytes(*item), small.items()))
     dest.write_bytes(destination.INDEX, index_bytes)
     small[destination.INDEX] = index_bytes
+    return small
 
+
+def commit(
+    plan: Plan, files: list[WrittenFile], small: dict[str, bytes], layer_amax: list[dict], report: dict,
+    quality: dict | None = None,
+) -> dict:
+    """The manifest, then _SUCCESS: from here on DEST holds a finished checkpoint."""
+    dest = Store(plan.config.dest)
+    version = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + "-" + digest(plan.fingerprint)[:8]
     manifest = {
         "version": version,
         "tool": {"name": "nvfp4-ray", "version": __version__},
@@ -63,6 +73,7 @@ def commit(plan: Plan, files: list[WrittenFile], layer_amax: list[dict], report:
             ] if plan.needs_calibration else None,
         },
         "report": report,
+        "quality": quality,
     }
     manifest_bytes = (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode("utf-8")
     dest.write_bytes(destination.MANIFEST, manifest_bytes)

@@ -39,6 +39,10 @@ def ray_session(address: str | None):
 def run_quantize(config: QuantizeConfig, events: Events) -> dict:
     """Run the job; return the summary. Raises InputError (exit 2) or JobError (exit 3)."""
     started = time.monotonic()
+    if config.evaluate:  # its input is checked first too: nothing is written at DEST before
+        from nvfp4_ray.quality.evaluate import check_base
+
+        check_base(config.source)
     with events.stage("plan"):
         plan = build_plan(config)
     events.info(
@@ -57,7 +61,7 @@ def run_quantize(config: QuantizeConfig, events: Events) -> dict:
             )
         )
     with ray_session(config.ray_address):
-        from nvfp4_ray.pipeline.commit import commit
+        from nvfp4_ray.pipeline.commit import commit, write_checkpoint
         from nvfp4_ray.pipeline.driver import Execution
         from nvfp4_ray.pipeline.placement import Placement
 
@@ -72,10 +76,18 @@ def run_quantize(config: QuantizeConfig, events: Events) -> dict:
             placement.release()
         report = _report(plan, execution, events, started)
         with events.stage("commit"):
-            manifest = commit(plan, execution.files(), execution.layer_amax, report)
+            small = write_checkpoint(plan, execution.files())
+        quality = None
+        if config.evaluate:  # before the manifest: a finished DEST always has its quality report
+            from nvfp4_ray.quality.evaluate import evaluate_checkpoint
+
+            quality = evaluate_checkpoint(config.source, config.dest, events)
+        with events.stage("commit"):
+            manifest = commit(plan, execution.files(), small, execution.layer_amax, report, quality)
     report["timings_s"] = {name: round(seconds, 3) for name, seconds in events.timings.items()}
     report["total_s"] = round(time.monotonic() - started, 3)
-    return {"status": "succeeded", "dest": _display(config.dest), "version": manifest["version"], **report}
+    summary = {"status": "succeeded", "dest": _display(config.dest), "version": manifest["version"], **report}
+    return {**summary, "quality": quality}
 
 
 def _display(url: str) -> str:
