@@ -117,6 +117,13 @@ def _evaluate(args: argparse.Namespace) -> int:
     return run_guarded(action)
 
 
+def _rollback(args: argparse.Namespace) -> int:
+    from nvfp4_ray.io.storage import Store
+    from nvfp4_ray.io.versions import rollback
+
+    return run_guarded(lambda: rollback(Store(args.dest), args.version))
+
+
 def build_parser() -> argparse.ArgumentParser:
     from nvfp4_ray.prepare import PrepareOptions
     from nvfp4_ray.quality.evaluate import EvaluateOptions
@@ -142,6 +149,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_config_options(evaluate, model=EvaluateOptions)
     evaluate.set_defaults(handler=_evaluate)
+    rollback = commands.add_parser("rollback", help="make an earlier version kept at DEST current again")
+    rollback.add_argument("dest", help="the output directory or URL of earlier runs")
+    rollback.add_argument("--version", default=None, help="version to restore (default: the one before the current)")
+    rollback.set_defaults(handler=_rollback)
     return parser
 
 

@@ -33,6 +33,10 @@ class QuantizeConfig(BaseModel):
         False, description="also reproduce llm-compressor 0.14's quirks (no causal mask for Mistral-family models)"
     )
     overwrite: bool = Field(False, description="replace a checkpoint of another source already at DEST")
+    if_changed: bool = Field(
+        False, description="exit 0 'unchanged' if DEST holds a checkpoint of the same inputs; else replace it"
+    )
+    retention: int = Field(1, ge=0, description="earlier committed versions kept at DEST for rollback")
     ray_address: str | None = Field(None, description="Ray cluster to join; default: start a local one")
     log_format: Literal["text", "json"] = "text"
     num_workers: int | None = Field(None, ge=1, description="calibration actors (default: one per GPU)")

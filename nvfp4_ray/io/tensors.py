@@ -127,20 +127,24 @@ class WrittenFile:
     tensors: dict[str, int]  # tensor name -> byte size, for the index
 
 
-def write_shard(store: Store, file_name: str, tensors: list[tuple[str, str, tuple[int, ...], object]]) -> WrittenFile:
-    """Write (name, dtype, shape, bytes) tuples as one safetensors file, atomically."""
+def encode_shard(name: str, tensors: list[tuple[str, str, tuple[int, ...], object]]) -> tuple[bytearray, WrittenFile]:
+    """Serialize (name, dtype, shape, bytes) tuples as one safetensors file, in memory."""
     ordered = sorted(tensors, key=lambda t: t[0])
     buffers, size = build_file(ordered, {"format": "pt"})
     data = bytearray(size)
-    digest = hashlib.sha256()
     offset = 0
     for part in buffers:
         data[offset : offset + len(part)] = part
         offset += len(part)
-    digest.update(data)
+    sizes = {tensor: len(memoryview(raw).cast("B")) for tensor, _, _, raw in ordered}
+    return data, WrittenFile(name=name, size=size, sha256=hashlib.sha256(data).hexdigest(), tensors=sizes)
+
+
+def write_shard(store: Store, file_name: str, tensors: list[tuple[str, str, tuple[int, ...], object]]) -> WrittenFile:
+    """Write (name, dtype, shape, bytes) tuples as one safetensors file, atomically."""
+    data, written = encode_shard(file_name, tensors)
     store.write_bytes(file_name, data)
-    sizes = {name: len(memoryview(raw).cast("B")) for name, _, _, raw in ordered}
-    return WrittenFile(name=file_name, size=size, sha256=digest.hexdigest(), tensors=sizes)
+    return written
 
 
 def torch_entry(name: str, tensor: torch.Tensor) -> tuple[str, str, tuple[int, ...], memoryview]:

@@ -3,26 +3,23 @@
 Order: config.json, recipe.yaml and the copied tokenizer/processor files; then the index
 (the switch: consumers load the files it names): write_checkpoint. Then, after the
 optional quality evaluation of that checkpoint, commit: manifest.json (with the quality
-report); then ``_SUCCESS``, created exclusively on a fresh DEST. Old unit files that no
-retained version names are deleted last; files that nvfp4-ray did not write are never touched.
+report) and its copy under .nvfp4/versions; then ``_SUCCESS``, created exclusively on a
+fresh DEST. Files that no retained version uses are deleted last (io/versions.py); files
+that nvfp4-ray did not write are never touched.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import re
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 from nvfp4_ray import __version__
 from nvfp4_ray.errors import JobError
-from nvfp4_ray.io import destination
+from nvfp4_ray.io import destination, versions
 from nvfp4_ray.io.storage import Store
 from nvfp4_ray.io.tensors import WrittenFile
 from nvfp4_ray.pipeline.plan import Plan, digest
-
-UNIT_FILE = re.compile(r"^model-(layer|other|input-scales)-.*\.safetensors$")
 
 
 def write_checkpoint(plan: Plan, files: list[WrittenFile]) -> dict[str, bytes]:
@@ -52,12 +49,12 @@ def write_checkpoint(plan: Plan, files: list[WrittenFile]) -> dict[str, bytes]:
 
 
 def commit(
-    plan: Plan, files: list[WrittenFile], small: dict[str, bytes], layer_amax: list[dict], report: dict,
+    plan: Plan, files: list[WrittenFile], small: dict[str, bytes], calibration: dict | None, report: dict,
     quality: dict | None = None,
 ) -> dict:
     """The manifest, then _SUCCESS: from here on DEST holds a finished checkpoint."""
     dest = Store(plan.config.dest)
-    version = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + "-" + digest(plan.fingerprint)[:8]
+    version = versions.new_version_id(digest(plan.fingerprint))
     manifest = {
         "version": version,
         "tool": {"name": "nvfp4-ray", "version": __version__},
@@ -67,37 +64,18 @@ def commit(
             **{w.name: {"size": w.size, "sha256": w.sha256} for w in files},
             **{name: {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()} for name, data in small.items()},
         },
-        "calibration": {
-            "layers": [
-                {unit.spec.module: amax} for unit, amax in zip(plan.layer_units, layer_amax)
-            ] if plan.needs_calibration else None,
-        },
+        "calibration": calibration,
         "report": report,
         "quality": quality,
     }
     manifest_bytes = (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode("utf-8")
     dest.write_bytes(destination.MANIFEST, manifest_bytes)
-    dest.write_bytes(f"{destination.STATE_DIR}/versions/{version}.json", manifest_bytes)
-    marker = json.dumps({"version": version, "manifest_sha256": hashlib.sha256(manifest_bytes).hexdigest()}).encode()
+    versions.save_version(dest, version, manifest_bytes, small)
+    marker = versions.success_marker(version, manifest_bytes)
     if plan.previous is None:
         if not dest.create_exclusive(destination.SUCCESS, marker):
             raise JobError(f"another run committed a checkpoint at {dest.display()} while this one ran; nothing was replaced")
     else:
         dest.write_bytes(destination.SUCCESS, marker)
-    _collect_garbage(dest, manifest, plan.previous)
+    versions.collect_garbage(dest, plan.config.retention)
     return manifest
-
-
-def _collect_garbage(dest: Store, manifest: dict, previous: dict | None) -> None:
-    """Delete our unit files that neither this version nor the previous one names."""
-    keep = set(manifest["files"])
-    if previous is not None:
-        keep |= set(previous.get("files", {}))
-    for name in dest.list_files(""):
-        if UNIT_FILE.match(name) and name not in keep:
-            dest.delete(name)
-    dest.delete(f"{destination.STATE_DIR}/calibration")
-    for record in dest.list_files(f"{destination.STATE_DIR}/units"):
-        key = record.removesuffix(".json")
-        if not any(name.endswith(f"-{key}.safetensors") for name in keep):
-            dest.delete(f"{destination.STATE_DIR}/units/{record}")

@@ -18,15 +18,15 @@ import json
 import math
 import time
 from collections import Counter, deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import ray
 
 from nvfp4_ray.calibration.batches import deal, make_batches
 from nvfp4_ray.errors import JobError
-from nvfp4_ray.io import destination
+from nvfp4_ray.io import destination, versions
 from nvfp4_ray.io.storage import Store
-from nvfp4_ray.io.tensors import TORCH_DTYPES, WrittenFile
+from nvfp4_ray.io.tensors import TORCH_DTYPES, WrittenFile, encode_shard
 from nvfp4_ray.layer_quantizer import input_scale_entries
 from nvfp4_ray.pipeline.events import Events
 from nvfp4_ray.pipeline.placement import Placement
@@ -40,7 +40,7 @@ from nvfp4_ray.pipeline.workers import (
     write_unit,
 )
 
-CALIBRATION_DIR = f"{destination.STATE_DIR}/calibration"
+CALIBRATION_DIR = versions.CALIBRATION
 MAX_WORKER_REPLACEMENTS = 3
 
 
@@ -301,20 +301,30 @@ class Execution:
 
     # ---- input scales -----------------------------------------------------------
     def _write_scales(self) -> None:
+        """The input scales file is named after its content: when re-calibration (say, after
+        a config change) gives the same scales, the file already at DEST is the answer."""
         plan = self.plan
         for unit, reduced in zip(plan.layer_units, self.layer_amax):
             for linear in unit.spec.linears:
                 self.amax[linear.checkpoint] = reduced[linear.local]
-        key = digest([self.calibration.keys[-1], sorted(self.amax)])
+        entries = input_scale_entries(self.amax, TORCH_DTYPES[plan.spec.dtype])
+        data, written = encode_shard("", entries)
+        key = written.sha256[:16]
         file_name = f"model-input-scales-{key}.safetensors"
         done = destination.load_done(self.dest, key, file_name)
         if done is None:
-            entries = input_scale_entries(self.amax, TORCH_DTYPES[plan.spec.dtype])
-            done = write_unit(self.dest, file_name, key, entries)
+            done = write_unit(self.dest, file_name, key, entries, (data, replace(written, name=file_name)))
             self.computed.append(file_name)
         else:
             self.reused.append(file_name)
         self.scales = done
+
+    def calibration_record(self) -> dict | None:
+        """Per layer: the calibration key and the reduced amax (kept in the manifest)."""
+        if self.calibration is None:
+            return None
+        layers = [{"module": u.spec.module, "amax": amax} for u, amax in zip(self.plan.layer_units, self.layer_amax)]
+        return {"keys": self.calibration.keys, "layers": layers}
 
     def files(self) -> list[WrittenFile]:
         files = [self.written[u.key] for u in self.plan.layer_units] + [self.written[u.key] for u in self.plan.copy_units]

@@ -9,7 +9,7 @@ from contextlib import contextmanager
 from nvfp4_ray.architecture import REFERENCE_DROPS_CAUSAL_MASK, text_model_type
 from nvfp4_ray.config import QuantizeConfig
 from nvfp4_ray.pipeline.events import Events
-from nvfp4_ray.pipeline.plan import build_plan
+from nvfp4_ray.pipeline.plan import build_plan, read_inputs
 
 
 @contextmanager
@@ -44,7 +44,13 @@ def run_quantize(config: QuantizeConfig, events: Events) -> dict:
 
         check_base(config.source)
     with events.stage("plan"):
-        plan = build_plan(config)
+        inputs = read_inputs(config)
+        if inputs.unchanged and config.if_changed:
+            events.info("DEST already holds a checkpoint of exactly these inputs: nothing to do")
+            version = inputs.previous["version"]
+            return {"status": "unchanged", "dest": _display(config.dest), "version": version,
+                    "total_s": round(time.monotonic() - started, 3)}  # fmt: skip
+        plan = build_plan(config, inputs)
     events.info(
         f"planned {len(plan.layer_units)} decoder layers, {sum(len(u.spec.linears) for u in plan.layer_units)} "
         f"Linears to quantize, {len(plan.samples or [])} calibration samples",
@@ -83,7 +89,7 @@ def run_quantize(config: QuantizeConfig, events: Events) -> dict:
 
             quality = evaluate_checkpoint(config.source, config.dest, events)
         with events.stage("commit"):
-            manifest = commit(plan, execution.files(), small, execution.layer_amax, report, quality)
+            manifest = commit(plan, execution.files(), small, execution.calibration_record(), report, quality)
     report["timings_s"] = {name: round(seconds, 3) for name, seconds in events.timings.items()}
     report["total_s"] = round(time.monotonic() - started, 3)
     summary = {"status": "succeeded", "dest": _display(config.dest), "version": manifest["version"], **report}

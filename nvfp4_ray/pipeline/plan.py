@@ -20,7 +20,6 @@ from dataclasses import dataclass, field
 
 import compressed_tensors
 
-from nvfp4_ray import __version__
 from nvfp4_ray.architecture import (
     ALWAYS_IGNORED,
     REFERENCE_DROPS_CAUSAL_MASK,
@@ -101,14 +100,27 @@ def tensor_identity(source: SourceCheckpoint, tensor: SourceTensor) -> list:
     return [entry.name, source.files[tensor.file].identity, entry.start, entry.end, entry.dtype, list(entry.shape)]
 
 
-def build_plan(config: QuantizeConfig) -> Plan:
+@dataclass
+class Inputs:
+    """Everything the output depends on, read and checked; enough to decide "unchanged"."""
+
+    source: SourceCheckpoint
+    recipe: Recipe
+    samples: list[list[int]] | None
+    fingerprint: dict
+    previous: dict | None  # manifest of the checkpoint committed at DEST, if any
+
+    @property
+    def unchanged(self) -> bool:
+        return self.previous is not None and self.previous.get("fingerprint") == self.fingerprint
+
+
+def read_inputs(config: QuantizeConfig) -> Inputs:
     source = open_checkpoint(config.source)
     model_type = source.config.get("model_type")
     recipe = load_recipe(config.recipe, config.scheme, config.ignore_patterns, ALWAYS_IGNORED.get(model_type, []))
-    spec = describe_model(source.config, source.tensors, recipe)
     dest = Store(config.dest)
-    previous = destination.check_dest(dest, config.overwrite)
-
+    previous = destination.check_dest(dest, config.overwrite or config.if_changed)
     samples = None
     if recipe.needs_calibration:
         if config.calibration is None:
@@ -117,11 +129,43 @@ def build_plan(config: QuantizeConfig) -> Plan:
         samples = read_samples(
             config.calibration, config.num_samples, config.max_seq_len, int(text_config["vocab_size"]), source
         )
+    fingerprint = {
+        "format": _scheme_tag(),
+        "source": {name: info.identity for name, info in sorted(source.files.items())},
+        "config_sha256": hashlib.sha256(source.config_bytes).hexdigest(),
+        "copied_files": {name: info.identity for name, info in sorted(source.copied_files.items())},
+        "recipe_sha256": hashlib.sha256(recipe.yaml_text.encode()).hexdigest(),
+        "calibration": samples_hash(samples) if samples is not None else None,
+        "calibration_options": _calibration_options(config, source),
+    }
+    inputs = Inputs(source, recipe, samples, fingerprint, previous)
+    if previous is not None and not inputs.unchanged and not (config.overwrite or config.if_changed):
+        raise InputError(
+            f"DEST {dest.display()} already holds a checkpoint made from other inputs; "
+            "pass --overwrite (or --if-changed) to replace it"
+        )
+    return inputs
+
+
+def _scheme_tag() -> dict:
+    return {"format": FORMAT_VERSION, "compressed_tensors": compressed_tensors.__version__}
+
+
+def _calibration_options(config: QuantizeConfig, source: SourceCheckpoint) -> dict:
+    return {
+        "drops_causal_mask": config.exact and text_model_type(source.config) in REFERENCE_DROPS_CAUSAL_MASK,
+        "batch_tokens": config.batch_tokens,
+    }
+
+
+def build_plan(config: QuantizeConfig, inputs: Inputs) -> Plan:
+    source, recipe, samples = inputs.source, inputs.recipe, inputs.samples
+    spec = describe_model(source.config, source.tensors, recipe)
 
     from nvfp4_ray.checkpoint_metadata import output_config_json
 
     config_json = output_config_json(source.config_bytes, source.config, spec, recipe)
-    scheme_tag = {"format": FORMAT_VERSION, "compressed_tensors": compressed_tensors.__version__}
+    scheme_tag = _scheme_tag()
     width = max(3, len(str(len(spec.layers) - 1)))
     layer_units = []
     for layer in spec.layers:
@@ -142,27 +186,16 @@ def build_plan(config: QuantizeConfig) -> Plan:
         forward_config = {k: v for k, v in source.config.items() if k not in _METADATA_KEYS}
         calibration_base = {
             **scheme_tag,
-            "samples": samples_hash(samples),
-            "drops_causal_mask": config.exact and text_model_type(source.config) in REFERENCE_DROPS_CAUSAL_MASK,
-            "batch_tokens": config.batch_tokens,
+            **_calibration_options(config, source),
+            "samples": inputs.fingerprint["calibration"],
             "embed": tensor_identity(source, source.tensors[spec.embed_tensor]),
             "config": digest(forward_config),
         }
-    fingerprint = {
-        "tool_version": __version__,
-        "source": {name: info.identity for name, info in sorted(source.files.items())},
-        "config_sha256": hashlib.sha256(source.config_bytes).hexdigest(),
-        "copied_files": {name: info.identity for name, info in sorted(source.copied_files.items())},
-        "recipe_sha256": hashlib.sha256(recipe.yaml_text.encode()).hexdigest(),
-        "calibration": calibration_base.get("samples"),
-        "calibration_options": {k: calibration_base.get(k) for k in ("drops_causal_mask", "batch_tokens")},
-    }
-    if previous is not None and previous.get("fingerprint") != fingerprint and not config.overwrite:
-        raise InputError(
-            f"DEST {dest.display()} already holds a checkpoint made from other inputs; pass --overwrite to replace it"
-        )
-    destination.probe_writable(dest)
-    return Plan(config, source, recipe, spec, layer_units, copy_units, samples, calibration_base, config_json, fingerprint, previous)
+    destination.probe_writable(Store(config.dest))
+    return Plan(
+        config, source, recipe, spec, layer_units, copy_units, samples, calibration_base, config_json,
+        inputs.fingerprint, inputs.previous,
+    )  # fmt: skip
 
 
 def _copy_units(source: SourceCheckpoint, spec: ModelSpec, scheme_tag: dict) -> list[CopyUnit]:

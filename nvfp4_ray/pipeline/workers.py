@@ -20,7 +20,7 @@ import torch
 from nvfp4_ray.errors import InputError, JobError
 from nvfp4_ray.io import destination
 from nvfp4_ray.io.storage import Store
-from nvfp4_ray.io.tensors import TensorBundle, read_file, read_tensors, torch_entry, write_shard
+from nvfp4_ray.io.tensors import TensorBundle, encode_shard, read_file, read_tensors, torch_entry, write_shard
 from nvfp4_ray.layer_quantizer import check_finite, quantize_layer
 
 # Storage hiccups (resets, throttling, timeouts) surface as OSError subclasses: retry those.
@@ -29,11 +29,12 @@ RETRY = dict(max_retries=4, retry_exceptions=[OSError, ConnectionError, TimeoutE
 _HOPELESS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
 
 
-def write_unit(dest: Store, file_name: str, key: str, entries: list):
+def write_unit(dest: Store, file_name: str, key: str, entries: list, encoded=None):
     """Write a unit's file and its completion record; storage errors that a retry cannot
     fix (full disk, read-only or forbidden DEST) fail the job at once."""
     try:
-        written = write_shard(dest, file_name, entries)
+        data, written = encoded or encode_shard(file_name, entries)
+        dest.write_bytes(file_name, data)
         destination.save_done(dest, key, written)
     except OSError as exc:
         if exc.errno in _HOPELESS:

@@ -1,0 +1,147 @@
+"""Scheduled re-quantization: --if-changed skips unchanged inputs, redoes only what a
+changed input affects, and always ends byte-identical to a fresh run on the new source;
+earlier versions stay restorable."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import pytest
+from conftest import quantize, run_cli
+from reference import load_tensors
+from safetensors.torch import load_file, save_file
+
+pytestmark = pytest.mark.usefixtures("ray_instance")
+
+
+@pytest.fixture
+def source(family_case, tmp_path):
+    case = family_case("llama")
+    folder = str(tmp_path / "source")
+    shutil.copytree(case.source, folder)
+    return folder, case.calibration
+
+
+def run(source_dir: str, dest: str, calibration: str, **options) -> dict:
+    return quantize(source_dir, dest, calibration, if_changed=True, **options)
+
+
+def index_files(dest: str) -> list[str]:
+    return sorted(set(json.load(open(os.path.join(dest, "model.safetensors.index.json")))["weight_map"].values()))
+
+
+def assert_same_as_fresh(dest: str, source_dir: str, calibration: str, fresh: str) -> None:
+    quantize(source_dir, fresh, calibration)
+    assert index_files(dest) == index_files(fresh)
+    assert load_tensors(dest) == load_tensors(fresh)
+    for name in ("config.json", "recipe.yaml", "model.safetensors.index.json"):
+        assert open(os.path.join(dest, name)).read() == open(os.path.join(fresh, name)).read()
+
+
+def change_tensor(source_dir: str, tensor: str) -> set[str]:
+    """Rewrite the shard holding ``tensor`` with new values for it; return that shard's tensors."""
+    index = json.load(open(os.path.join(source_dir, "model.safetensors.index.json")))["weight_map"]
+    path = os.path.join(source_dir, index[tensor])
+    tensors = load_file(path)
+    tensors[tensor] = (tensors[tensor].float() * 1.5).to(tensors[tensor].dtype)
+    save_file(tensors, path, metadata={"format": "pt"})
+    return set(tensors)
+
+
+def test_unchanged_inputs_are_skipped(source, tmp_path):
+    source_dir, calibration = source
+    dest = str(tmp_path / "dest")
+    first = run(source_dir, dest, calibration)
+    stamps = {name: os.stat(os.path.join(dest, name)).st_mtime_ns for name in os.listdir(dest)}
+    again = run(source_dir, dest, calibration)
+    assert again["status"] == "unchanged" and again["version"] == first["version"]
+    assert {name: os.stat(os.path.join(dest, name)).st_mtime_ns for name in os.listdir(dest)} == stamps
+    code, stdout, _ = run_cli("quantize", source_dir, dest, "--calibration", calibration, "--num-samples", "6",
+                              "--max-seq-len", "64", "--if-changed")  # fmt: skip
+    assert code == 0 and json.loads(stdout.strip().splitlines()[-1])["status"] == "unchanged"
+
+
+def test_a_changed_shard_redoes_only_what_depends_on_it(source, tmp_path):
+    source_dir, calibration = source
+    dest = str(tmp_path / "dest")
+    run(source_dir, dest, calibration)
+    changed = change_tensor(source_dir, "model.layers.1.mlp.down_proj.weight")
+    changed_layers = {int(name.split(".")[2]) for name in changed if name.startswith("model.layers.")}
+    summary = run(source_dir, dest, calibration)
+    assert summary["status"] == "succeeded"
+    # the layer units that hold changed tensors, and the input scales (layer 1's weights changed)
+    assert summary["units_computed"] == len(changed_layers) + 1
+    assert summary["units_reused"] == 3 - len(changed_layers) + 1  # other layers + the copy unit
+    assert_same_as_fresh(dest, source_dir, calibration, str(tmp_path / "fresh"))
+
+
+def test_metadata_only_config_change_rewrites_config_only(source, tmp_path):
+    source_dir, calibration = source
+    dest = str(tmp_path / "dest")
+    run(source_dir, dest, calibration)
+    before = {name: open(os.path.join(dest, name), "rb").read() for name in index_files(dest)}
+    config_path = os.path.join(source_dir, "config.json")
+    config = json.load(open(config_path))
+    config["eos_token_id"] = 7
+    json.dump(config, open(config_path, "w"), indent=2)
+    summary = run(source_dir, dest, calibration)
+    assert summary["units_computed"] == 0 and summary["calibration_tokens"] == 0  # no work, no calibration
+    assert {name: open(os.path.join(dest, name), "rb").read() for name in index_files(dest)} == before
+    assert json.load(open(os.path.join(dest, "config.json")))["eos_token_id"] == 7
+    assert_same_as_fresh(dest, source_dir, calibration, str(tmp_path / "fresh"))
+
+
+def test_config_change_the_forward_uses_recalibrates_and_reuses_weights(source, tmp_path):
+    source_dir, calibration = source
+    dest = str(tmp_path / "dest")
+    run(source_dir, dest, calibration)
+    config_path = os.path.join(source_dir, "config.json")
+    config = json.load(open(config_path))
+    config["rope_parameters"]["rope_theta"] = 500000.0
+    json.dump(config, open(config_path, "w"), indent=2)
+    summary = run(source_dir, dest, calibration)
+    assert summary["calibration_tokens"] > 0  # rotary positions changed: calibration ran again
+    assert summary["units_computed"] <= 1  # at most the input scales; every weight unit reused
+    assert_same_as_fresh(dest, source_dir, calibration, str(tmp_path / "fresh"))
+
+
+def test_rollback_restores_the_previous_version_and_retention_bounds_history(source, tmp_path):
+    source_dir, calibration = source
+    dest = str(tmp_path / "dest")
+    v1 = run(source_dir, dest, calibration)
+    v1_tensors, v1_config = load_tensors(dest), open(os.path.join(dest, "config.json")).read()
+    change_tensor(source_dir, "model.layers.0.self_attn.q_proj.weight")
+    v2 = run(source_dir, dest, calibration, retention=1)
+    assert load_tensors(dest) != v1_tensors
+
+    code, stdout, stderr = run_cli("rollback", dest)
+    assert code == 0, stderr
+    assert json.loads(stdout.strip().splitlines()[-1]) == {
+        "status": "rolled_back", "dest": dest, "version": v1["version"], "previous": v2["version"]
+    }  # fmt: skip
+    assert load_tensors(dest) == v1_tensors and open(os.path.join(dest, "config.json")).read() == v1_config
+    assert json.load(open(os.path.join(dest, "manifest.json")))["version"] == v1["version"]
+
+    # with retention 0 a new commit keeps nothing else; rolling back is then refused
+    assert run_cli("rollback", dest, "--version", v2["version"])[0] == 0
+    change_tensor(source_dir, "model.layers.2.mlp.up_proj.weight")
+    run(source_dir, dest, calibration, retention=0)
+    assert sorted(os.listdir(os.path.join(dest, ".nvfp4", "versions"))) != []
+    assert len([n for n in os.listdir(os.path.join(dest, ".nvfp4", "versions")) if n.endswith(".json")]) == 1
+    unit_files = sorted(n for n in os.listdir(dest) if n.endswith(".safetensors"))
+    assert unit_files == index_files(dest)  # nothing left over from earlier versions
+    code, _, stderr = run_cli("rollback", dest)
+    assert code == 2 and "keeps no version older than" in stderr
+
+
+def test_tensor_change_shows_in_the_output(source, tmp_path):
+    """Guard for the tests above: changing a tensor does change what is written."""
+    source_dir, calibration = source
+    dest_a, dest_b = str(tmp_path / "a"), str(tmp_path / "b")
+    quantize(source_dir, dest_a, calibration)
+    change_tensor(source_dir, "model.layers.1.mlp.down_proj.weight")
+    quantize(source_dir, dest_b, calibration)
+    a, b = load_tensors(dest_a), load_tensors(dest_b)
+    assert a["model.layers.1.mlp.down_proj.weight_packed"] != b["model.layers.1.mlp.down_proj.weight_packed"]
