@@ -32,7 +32,7 @@ REFERENCE_DROPS_CAUSAL_MASK = ("mistral", "ministral3")
 # Siblings that vLLM fuses into one GEMM (llm-compressor's FUSED_LAYER_NAMES): they share a
 # global scale, and must be all quantized or all ignored.
 FUSED_SIBLINGS = (("gate_proj", "up_proj"), ("q_proj", "k_proj", "v_proj"), ("q_a_proj", "kv_a_proj_with_mqa"), ("w1", "w3"))
-GROUP_SIZE = 16
+_TORCH_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}
 
 
 @dataclass(frozen=True)
@@ -42,7 +42,22 @@ class LinearSpec:
     local: str  # name inside its decoder layer, e.g. mlp.up_proj
     in_features: int
     out_features: int
-    scheme: str  # e.g. "NVFP4"
+    scheme: object  # compressed_tensors QuantizationScheme, format set
+
+    @property
+    def calibrated(self) -> bool:
+        """Whether the input activations need calibration statistics."""
+        from nvfp4_ray.formats.linear import needs_calibration
+
+        return needs_calibration(self.scheme.input_activations)
+
+
+@dataclass(frozen=True)
+class AttentionSpec:
+    """An attention module whose KV cache gets static scales (k_scale, v_scale)."""
+
+    local: str  # e.g. self_attn
+    checkpoint: str  # tensor-name prefix in the checkpoint
 
 
 @dataclass(frozen=True)
@@ -51,10 +66,16 @@ class LayerSpec:
     module: str  # e.g. model.layers.3
     tensors: dict[str, str]  # checkpoint tensor name -> parameter name inside the layer
     groups: list[list[LinearSpec]]  # quantized Linears; fused siblings share a list
+    attention: list[AttentionSpec] = field(default_factory=list)
 
     @property
     def linears(self) -> list[LinearSpec]:
         return [linear for group in self.groups for linear in group]
+
+    @property
+    def recorded(self) -> list[str]:
+        """Linears (names inside the layer) whose input amax calibration records."""
+        return [linear.local for linear in self.linears if linear.calibrated]
 
 
 @dataclass(frozen=True)
@@ -67,6 +88,11 @@ class ModelSpec:
     layers: list[LayerSpec]
     other_tensors: list[str]  # everything outside the decoder layers, copied byte for byte
     ignored_linears: list[str] = field(default_factory=list)  # checkpoint names, for quantization_config
+    kv_args: object = None  # compressed_tensors QuantizationArgs of the KV cache, if quantized
+
+    @property
+    def needs_calibration(self) -> bool:
+        return self.kv_args is not None or any(layer.recorded for layer in self.layers)
 
 
 def build_meta_model(config: dict, attn_implementation: str = "eager", dtype: torch.dtype = torch.bfloat16):
@@ -97,10 +123,9 @@ def find_backbone(model) -> tuple[str, torch.nn.Module]:
     raise InputError(f"{type(model).__name__} has no decoder layers this tool can run")
 
 
-def describe_model(config: dict, checkpoint_tensors: dict, recipe) -> ModelSpec:
-    """Check the checkpoint against config.json and the recipe; return the layer plan."""
-    from compressed_tensors.utils import match_named_modules
-
+def describe_model(config: dict, checkpoint_tensors: dict, recipe) -> tuple[ModelSpec, torch.nn.Module]:
+    """Check the checkpoint against config.json and the recipe; return the layer plan and
+    the meta-device model with the recipe's schemes attached (for config.json)."""
     model_type = config.get("model_type")
     _check_supported(config)
     try:
@@ -110,18 +135,16 @@ def describe_model(config: dict, checkpoint_tensors: dict, recipe) -> ModelSpec:
     except Exception as exc:
         raise InputError(f"config.json cannot be turned into a {model_type} model: {exc}") from None
     backbone_name, backbone = find_backbone(model)
-
     to_model = _checkpoint_to_model_names(model, checkpoint_tensors)
     to_checkpoint = {m: c for c, m in to_model.items()}
     _check_shapes(model, checkpoint_tensors, to_model)
 
-    ignore = list(recipe.ignore) + [p for p in ALWAYS_IGNORED.get(model_type, []) if p not in recipe.ignore]
-    targeted: dict[str, str] = {}
-    for group_name, scheme in recipe.config_groups.items():
-        for name, _ in match_named_modules(model, scheme.targets, ignore):
-            targeted.setdefault(name, _scheme_label(scheme))
+    targeted, attention_kv = _attach_schemes(model, recipe)
     layer_prefixes = [f"{backbone_name}.layers.{i}." for i in range(len(backbone.layers))]
     dtype = _check_targets(model, targeted, layer_prefixes, checkpoint_tensors, to_checkpoint)
+    if dtype != "BF16":  # config.json records the dtype the reference loads the model in
+        model = build_meta_model(config, dtype=_TORCH_DTYPES[dtype])
+        targeted, attention_kv = _attach_schemes(model, recipe)
     _check_fused_groups(model, targeted)
 
     modules = dict(model.named_modules())
@@ -141,7 +164,12 @@ def describe_model(config: dict, checkpoint_tensors: dict, recipe) -> ModelSpec:
                 out_features=module.out_features,
                 scheme=targeted[name],
             )
-        layers.append(LayerSpec(index=index, module=prefix[:-1], tensors=tensors, groups=_fuse(linears)))
+        attention = [
+            AttentionSpec(local=name[len(prefix) :], checkpoint=_checkpoint_prefix(modules[name], name, to_checkpoint))
+            for name in sorted(attention_kv)
+            if name.startswith(prefix)
+        ]
+        layers.append(LayerSpec(index=index, module=prefix[:-1], tensors=tensors, groups=_fuse(linears), attention=attention))
     other = sorted(c for c in checkpoint_tensors if c not in layer_of_tensor)
     ignored = [
         to_checkpoint.get(f"{name}.weight", f"{name}.weight").removesuffix(".weight")
@@ -149,7 +177,7 @@ def describe_model(config: dict, checkpoint_tensors: dict, recipe) -> ModelSpec:
         if isinstance(module, torch.nn.Linear) and name not in targeted
     ]
     embed_name = next(n for n, p in backbone.named_parameters() if n.startswith("embed_tokens."))
-    return ModelSpec(
+    spec = ModelSpec(
         model_type=model_type,
         architecture=type(model).__name__,
         dtype=dtype,
@@ -158,7 +186,37 @@ def describe_model(config: dict, checkpoint_tensors: dict, recipe) -> ModelSpec:
         layers=layers,
         other_tensors=other,
         ignored_linears=ignored,
+        kv_args=next(iter(attention_kv.values()), None),
     )
+    return spec, model
+
+
+def _attach_schemes(model, recipe) -> tuple[dict, dict]:
+    """Attach the recipe with compressed-tensors itself, so target precedence, the ignore
+    list and each module's compression format are exactly the reference's."""
+    from compressed_tensors.compressors.format import infer_model_format
+    from compressed_tensors.quantization import apply_quantization_config
+    from compressed_tensors.quantization.lifecycle.initialize import is_cached_attention_module
+
+    apply_quantization_config(model, recipe.quantization_config, show_progress=False)
+    infer_model_format(model)
+    targeted, attention_kv = {}, {}
+    for name, module in model.named_modules():
+        scheme = getattr(module, "quantization_scheme", None)
+        if scheme is None:
+            continue
+        if is_cached_attention_module(module):
+            attention_kv[name] = scheme.input_activations
+        elif scheme.weights is not None:
+            targeted[name] = scheme
+    return targeted, attention_kv
+
+
+def _checkpoint_prefix(module, name: str, to_checkpoint: dict) -> str:
+    """A module's prefix in the checkpoint, from one of its parameters that is stored there
+    (the quantization parameters compressed-tensors attached are not)."""
+    parameter = next(n for n, _ in module.named_parameters() if f"{name}.{n}" in to_checkpoint)
+    return to_checkpoint[f"{name}.{parameter}"].removesuffix(f".{parameter}")
 
 
 def _check_supported(config: dict) -> None:
@@ -220,16 +278,10 @@ def _check_shapes(model, checkpoint_tensors: dict, to_model: dict) -> None:
             raise InputError(f"tensor {name!r} has shape {list(found)} but config.json implies {list(expected)}")
 
 
-def _scheme_label(scheme) -> str:
-    from nvfp4_ray.recipe import scheme_name
-
-    return scheme_name(scheme)
-
-
 def _check_targets(model, targeted, layer_prefixes, checkpoint_tensors, to_checkpoint) -> str:
     modules = dict(model.named_modules())
     dtypes = set()
-    for name in targeted:
+    for name, scheme in targeted.items():
         module = modules[name]
         if not isinstance(module, torch.nn.Linear):
             raise InputError(f"{name} ({type(module).__name__}) is targeted, but only Linear layers can be quantized")
@@ -238,15 +290,16 @@ def _check_targets(model, targeted, layer_prefixes, checkpoint_tensors, to_check
                 f"{name} would be quantized, but only Linears inside the decoder layers are supported; "
                 f"add {name!r} to the ignore list"
             )
-        if module.in_features % GROUP_SIZE:
+        group_size = scheme.weights.group_size if scheme.weights.strategy in ("group", "tensor_group") else None
+        if group_size and module.in_features % group_size:
             raise InputError(
-                f"{name}: in_features {module.in_features} is not divisible by the group size {GROUP_SIZE}; "
+                f"{name}: in_features {module.in_features} is not divisible by the group size {group_size}; "
                 f"add {name!r} to the ignore list"
             )
         dtypes.add(checkpoint_tensors[to_checkpoint[f"{name}.weight"]].entry.dtype)
     if not targeted:
         raise InputError("no Linear layer matches the recipe's targets after the ignore list: nothing to quantize")
-    bad = dtypes - {"BF16", "F16", "F32"}
+    bad = dtypes - set(_TORCH_DTYPES)
     if bad or len(dtypes) > 1:
         raise InputError(f"quantized weights must share one float dtype (BF16, F16 or F32), found {sorted(dtypes)}")
     return dtypes.pop()
@@ -265,9 +318,12 @@ def _check_fused_groups(model, targeted) -> None:
                     f"the ignore list splits the fused group {', '.join(names)}: {', '.join(left)} ignored but "
                     f"{', '.join(quantized)} quantized; vLLM rejects such a checkpoint, ignore all or none of them"
                 )
-            schemes = {targeted[n] for n in quantized}
-            if len(schemes) > 1:
-                raise InputError(f"fused group {', '.join(names)} mixes schemes {sorted(schemes)}; vLLM needs one scheme per group")
+            schemes = [(targeted[n].weights, targeted[n].input_activations) for n in quantized]
+            if any(s != schemes[0] for s in schemes[1:]):
+                raise InputError(
+                    f"fused group {', '.join(names)} mixes quantization schemes; vLLM runs fused siblings as one "
+                    "GEMM and needs one scheme for all of them: give them the same config group"
+                )
 
 
 def _fuse(linears: dict[str, LinearSpec]) -> list[list[LinearSpec]]:
@@ -285,8 +341,3 @@ def _fuse(linears: dict[str, LinearSpec]) -> list[list[LinearSpec]]:
         if name not in used:
             groups.append([linear])
     return sorted(groups, key=lambda g: g[0].local)
-
-
-def layer_number(name: str) -> int | None:
-    match = re.search(r"\.layers\.(\d+)\.", name)
-    return int(match.group(1)) if match else None

@@ -10,24 +10,20 @@ which follows the source's tensor naming.
 
 from __future__ import annotations
 
-import contextlib
-import io
 import os
 import tempfile
 
 import torch
 
-from nvfp4_ray.architecture import ModelSpec, build_meta_model
-
-_TORCH_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}
+from nvfp4_ray.architecture import ModelSpec
 
 
-def output_config_json(config_bytes: bytes, config: dict, spec: ModelSpec, recipe) -> bytes:
+def output_config_json(config_bytes: bytes, model: torch.nn.Module, spec: ModelSpec) -> bytes:
+    """``model``: the meta-device model with the recipe's schemes attached (describe_model)."""
     from compressed_tensors.compressors import ModelCompressor
-    from compressed_tensors.quantization import QuantizationStatus, apply_quantization_config
+    from compressed_tensors.quantization import QuantizationStatus
     from llmcompressor.transformers.compression.compressed_tensors_utils import resave_config
 
-    model = build_meta_model(config, dtype=_TORCH_DTYPES[spec.dtype])
     output, embed = model.get_output_embeddings(), model.get_input_embeddings()
     if output is not None and output.weight is embed.weight:
         # llm-compressor re-ties equal input/output embeddings before saving and marks the
@@ -39,8 +35,6 @@ def output_config_json(config_bytes: bytes, config: dict, spec: ModelSpec, recip
         model.config._name_or_path = source_dir
         model.config.save_pretrained(out_dir)  # what transformers writes on save...
         resave_config(model.config, out_dir)  # ...replaced by the source's own file where possible
-        with contextlib.redirect_stderr(io.StringIO()):  # compressed-tensors draws a progress bar here
-            apply_quantization_config(model, recipe.quantization_config)
         for module in model.modules():
             if hasattr(module, "quantization_scheme"):
                 module.quantization_status = QuantizationStatus.COMPRESSED

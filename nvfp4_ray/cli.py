@@ -37,7 +37,8 @@ def add_config_options(parser: argparse.ArgumentParser, positional: bool = True,
         elif origin is typing.Literal:
             parser.add_argument(flag, choices=list(typing.get_args(annotation)), default=None, help=help_text)
         elif args and typing.get_origin(args[0]) is list:
-            parser.add_argument(flag, nargs="+", action="extend", default=None, metavar="PATTERN", help=help_text)
+            metavar = (field.json_schema_extra or {}).get("metavar", name.upper())
+            parser.add_argument(flag, nargs="+", action="extend", default=None, metavar=metavar, help=help_text)
         else:
             base = args[0] if args else annotation
             parser.add_argument(flag, type=base if base in (int, float) else str, default=None, help=help_text)

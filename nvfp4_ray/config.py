@@ -26,9 +26,19 @@ class QuantizeConfig(BaseModel):
     calibration: str | None = Field(None, description="Parquet file with an input_ids or text column")
     num_samples: int = Field(256, ge=1, description="calibration rows used (the first N)")
     max_seq_len: int = Field(1024, ge=1, description="tokens kept per calibration row")
-    ignore: list[str] | None = Field(None, description="module names or re: patterns left unquantized")
+    ignore: list[str] | None = Field(
+        None, description="module names or re: patterns left unquantized", json_schema_extra={"metavar": "PATTERN"}
+    )
     scheme: str = Field("NVFP4", description="quantization scheme preset when no recipe is given")
     recipe: str | None = Field(None, description="llm-compressor recipe YAML (QuantizationModifier)")
+    config_override: list[str] | None = Field(
+        None,
+        description="KEY=VALUE edits of the source's config.json (dotted keys, JSON values), e.g. a fixed rope parameter",
+        json_schema_extra={"metavar": "KEY=VALUE"},
+    )
+    write_preprocessor_config: bool = Field(
+        False, description="derive preprocessor_config.json from processor_config.json when SOURCE lacks it (vLLM, Mistral3)"
+    )
     exact: bool = Field(
         False, description="also reproduce llm-compressor 0.14's quirks (no causal mask for Mistral-family models)"
     )
@@ -54,6 +64,15 @@ class QuantizeConfig(BaseModel):
     evaluate: bool = Field(
         False, description="measure quality against SOURCE before committing (nvfp4-ray evaluate); kept in the manifest"
     )
+
+    @field_validator("config_override")
+    @classmethod
+    def _override_syntax(cls, overrides: list[str] | None) -> list[str] | None:
+        for override in overrides or []:
+            key, sep, _ = override.partition("=")
+            if not sep or not key or any(not part for part in key.split(".")):
+                raise ValueError(f"config override {override!r} must look like KEY=VALUE (KEY dotted, e.g. text_config.rope_theta)")
+        return overrides
 
     @field_validator("ignore")
     @classmethod

@@ -1,7 +1,8 @@
 """Turn one unit's source tensors into its output tensors (no Ray, no storage).
 
-Quantized Linears become weight_packed / weight_scale / weight_global_scale; every other
-tensor is passed through as the exact bytes it had in the source.
+Quantized Linears become what their scheme's compressor writes (``weight_packed`` and
+scales for NVFP4, an fp8 ``weight`` and its scale for FP8, ...); every other tensor is
+passed through as the exact bytes it had in the source.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ import torch
 
 from nvfp4_ray.architecture import LayerSpec
 from nvfp4_ray.errors import InputError
-from nvfp4_ray.formats import nvfp4
+from nvfp4_ray.formats import linear as formats
 from nvfp4_ray.io.tensors import FLOAT_DTYPES, TensorBundle, bundle_entry, torch_entry
 
 
@@ -29,19 +30,24 @@ def quantize_layer(spec: LayerSpec, bundle: TensorBundle, device: torch.device) 
     for group in spec.groups:
         names = [f"{linear.checkpoint}.weight" for linear in group]
         weights = [bundle.tensor(name).to(device) for name in names]
-        for linear, packed in zip(group, nvfp4.quantize_fused_group(weights)):
-            entries.append(torch_entry(f"{linear.checkpoint}.weight_packed", packed.weight_packed))
-            entries.append(torch_entry(f"{linear.checkpoint}.weight_scale", packed.weight_scale))
-            entries.append(torch_entry(f"{linear.checkpoint}.weight_global_scale", packed.weight_global_scale))
+        for linear, tensors in zip(group, formats.quantize_group(weights, group[0].scheme)):
+            entries.extend(torch_entry(f"{linear.checkpoint}.{suffix}", t) for suffix, t in tensors.items())
         replaced.update(names)
     entries.extend(bundle_entry(bundle, name) for name in bundle.names() if name not in replaced)
     return entries
 
 
-def input_scale_entries(amax: dict[str, float], dtype: torch.dtype) -> list[tuple]:
-    """input_global_scale tensors from the reduced calibration amax of each Linear (checkpoint names)."""
+def scale_entries(layers: list[LayerSpec], layer_amax: list[dict[str, float]], kv_args, dtype: torch.dtype) -> list[tuple]:
+    """Activation scale tensors (input_global_scale, input_scale, k_scale, v_scale) from the
+    reduced calibration amax of every layer."""
     entries = []
-    for name in sorted(amax):
-        value = torch.tensor(amax[name], dtype=dtype)
-        entries.append(torch_entry(f"{name}.input_global_scale", nvfp4.global_scale(value)))
+    for layer, amax in zip(layers, layer_amax):
+        for linear in layer.linears:
+            if linear.calibrated:
+                tensors = formats.activation_tensors("input", linear.scheme.input_activations, amax[linear.local], dtype)
+                entries.extend(torch_entry(f"{linear.checkpoint}.{suffix}", t) for suffix, t in tensors.items())
+        for attention in layer.attention:
+            for kv in "kv":
+                tensors = formats.activation_tensors(kv, kv_args, amax[f"{attention.local}.{kv}"], dtype)
+                entries.extend(torch_entry(f"{attention.checkpoint}.{suffix}", t) for suffix, t in tensors.items())
     return entries

@@ -15,8 +15,9 @@ from nvfp4_ray.errors import InputError
 
 os.environ.setdefault("LLM_COMPRESSOR_LOG_DISABLED", "true")
 
-# Each supported scheme: how the weights and the activations of a targeted Linear are handled.
-SUPPORTED_SCHEMES = ("NVFP4",)
+# The presets whose weights and activations this tool computes (each tested against
+# llm-compressor). A recipe's config groups must each equal one of them.
+SUPPORTED_SCHEMES = ("NVFP4", "NVFP4A16", "FP8", "FP8_DYNAMIC")
 
 
 @dataclass(frozen=True)
@@ -26,10 +27,16 @@ class Recipe:
     config_groups: dict  # group name -> compressed_tensors QuantizationScheme
     ignore: list[str]
     yaml_text: str
+    notes: tuple[str, ...] = ()  # things the user should know about how the recipe is run
 
     @property
     def needs_calibration(self) -> bool:
-        return any(scheme_name(s) in ("NVFP4",) for s in self.config_groups.values())
+        from nvfp4_ray.formats.linear import needs_calibration
+
+        groups = self.config_groups.values()
+        return self.quantization_config.kv_cache_scheme is not None or any(
+            needs_calibration(group.input_activations) for group in groups
+        )
 
 
 def load_recipe(recipe_path: str | None, scheme: str, ignore: list[str], always_ignore: list[str] = ()) -> Recipe:
@@ -73,14 +80,26 @@ def load_recipe(recipe_path: str | None, scheme: str, ignore: list[str], always_
                 f"recipe group {name!r} (targets {group.targets}) uses a scheme that is not supported "
                 f"(valid: {', '.join(SUPPORTED_SCHEMES)})"
             )
-    if resolved.kv_cache_scheme is not None:
-        raise InputError("kv_cache_scheme is not supported yet; remove it from the recipe")
+    kv = resolved.kv_cache_scheme
+    if kv is not None and not _is_fp8_static_tensor(kv):
+        raise InputError(
+            "kv_cache_scheme must be static per-tensor FP8 (num_bits 8, type float, strategy tensor, "
+            "dynamic false, symmetric): the scales vLLM reads as k_scale/v_scale"
+        )
+    notes = ()
+    if kv is not None and kv.observer != "static_minmax":
+        notes = (
+            f"kv_cache_scheme observer {kv.observer or 'minmax (the default)'}: llm-compressor would average "
+            "k/v ranges over its randomly shuffled samples, which it cannot reproduce either; nvfp4-ray uses "
+            "the running max (observer: static_minmax), exact and independent of sample order",
+        )
     return Recipe(
         modifier=modifier,
         quantization_config=resolved,
         config_groups=dict(resolved.config_groups),
         ignore=list(modifier.ignore),
         yaml_text=llmc_recipe.yaml(),
+        notes=notes,
     )
 
 
@@ -102,6 +121,10 @@ def _parse_recipe_file(path: str, llmc_recipe_class):
         raise
     except Exception as exc:
         raise InputError(f"recipe {path} is not a valid llm-compressor recipe: {_first_line(exc)}") from None
+
+
+def _is_fp8_static_tensor(args) -> bool:
+    return (args.num_bits, args.type, args.strategy, args.dynamic, args.symmetric) == (8, "float", "tensor", False, True)
 
 
 def scheme_name(scheme) -> str | None:

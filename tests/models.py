@@ -61,6 +61,7 @@ def build_model(family: str, seed: int = 0):
                 weight = torch.randn(module.weight.shape, generator=generator) * 0.05
                 outliers = torch.randint(0, weight.shape[1], (2,), generator=generator)
                 weight[:, outliers] *= 12.0  # outlier input channels, as in trained models
+                weight[0, :3] = -0.0  # negative zeros: their sign must be handled as the reference does
                 module.weight.copy_(weight.to(torch.bfloat16))
     return model
 

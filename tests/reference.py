@@ -11,7 +11,11 @@ import torch
 from safetensors import safe_open
 
 
-def run_llmcompressor(source: str, rows: list[list[int]], ignore: list[str], out: str, scheme: str = "NVFP4") -> str:
+def run_llmcompressor(
+    source: str, rows: list[list[int]] | None, ignore: list[str], out: str, scheme: str = "NVFP4", recipe: str | None = None
+) -> str:
+    """``recipe``: an llm-compressor recipe (YAML text) instead of scheme/ignore.
+    ``rows`` None: no calibration data (weight-only schemes)."""
     from datasets import Dataset
     from llmcompressor import oneshot
     from llmcompressor.modifiers.quantization import QuantizationModifier
@@ -21,16 +25,20 @@ def run_llmcompressor(source: str, rows: list[list[int]], ignore: list[str], out
     loader = AutoModelForImageTextToText if config.model_type == "mistral3" else AutoModelForCausalLM
     model = loader.from_pretrained(source, dtype=torch.bfloat16)
     tokenizer = AutoTokenizer.from_pretrained(source)
-    dataset = Dataset.from_list([{"input_ids": r, "attention_mask": [1] * len(r)} for r in rows])
-    oneshot(
-        model=model,
-        processor=tokenizer,
-        dataset=dataset,
-        recipe=QuantizationModifier(targets="Linear", scheme=scheme, ignore=list(ignore)),
-        pipeline="sequential",
-        num_calibration_samples=len(rows),
-        max_seq_length=max(len(r) for r in rows),
-    )
+    recipe = recipe or QuantizationModifier(targets="Linear", scheme=scheme, ignore=list(ignore))
+    if rows is None:
+        oneshot(model=model, processor=tokenizer, recipe=recipe)
+    else:
+        dataset = Dataset.from_list([{"input_ids": r, "attention_mask": [1] * len(r)} for r in rows])
+        oneshot(
+            model=model,
+            processor=tokenizer,
+            dataset=dataset,
+            recipe=recipe,
+            pipeline="sequential",
+            num_calibration_samples=len(rows),
+            max_seq_length=max(len(r) for r in rows),
+        )
     model.save_pretrained(out, save_compressed=True)
     return out
 

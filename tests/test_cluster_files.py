@@ -334,3 +334,27 @@ def test_readme_cluster_section_names_existing_files():
     assert "jobs/configs/mistral-medium-3.5-128b-nvfp4.yaml" in paths
     missing = sorted(p for p in paths if not (ROOT / p).is_file())
     assert not missing
+
+
+def test_nvidia_recipe_picks_fp8_and_nvfp4_layers_as_documented():
+    """Over the 88 layers the recipe assumes: attention and the MLPs of layers 0-3 and 87 in
+    FP8, every other MLP in NVFP4, no Linear in both, and an FP8 KV cache."""
+    import re
+
+    from nvfp4_ray.recipe import load_recipe
+
+    recipe = load_recipe(str(ROOT / "jobs/recipes/mistral-medium-3.5-nvidia-fp8-nvfp4.yaml"), "NVFP4", [])
+    schemes = {g.weights.num_bits: [t.removeprefix("re:") for t in g.targets] for g in recipe.config_groups.values()}
+    assert sorted(schemes) == [4, 8]
+    assert recipe.quantization_config.kv_cache_scheme.observer == "static_minmax"
+
+    def picked(name: str) -> list[int]:
+        return [bits for bits, patterns in schemes.items() if any(re.match(p, name) for p in patterns)]
+
+    for layer in range(88):
+        prefix = f"model.language_model.layers.{layer}"
+        for proj in ("q", "k", "v", "o"):
+            assert picked(f"{prefix}.self_attn.{proj}_proj") == [8]
+        expected = [8] if layer in (0, 1, 2, 3, 87) else [4]
+        for proj in ("gate", "up", "down"):
+            assert picked(f"{prefix}.mlp.{proj}_proj") == expected, (layer, proj)

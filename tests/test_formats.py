@@ -1,4 +1,4 @@
-"""NVFP4 number-format properties, with expected values worked out by hand."""
+"""Number-format properties of formats/linear.py, with expected values worked out by hand."""
 
 from __future__ import annotations
 
@@ -6,9 +6,15 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from nvfp4_ray.formats import nvfp4
+from nvfp4_ray.formats import linear, nvfp4
 
 BF16 = torch.bfloat16
+NVFP4 = linear.preset("NVFP4")
+FP8 = linear.preset("FP8")
+
+
+def nvfp4_global_scale(amax: float) -> float:
+    return linear.activation_tensors("input", NVFP4.input_activations, amax, BF16)["input_global_scale"].item()
 
 
 def test_fp4_codes_round_half_to_even_and_pack_even_column_low():
@@ -17,41 +23,64 @@ def test_fp4_codes_round_half_to_even_and_pack_even_column_low():
     row = [6.0, 0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0, -0.25, -0.75, -1.25, -1.75, -2.5, -3.5, -5.0, -6.0]
     # e2m1 codes: 0,0.5,1,1.5,2,3,4,6 -> 0..7, sign in bit 3; ties go to the even code
     expected = [7, 0, 2, 2, 4, 4, 6, 6, 8, 10, 10, 12, 12, 14, 14, 15]
-    packed = nvfp4.quantize_weight(torch.tensor([row], dtype=BF16), nvfp4.global_scale(torch.tensor(6.0, dtype=BF16)))
-    assert packed.weight_global_scale.item() == 448.0
-    assert packed.weight_scale.to(torch.float32).tolist() == [[448.0]]
-    low = [expected[i] | (expected[i + 1] << 4) for i in range(0, 16, 2)]
-    assert packed.weight_packed.tolist() == [low]
+    (out,) = linear.quantize_group([torch.tensor([row], dtype=BF16)], NVFP4)
+    assert out["weight_global_scale"].item() == 448.0
+    assert out["weight_scale"].to(torch.float32).tolist() == [[448.0]]
+    assert out["weight_packed"].tolist() == [[expected[i] | (expected[i + 1] << 4) for i in range(0, 16, 2)]]
+
+
+def test_negative_zero_weights_become_positive_zero_codes():
+    """The reference adds its (zero) zero-point before rounding, so -0.0 turns into +0."""
+    row = torch.tensor([[6.0, -0.0] + [0.0] * 14], dtype=BF16)
+    (out,) = linear.quantize_group([row], NVFP4)
+    assert out["weight_packed"][0, 0].item() == 0x07  # high nibble: code 0, not 8 (negative zero)
 
 
 def test_global_scale_is_divided_in_bf16():
-    amax = torch.tensor(0.3, dtype=BF16)  # bf16 holds 0.30078125
-    assert 2688 / 0.30078125 != 8960.0  # float32 would give 8936.7...
-    assert nvfp4.global_scale(amax).item() == 8960.0  # ...the reference rounds it to bf16 first
-    assert nvfp4.global_scale(amax).dtype == torch.float32
+    # bf16 holds 0.3 as 0.30078125; 2688 / that is 8936.7 in float32, but the reference
+    # divides in bf16 and gets 8960
+    assert nvfp4_global_scale(0.3) == 8960.0
 
 
 def test_fused_siblings_share_the_largest_amax():
     small = torch.full((2, 16), 1.0, dtype=BF16)
     large = torch.full((2, 16), -4.0, dtype=BF16)
-    results = nvfp4.quantize_fused_group([small, large])
-    assert [r.weight_global_scale.item() for r in results] == [672.0, 672.0]  # 2688 / 4
+    results = linear.quantize_group([small, large], NVFP4)
+    assert [r["weight_global_scale"].item() for r in results] == [672.0, 672.0]  # 2688 / 4
 
 
-def test_zero_weight():
-    packed = nvfp4.quantize_weight(torch.zeros(4, 32, dtype=BF16), nvfp4.global_scale(torch.tensor(0.0, dtype=BF16)))
-    assert packed.weight_global_scale.item() == 1.0  # 2688/tiny overflows; the reference falls back to 1
-    assert int(packed.weight_packed.abs().sum()) == 0
+def test_zero_weight_and_nan_amax():
+    (out,) = linear.quantize_group([torch.zeros(4, 32, dtype=BF16)], NVFP4)
+    assert out["weight_global_scale"].item() == 1.0  # 2688/tiny overflows; the reference falls back to 1
+    assert int(out["weight_packed"].abs().sum()) == 0
+    assert nvfp4_global_scale(float("nan")) == 1.0
 
 
-def test_nan_amax_gives_unit_global_scale():
-    assert nvfp4.global_scale(torch.tensor(float("nan"), dtype=BF16)).item() == 1.0
+def test_nvfp4_shapes_and_dtypes():
+    (out,) = linear.quantize_group([torch.randn(48, 64, dtype=BF16)], NVFP4)
+    assert out["weight_packed"].shape == (48, 32) and out["weight_packed"].dtype == torch.uint8
+    assert out["weight_scale"].shape == (48, 4) and out["weight_scale"].dtype == torch.float8_e4m3fn
+    assert sorted(out) == ["weight_global_scale", "weight_packed", "weight_scale"]
 
 
-def test_shapes_and_dtypes():
-    packed = nvfp4.quantize_weight(torch.randn(48, 64, dtype=BF16), torch.tensor([100.0]))
-    assert packed.weight_packed.shape == (48, 32) and packed.weight_packed.dtype == torch.uint8
-    assert packed.weight_scale.shape == (48, 4) and packed.weight_scale.dtype == torch.float8_e4m3fn
+def test_fp8_per_tensor_scale_and_values():
+    weight = torch.tensor([[4.48, -2.24, 1.0, 0.0]], dtype=BF16)
+    (out,) = linear.quantize_group([weight], FP8)
+    scale = out["weight_scale"]
+    assert scale.dtype == BF16 and scale.shape == (1,)
+    assert scale.item() == (torch.tensor(4.48, dtype=BF16) / torch.tensor(448.0, dtype=BF16)).item()  # bf16 division
+    assert out["weight"].dtype == torch.float8_e4m3fn
+    assert out["weight"].float()[0, 0].item() == 448.0  # the amax maps to the top of the e4m3 range
+    static = linear.activation_tensors("input", FP8.input_activations, 8.96, BF16)
+    assert list(static) == ["input_scale"] and static["input_scale"].dtype == BF16
+
+
+def test_fp8_dynamic_has_per_channel_weight_scales_and_no_activation_scales():
+    scheme = linear.preset("FP8_DYNAMIC")
+    (out,) = linear.quantize_group([torch.randn(8, 32, dtype=BF16)], scheme)
+    assert out["weight_scale"].shape == (8, 1)
+    assert not linear.needs_calibration(scheme.input_activations)
+    assert linear.activation_tensors("input", scheme.input_activations, 1.0, BF16) == {}
 
 
 @settings(max_examples=25, deadline=None)
@@ -61,21 +90,15 @@ def test_shapes_and_dtypes():
     outlier=st.floats(1.0, 200.0),
     seed=st.integers(0, 2**31 - 1),
 )
-def test_round_trip_error_is_bounded(rows, groups, outlier, seed):
+def test_nvfp4_round_trip_error_is_bounded(rows, groups, outlier, seed):
     generator = torch.Generator().manual_seed(seed)
     weight = torch.randn(rows, groups * 16, generator=generator)
     weight[:, 0] *= outlier
     weight = weight.to(BF16)
-    (packed,) = nvfp4.quantize_fused_group([weight])
-    restored = nvfp4.dequantize_weight(packed, torch.float32)
+    (out,) = linear.quantize_group([weight], NVFP4)
+    restored = nvfp4.dequantize_weight(nvfp4.PackedWeight(**out), torch.float32)
     # Each value is within half an FP4 step of its group's grid (at most 1/3 of the group
     # amax for the coarsest step, 6->4) plus the e4m3 scale's rounding: a few percent.
     group_amax = weight.float().abs().unflatten(-1, (-1, 16)).amax(-1, keepdim=True)
     error = (restored - weight.float()).abs().unflatten(-1, (-1, 16))
     assert bool((error <= group_amax * 0.2 + 1e-6).all())
-
-
-def test_absmax_is_order_free():
-    values = torch.randn(1000).to(BF16)
-    halves = torch.maximum(nvfp4.absmax(values[:500]), nvfp4.absmax(values[500:]))
-    assert halves.item() == nvfp4.absmax(values).item() == values.abs().max().item()

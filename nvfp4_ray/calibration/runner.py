@@ -42,6 +42,27 @@ class _CaptureLayer(torch.nn.Module):
         return hidden_states
 
 
+class _KVRecorder:
+    """Stands in for the KV cache: attention hands ``update()`` its post-RoPE keys and
+    values, which is where the reference observes them for k_scale and v_scale."""
+
+    def __init__(self, valid: torch.Tensor | None):
+        self.valid = valid  # [B, T] bool, or None without padding
+        self.amax: dict[str, torch.Tensor] = {}
+
+    def _observe(self, name: str, states: torch.Tensor) -> None:
+        magnitude = states.abs()  # [B, heads, T, head_dim]
+        if self.valid is not None:
+            magnitude = torch.where(self.valid[:, None, :, None], magnitude, 0)
+        value = magnitude.amax()
+        self.amax[name] = value if name not in self.amax else torch.maximum(self.amax[name], value)
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        self._observe("k", key_states)
+        self._observe("v", value_states)
+        return key_states, value_states
+
+
 @dataclass
 class _BatchState:
     batch: Batch
@@ -99,8 +120,14 @@ class DecoderRunner:
         embed.to("meta")
 
     @torch.no_grad()
-    def run_layer(self, index: int, weights: dict[str, torch.Tensor], record: list[str]) -> dict[str, float]:
-        """Advance every batch through layer ``index``; return {linear: amax of its input}."""
+    def run_layer(
+        self, index: int, weights: dict[str, torch.Tensor], record: list[str], attention: list[str] = ()
+    ) -> dict[str, float]:
+        """Advance every batch through layer ``index``; return the amax of each recorded
+        Linear's input and, for each named attention module, of its keys and values
+        ("<attention>.k", "<attention>.v")."""
+        if len(attention) > 1:
+            raise ValueError("one attention module per decoder layer is supported for KV-cache scales")
         layer = self.layers[index]
         layer.load_state_dict({k: v.to(self.device) for k, v in weights.items()}, assign=True, strict=True)
         modules = dict(layer.named_modules())
@@ -128,8 +155,16 @@ class DecoderRunner:
             for state in self.states:
                 current.clear()
                 current["valid"] = state.valid
-                out = layer(state.hidden, **state.layer_kwargs[index])
+                kwargs = state.layer_kwargs[index]
+                if attention:
+                    recorder = _KVRecorder(state.valid)
+                    kwargs = {**kwargs, "past_key_values": recorder}
+                out = layer(state.hidden, **kwargs)
                 state.hidden = out[0] if isinstance(out, tuple) else out
+                if attention:
+                    for kv, value in recorder.amax.items():
+                        name = f"{attention[0]}.{kv}"
+                        amax[name] = value if name not in amax else torch.maximum(amax[name], value)
         finally:
             for handle in handles:
                 handle.remove()

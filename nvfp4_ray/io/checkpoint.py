@@ -9,6 +9,7 @@ any work starts.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import posixpath
 import re
@@ -79,6 +80,29 @@ def open_checkpoint(url: str) -> SourceCheckpoint:
         if name.endswith(_COPIED_SUFFIXES) and name not in _NOT_COPIED and not name.startswith(".")
     }
     return SourceCheckpoint(store, config, config_bytes, infos, tensors, copied)
+
+
+def with_config_overrides(source: SourceCheckpoint, overrides: list[str]) -> SourceCheckpoint:
+    """The checkpoint as if its config.json had the given KEY=VALUE edits (dotted keys into
+    nested objects; VALUE is JSON, or else a plain string). Parents must exist."""
+    if not overrides:
+        return source
+    config = json.loads(source.config_bytes)
+    for override in overrides:
+        key, _, raw = override.partition("=")
+        try:
+            value = json.loads(raw)
+        except json.JSONDecodeError:
+            value = raw
+        *parents, leaf = key.split(".")
+        target = config
+        for part in parents:
+            target = target.get(part) if isinstance(target, dict) else None
+            if not isinstance(target, dict):
+                raise InputError(f"config override {override!r}: config.json has no object at {'.'.join(parents)}")
+        target[leaf] = value
+    data = (json.dumps(config, indent=2) + "\n").encode("utf-8")
+    return dataclasses.replace(source, config=_parse_config(data, source.store), config_bytes=data)
 
 
 def _parse_config(data: bytes, store: Store) -> dict:

@@ -33,6 +33,11 @@ def write_checkpoint(plan: Plan, files: list[WrittenFile]) -> dict[str, bytes]:
         names = sorted(plan.source.copied_files)
         for name, data in zip(names, pool.map(plan.source.store.read_bytes, names)):
             small[name] = data
+    if plan.config.write_preprocessor_config and "preprocessor_config.json" not in small:
+        # transformers 5 keeps the image processor inside processor_config.json; vLLM's
+        # Mistral3 loader still reads preprocessor_config.json
+        block = json.loads(small["processor_config.json"])["image_processor"]
+        small["preprocessor_config.json"] = (json.dumps(block, indent=2, sort_keys=True) + "\n").encode("utf-8")
     weight_map, total = {}, 0
     for written in files:
         for tensor, size in written.tensors.items():

@@ -27,7 +27,7 @@ from nvfp4_ray.errors import JobError
 from nvfp4_ray.io import destination, versions
 from nvfp4_ray.io.storage import Store
 from nvfp4_ray.io.tensors import TORCH_DTYPES, WrittenFile, encode_shard
-from nvfp4_ray.layer_quantizer import input_scale_entries
+from nvfp4_ray.layer_quantizer import scale_entries
 from nvfp4_ray.pipeline.events import Events
 from nvfp4_ray.pipeline.placement import Placement
 from nvfp4_ray.pipeline.plan import Plan, calibration_keys, digest
@@ -63,7 +63,6 @@ class Execution:
         self.config = plan.config
         self.dest = Store(self.config.dest)
         self.written: dict[str, WrittenFile] = {}  # unit key -> file
-        self.amax: dict[str, float] = {}  # checkpoint Linear name -> calibration amax
         self.layer_amax: list[dict[str, float]] = [{} for _ in plan.layer_units]
         self.reads: Counter = Counter()  # node -> layer reads
         self.reused: list[str] = []
@@ -233,14 +232,13 @@ class Execution:
     def _calibrate_layer(self, index: int, refs: dict[str, object]) -> None:
         calibration = self.calibration
         spec = self.plan.layer_units[index].spec
-        record = [linear.local for linear in spec.linears]
         calls = [
-            worker.run_layer.remote(index, refs[node], spec.tensors, record)
+            worker.run_layer.remote(index, refs[node], spec)
             for worker, node in zip(calibration.workers, calibration.nodes)
         ]
         results = self._gather_layer(index, calls, refs)
         reduced = {}
-        for local in record:
+        for local in self.plan.record_sets()[index]:
             values = [result[local] for result in results if local in result]
             reduced[local] = math.nan if any(math.isnan(v) for v in values) else max(values)
         self.layer_amax[index] = reduced
@@ -281,8 +279,7 @@ class Execution:
             if ref is None:
                 ref = read_tensors_task.options(**Placement.on_node(node)).remote(self.config.source, unit.tensors)
                 self.reads[node] += 1
-            record = [linear.local for linear in unit.spec.linears]
-            result = self._get([worker.run_layer.remote(layer, ref, unit.spec.tensors, record)])[0]
+            result = self._get([worker.run_layer.remote(layer, ref, unit.spec)])[0]
         return result
 
     def _maybe_checkpoint(self, index: int) -> None:
@@ -304,10 +301,8 @@ class Execution:
         """The input scales file is named after its content: when re-calibration (say, after
         a config change) gives the same scales, the file already at DEST is the answer."""
         plan = self.plan
-        for unit, reduced in zip(plan.layer_units, self.layer_amax):
-            for linear in unit.spec.linears:
-                self.amax[linear.checkpoint] = reduced[linear.local]
-        entries = input_scale_entries(self.amax, TORCH_DTYPES[plan.spec.dtype])
+        layers = [unit.spec for unit in plan.layer_units]
+        entries = scale_entries(layers, self.layer_amax, plan.spec.kv_args, TORCH_DTYPES[plan.spec.dtype])
         data, written = encode_shard("", entries)
         key = written.sha256[:16]
         file_name = f"model-input-scales-{key}.safetensors"

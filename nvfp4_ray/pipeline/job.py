@@ -56,6 +56,8 @@ def run_quantize(config: QuantizeConfig, events: Events) -> dict:
         f"Linears to quantize, {len(plan.samples or [])} calibration samples",
         model=plan.spec.architecture,
     )
+    for note in plan.recipe.notes:
+        events.warning(note)
     if text_model_type(plan.source.config) in REFERENCE_DROPS_CAUSAL_MASK:
         events.warning(
             "llm-compressor 0.14 calibrates this model type without a causal mask (bidirectional attention); "

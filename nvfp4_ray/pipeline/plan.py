@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import compressed_tensors
 
@@ -31,7 +31,7 @@ from nvfp4_ray.architecture import (
 from nvfp4_ray.calibration.data import read_samples, samples_hash
 from nvfp4_ray.config import QuantizeConfig
 from nvfp4_ray.errors import InputError
-from nvfp4_ray.io.checkpoint import SourceCheckpoint, SourceTensor, open_checkpoint
+from nvfp4_ray.io.checkpoint import SourceCheckpoint, SourceTensor, open_checkpoint, with_config_overrides
 from nvfp4_ray.io.storage import Store
 from nvfp4_ray.io import destination
 from nvfp4_ray.recipe import Recipe, load_recipe
@@ -75,7 +75,6 @@ class Plan:
     config_json: bytes
     fingerprint: dict
     previous: dict | None = None  # manifest of the checkpoint committed at DEST, if any
-    notes: list[str] = field(default_factory=list)
 
     @property
     def needs_calibration(self) -> bool:
@@ -86,8 +85,8 @@ class Plan:
         return self.config.exact and text_model_type(self.source.config) in REFERENCE_DROPS_CAUSAL_MASK
 
     def record_sets(self) -> list[list[str]]:
-        """Per layer: the Linears (names inside the layer) whose input amax is recorded."""
-        return [[linear.local for linear in unit.spec.linears] for unit in self.layer_units]
+        """Per layer: what calibration records (Linear inputs, and k/v of KV-cache scales)."""
+        return [unit.spec.recorded + [f"{a.local}.{kv}" for a in unit.spec.attention for kv in "kv"] for unit in self.layer_units]
 
 
 def digest(value: object) -> str:
@@ -116,7 +115,8 @@ class Inputs:
 
 
 def read_inputs(config: QuantizeConfig) -> Inputs:
-    source = open_checkpoint(config.source)
+    source = with_config_overrides(open_checkpoint(config.source), config.config_override or [])
+    _check_preprocessor_option(config, source)
     model_type = source.config.get("model_type")
     recipe = load_recipe(config.recipe, config.scheme, config.ignore_patterns, ALWAYS_IGNORED.get(model_type, []))
     dest = Store(config.dest)
@@ -133,6 +133,8 @@ def read_inputs(config: QuantizeConfig) -> Inputs:
         "format": _scheme_tag(),
         "source": {name: info.identity for name, info in sorted(source.files.items())},
         "config_sha256": hashlib.sha256(source.config_bytes).hexdigest(),
+        "config_overrides": list(config.config_override or []),
+        "write_preprocessor_config": config.write_preprocessor_config,
         "copied_files": {name: info.identity for name, info in sorted(source.copied_files.items())},
         "recipe_sha256": hashlib.sha256(recipe.yaml_text.encode()).hexdigest(),
         "calibration": samples_hash(samples) if samples is not None else None,
@@ -145,6 +147,15 @@ def read_inputs(config: QuantizeConfig) -> Inputs:
             "pass --overwrite (or --if-changed) to replace it"
         )
     return inputs
+
+
+def _check_preprocessor_option(config: QuantizeConfig, source: SourceCheckpoint) -> None:
+    if config.write_preprocessor_config and "preprocessor_config.json" not in source.copied_files:
+        if "processor_config.json" not in source.copied_files:
+            raise InputError("--write-preprocessor-config needs a processor_config.json in SOURCE; it has none")
+        block = json.loads(source.store.read_bytes("processor_config.json")).get("image_processor")
+        if not isinstance(block, dict):
+            raise InputError("--write-preprocessor-config: processor_config.json has no 'image_processor' object")
 
 
 def _scheme_tag() -> dict:
@@ -160,11 +171,11 @@ def _calibration_options(config: QuantizeConfig, source: SourceCheckpoint) -> di
 
 def build_plan(config: QuantizeConfig, inputs: Inputs) -> Plan:
     source, recipe, samples = inputs.source, inputs.recipe, inputs.samples
-    spec = describe_model(source.config, source.tensors, recipe)
+    spec, quantized_model = describe_model(source.config, source.tensors, recipe)
 
     from nvfp4_ray.checkpoint_metadata import output_config_json
 
-    config_json = output_config_json(source.config_bytes, source.config, spec, recipe)
+    config_json = output_config_json(source.config_bytes, quantized_model, spec)
     scheme_tag = _scheme_tag()
     width = max(3, len(str(len(spec.layers) - 1)))
     layer_units = []
@@ -175,7 +186,7 @@ def build_plan(config: QuantizeConfig, inputs: Inputs) -> Plan:
                 **scheme_tag,
                 "kind": "layer",
                 "tensors": [tensor_identity(source, t) for t in tensors],
-                "groups": [[(linear.checkpoint, linear.scheme) for linear in group] for group in layer.groups],
+                "groups": [[(linear.checkpoint, linear.scheme.model_dump_json()) for linear in group] for group in layer.groups],
             }
         )
         layer_units.append(LayerUnit(layer, tensors, key, f"model-layer-{layer.index:0{width}d}-{key}.safetensors"))

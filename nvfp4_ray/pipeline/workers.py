@@ -100,9 +100,9 @@ class CalibrationWorker:
         self.runner.start(batches, embed.tensor(embed_name))
         return sum(batch.tokens for batch in batches)
 
-    def run_layer(self, index: int, bundle: TensorBundle, tensor_names: dict[str, str], record: list[str]) -> dict:
-        weights = {local: bundle.tensor(name) for name, local in tensor_names.items()}
-        return self.runner.run_layer(index, weights, record)
+    def run_layer(self, index: int, bundle: TensorBundle, spec) -> dict:
+        weights = {local: bundle.tensor(name) for name, local in spec.tensors.items()}
+        return self.runner.run_layer(index, weights, spec.recorded, [a.local for a in spec.attention])
 
     def save_hidden(self, dest_url: str, folder: str) -> None:
         dest = Store(dest_url)
