@@ -231,6 +231,9 @@ def nvfp4_ray_run(source, calibration, work, samples, seq_len, gpus, timed_input
             summary = run_quantize(config, Events("text", stream=_LogStream()))
             seconds = time.monotonic() - start
         log(f"nvfp4-ray: done in {seconds:.1f}s")
+        timeline = os.environ.get("NVFP4_BENCH_TIMELINE")
+        if timeline:  # Ray's Chrome trace of every task and actor call, for diagnosis
+            ray.timeline(filename=f"{timeline}-{gpus}gpu.json")
     finally:
         ray.shutdown()
     if not os.path.exists(os.path.join(dest, "_SUCCESS")):
