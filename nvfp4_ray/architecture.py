@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import torch
 
 from nvfp4_ray.errors import InputError
+from nvfp4_ray.io.tensors import torch_dtype
 
 # Model families whose decoder layers we run and whose outputs are tested against
 # llm-compressor. The value is the text model types allowed inside a composite model.
@@ -32,7 +33,7 @@ REFERENCE_DROPS_CAUSAL_MASK = ("mistral", "ministral3")
 # Siblings that vLLM fuses into one GEMM (llm-compressor's FUSED_LAYER_NAMES): they share a
 # global scale, and must be all quantized or all ignored.
 FUSED_SIBLINGS = (("gate_proj", "up_proj"), ("q_proj", "k_proj", "v_proj"), ("q_a_proj", "kv_a_proj_with_mqa"), ("w1", "w3"))
-_TORCH_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}
+_QUANTIZABLE_DTYPES = ("BF16", "F16", "F32")
 
 
 @dataclass(frozen=True)
@@ -143,7 +144,7 @@ def describe_model(config: dict, checkpoint_tensors: dict, recipe) -> tuple[Mode
     layer_prefixes = [f"{backbone_name}.layers.{i}." for i in range(len(backbone.layers))]
     dtype = _check_targets(model, targeted, layer_prefixes, checkpoint_tensors, to_checkpoint)
     if dtype != "BF16":  # config.json records the dtype the reference loads the model in
-        model = build_meta_model(config, dtype=_TORCH_DTYPES[dtype])
+        model = build_meta_model(config, dtype=torch_dtype(dtype))
         targeted, attention_kv = _attach_schemes(model, recipe)
     _check_fused_groups(model, targeted)
 
@@ -299,7 +300,7 @@ def _check_targets(model, targeted, layer_prefixes, checkpoint_tensors, to_check
         dtypes.add(checkpoint_tensors[to_checkpoint[f"{name}.weight"]].entry.dtype)
     if not targeted:
         raise InputError("no Linear layer matches the recipe's targets after the ignore list: nothing to quantize")
-    bad = dtypes - set(_TORCH_DTYPES)
+    bad = dtypes - set(_QUANTIZABLE_DTYPES)
     if bad or len(dtypes) > 1:
         raise InputError(f"quantized weights must share one float dtype (BF16, F16 or F32), found {sorted(dtypes)}")
     return dtypes.pop()

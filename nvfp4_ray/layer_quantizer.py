@@ -15,8 +15,8 @@ from nvfp4_ray.formats import linear as formats
 from nvfp4_ray.io.tensors import FLOAT_DTYPES, TensorBundle, bundle_entry, torch_entry
 
 
-def check_finite(bundle: TensorBundle, names, device: torch.device) -> None:
-    for name in names:
+def check_finite(bundle: TensorBundle, device: torch.device) -> None:
+    for name in bundle.names():
         _, dtype, _ = bundle.entries[name]
         if dtype in FLOAT_DTYPES and not bool(torch.isfinite(bundle.tensor(name).to(device)).all()):
             raise InputError(f"tensor {name!r} contains NaN or Inf; the source checkpoint is broken")
@@ -24,7 +24,7 @@ def check_finite(bundle: TensorBundle, names, device: torch.device) -> None:
 
 def quantize_layer(spec: LayerSpec, bundle: TensorBundle, device: torch.device) -> list[tuple]:
     """Output entries (name, dtype, shape, bytes) for one decoder layer."""
-    check_finite(bundle, bundle.names(), device)
+    check_finite(bundle, device)
     entries = []
     replaced = set()
     for group in spec.groups:

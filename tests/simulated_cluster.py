@@ -31,10 +31,10 @@ def main() -> None:
     from nvfp4_ray.pipeline.events import Events
     from nvfp4_ray.pipeline.job import run_quantize
 
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "num_gpus": 0 if late else 1})
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 4, "num_gpus": 0 if late else 1})
     for _ in range(int(nodes) - (0 if late else 1)):
         if not late:
-            cluster.add_node(num_cpus=2, num_gpus=1)
+            cluster.add_node(num_cpus=4, num_gpus=1)
     cluster.wait_for_nodes()
     ray.init(address=cluster.address, log_to_driver=False)
 
@@ -49,7 +49,7 @@ def main() -> None:
         if late:  # nodes join while the job waits for its placement group (main thread only)
             time.sleep(5)
             for _ in range(int(nodes)):
-                cluster.add_node(num_cpus=2, num_gpus=1)
+                cluster.add_node(num_cpus=4, num_gpus=1)
         job.join()
         if not result:
             raise SystemExit("the job failed")

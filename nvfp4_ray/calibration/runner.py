@@ -86,11 +86,12 @@ class DecoderRunner:
             for i, layer in enumerate(self.layers)
         )
         # The rotary embedding's inverse frequencies are computed at construction, so a
-        # meta-device copy has none: build it again on the real device.
+        # meta-device copy has none. Build them on the CPU, as the reference does when it
+        # loads the model (``base ** x`` on a GPU can differ in the last bit), then move them.
         rotary = getattr(self.backbone, "rotary_emb", None)
         if rotary is not None:
-            with self.device:
-                self.backbone.rotary_emb = type(rotary)(config=rotary.config)
+            with torch.device("cpu"):
+                self.backbone.rotary_emb = type(rotary)(config=rotary.config).to(self.device)
         self.states: list[_BatchState] = []
 
     @property

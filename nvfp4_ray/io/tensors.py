@@ -10,25 +10,41 @@ workers; ``tensor()`` then views the bytes as a torch tensor, again without a co
 from __future__ import annotations
 
 import hashlib
+import warnings
 from collections import defaultdict
 from dataclasses import dataclass
+from functools import cache
 
 import numpy as np
-import torch
 
 from nvfp4_ray.io.checkpoint import SourceTensor, read_header
 from nvfp4_ray.io.safetensors_format import DTYPE_SIZES, build_file
 from nvfp4_ray.io.storage import Store
 
-TORCH_DTYPES = {
-    "BOOL": torch.bool, "U8": torch.uint8, "I8": torch.int8, "I16": torch.int16, "I32": torch.int32,
-    "I64": torch.int64, "F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32,
-    "F64": torch.float64, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
-    "U16": torch.uint16, "U32": torch.uint32, "U64": torch.uint64,
-}  # fmt: skip
-SAFETENSORS_DTYPES = {v: k for k, v in TORCH_DTYPES.items()}
 FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")
 _MERGE_GAP = 1 << 20  # read across gaps up to 1 MiB rather than issue another request
+
+
+@cache
+def _torch_dtypes() -> dict:
+    # torch is imported on first use: processes that only move bytes start faster without it
+    import torch
+
+    return {
+        "BOOL": torch.bool, "U8": torch.uint8, "I8": torch.int8, "I16": torch.int16, "I32": torch.int32,
+        "I64": torch.int64, "F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32,
+        "F64": torch.float64, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+        "U16": torch.uint16, "U32": torch.uint32, "U64": torch.uint64,
+    }  # fmt: skip
+
+
+def torch_dtype(name: str):
+    """The torch dtype of a safetensors dtype name (e.g. "BF16")."""
+    return _torch_dtypes()[name]
+
+
+def safetensors_dtype(dtype) -> str:
+    return next(name for name, value in _torch_dtypes().items() if value == dtype)
 
 
 @dataclass
@@ -41,31 +57,36 @@ class TensorBundle:
         size = int(np.prod(shape, dtype=np.int64)) * DTYPE_SIZES[dtype]
         return self.buffer[offset : offset + size]
 
-    def tensor(self, name: str) -> torch.Tensor:
+    def tensor(self, name: str):
         """A zero-copy torch view; treat it as read-only."""
+        import torch
+
         _, dtype, shape = self.entries[name]
         data = self.raw(name)
         if data.size == 0:
-            return torch.empty(shape, dtype=TORCH_DTYPES[dtype])
-        with _readonly_ok():
-            return torch.frombuffer(data, dtype=TORCH_DTYPES[dtype]).view(shape)
+            return torch.empty(shape, dtype=torch_dtype(dtype))
+        with warnings.catch_warnings():  # torch warns about read-only buffers: views are never written
+            warnings.filterwarnings("ignore", message="The given buffer is not writable")
+            return torch.frombuffer(data, dtype=torch_dtype(dtype)).view(shape)
+
+    def all_finite(self, name: str) -> bool:
+        """No NaN or Inf in a float tensor, checked on its bits (no torch, bounded memory)."""
+        _, dtype, _ = self.entries[name]
+        if dtype not in FLOAT_DTYPES:
+            return True
+        raw = self.raw(name)
+        step = 64 << 20
+        for start in range(0, raw.size, step):
+            chunk = raw[start : start + step]
+            if dtype == "BF16":  # exponent bits all ones: Inf or NaN
+                if np.any((chunk.view(np.uint16) & 0x7F80) == 0x7F80):
+                    return False
+            elif not np.isfinite(chunk.view({"F16": np.float16, "F32": np.float32, "F64": np.float64}[dtype])).all():
+                return False
+        return True
 
     def names(self) -> list[str]:
         return list(self.entries)
-
-
-class _readonly_ok:
-    """torch.frombuffer warns on read-only buffers; bundle views are never written."""
-
-    def __enter__(self):
-        import warnings
-
-        self._ctx = warnings.catch_warnings()
-        self._ctx.__enter__()
-        warnings.filterwarnings("ignore", message="The given buffer is not writable")
-
-    def __exit__(self, *exc):
-        return self._ctx.__exit__(*exc)
 
 
 def read_tensors(store: Store, tensors: list[SourceTensor]) -> TensorBundle:
@@ -111,8 +132,10 @@ def read_file(store: Store, file_name: str) -> TensorBundle:
     return read_tensors(store, [SourceTensor(file_name, entry) for entry in entries.values()])
 
 
-def tensor_bytes(tensor: torch.Tensor) -> memoryview:
+def tensor_bytes(tensor) -> memoryview:
     """The raw little-endian bytes of a CPU tensor (contiguous copy when needed)."""
+    import torch
+
     tensor = tensor.detach().contiguous().cpu()
     if tensor.numel() == 0:
         return memoryview(b"")
@@ -147,8 +170,8 @@ def write_shard(store: Store, file_name: str, tensors: list[tuple[str, str, tupl
     return written
 
 
-def torch_entry(name: str, tensor: torch.Tensor) -> tuple[str, str, tuple[int, ...], memoryview]:
-    return (name, SAFETENSORS_DTYPES[tensor.dtype], tuple(tensor.shape), tensor_bytes(tensor))
+def torch_entry(name: str, tensor) -> tuple[str, str, tuple[int, ...], memoryview]:
+    return (name, safetensors_dtype(tensor.dtype), tuple(tensor.shape), tensor_bytes(tensor))
 
 
 def bundle_entry(bundle: TensorBundle, name: str, out_name: str | None = None):

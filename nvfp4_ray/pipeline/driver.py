@@ -26,17 +26,18 @@ from nvfp4_ray.calibration.batches import deal, make_batches
 from nvfp4_ray.errors import JobError
 from nvfp4_ray.io import destination, versions
 from nvfp4_ray.io.storage import Store
-from nvfp4_ray.io.tensors import TORCH_DTYPES, WrittenFile, encode_shard
+from nvfp4_ray.io.tensors import WrittenFile, encode_shard, torch_dtype
 from nvfp4_ray.layer_quantizer import scale_entries
 from nvfp4_ray.pipeline.events import Events
 from nvfp4_ray.pipeline.placement import Placement
-from nvfp4_ray.pipeline.plan import Plan, calibration_keys, digest
+from nvfp4_ray.pipeline.plan import Plan, calibration_keys, digest, reference_drops_causal_mask
 from nvfp4_ray.pipeline.workers import (
     CalibrationWorker,
     copy_unit_task,
     quantize_layer_task,
     read_tensors_task,
     unwrap,
+    warm_up_task,
     write_unit,
 )
 
@@ -57,9 +58,28 @@ class Calibration:
     last_checkpoint_time: float = field(default_factory=time.monotonic)
 
 
+def start_workers(placement: Placement, config, inputs) -> list:
+    """Create the calibration actors and warm the weight tasks' processes; called before the
+    plan is finished, so that the seconds a process takes to import torch and create a CUDA
+    context pass while the plan completes and the first layers are read."""
+    for bundle in range(placement.size):
+        for _ in range(placement.tasks_per_bundle):
+            warm_up_task.options(**placement.task_options(bundle)).remote()
+    if inputs.samples is None:
+        return []
+    count = min(placement.size, len(make_batches(inputs.samples, config.batch_tokens)))
+    drop_mask = reference_drops_causal_mask(config, inputs.source.config)
+    batched = config.batch_tokens is not None
+    return [
+        CalibrationWorker.options(**placement.worker_options(i)).remote(inputs.source.config, batched, drop_mask)
+        for i in range(count)
+    ]
+
+
 class Execution:
-    def __init__(self, plan: Plan, placement: Placement, events: Events):
+    def __init__(self, plan: Plan, placement: Placement, events: Events, workers: list | None = None):
         self.plan, self.placement, self.events = plan, placement, events
+        self.started_workers = list(workers or [])
         self.config = plan.config
         self.dest = Store(self.config.dest)
         self.written: dict[str, WrittenFile] = {}  # unit key -> file
@@ -118,7 +138,7 @@ class Execution:
         plan, placement = self.plan, self.placement
         batches = make_batches(plan.samples, self.config.batch_tokens)
         count = min(placement.size, len(batches))
-        workers = [self._new_worker(i) for i in range(count)]
+        workers = self.started_workers or [self._new_worker(i) for i in range(count)]
         infos = self._get([w.describe.remote() for w in workers])
         signature = "+".join(sorted({info["signature"] for info in infos}))
         keys = calibration_keys(plan, signature)
@@ -233,7 +253,7 @@ class Execution:
         calibration = self.calibration
         spec = self.plan.layer_units[index].spec
         calls = [
-            worker.run_layer.remote(index, refs[node], spec)
+            worker.run_layer.remote(index, refs[node], *self._layer_call(spec))
             for worker, node in zip(calibration.workers, calibration.nodes)
         ]
         results = self._gather_layer(index, calls, refs)
@@ -245,6 +265,10 @@ class Execution:
         key = calibration.keys[index]
         self.dest.write_text(f"{CALIBRATION_DIR}/{key}.json", json.dumps(reduced, sort_keys=True))
         self._maybe_checkpoint(index)
+
+    @staticmethod
+    def _layer_call(spec) -> tuple:
+        return dict(spec.tensors), list(spec.recorded), [a.local for a in spec.attention]
 
     def _gather_layer(self, index: int, calls: list, refs: dict) -> list[dict]:
         """Results of every worker for one layer; a lost worker is replaced and caught up."""
@@ -279,7 +303,7 @@ class Execution:
             if ref is None:
                 ref = read_tensors_task.options(**Placement.on_node(node)).remote(self.config.source, unit.tensors)
                 self.reads[node] += 1
-            result = self._get([worker.run_layer.remote(layer, ref, unit.spec)])[0]
+            result = self._get([worker.run_layer.remote(layer, ref, *self._layer_call(unit.spec))])[0]
         return result
 
     def _maybe_checkpoint(self, index: int) -> None:
@@ -302,7 +326,7 @@ class Execution:
         a config change) gives the same scales, the file already at DEST is the answer."""
         plan = self.plan
         layers = [unit.spec for unit in plan.layer_units]
-        entries = scale_entries(layers, self.layer_amax, plan.spec.kv_args, TORCH_DTYPES[plan.spec.dtype])
+        entries = scale_entries(layers, self.layer_amax, plan.spec.kv_args, torch_dtype(plan.spec.dtype))
         data, written = encode_shard("", entries)
         key = written.sha256[:16]
         file_name = f"model-input-scales-{key}.safetensors"

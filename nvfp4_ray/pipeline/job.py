@@ -45,32 +45,26 @@ def run_quantize(config: QuantizeConfig, events: Events) -> dict:
         check_base(config.source)
     with events.stage("plan"):
         inputs = read_inputs(config)
-        if inputs.unchanged and config.if_changed:
-            events.info("DEST already holds a checkpoint of exactly these inputs: nothing to do")
-            version = inputs.previous["version"]
-            return {"status": "unchanged", "dest": _display(config.dest), "version": version,
-                    "total_s": round(time.monotonic() - started, 3)}  # fmt: skip
-        plan = build_plan(config, inputs)
-    events.info(
-        f"planned {len(plan.layer_units)} decoder layers, {sum(len(u.spec.linears) for u in plan.layer_units)} "
-        f"Linears to quantize, {len(plan.samples or [])} calibration samples",
-        model=plan.spec.architecture,
-    )
-    for note in plan.recipe.notes:
+    if inputs.unchanged and config.if_changed:
+        events.info("DEST already holds a checkpoint of exactly these inputs: nothing to do")
+        version = inputs.previous["version"]
+        return {"status": "unchanged", "dest": _display(config.dest), "version": version,
+                "total_s": round(time.monotonic() - started, 3)}  # fmt: skip
+    for note in inputs.recipe.notes:
         events.warning(note)
-    if text_model_type(plan.source.config) in REFERENCE_DROPS_CAUSAL_MASK:
+    if text_model_type(inputs.source.config) in REFERENCE_DROPS_CAUSAL_MASK:
         events.warning(
             "llm-compressor 0.14 calibrates this model type without a causal mask (bidirectional attention); "
             + (
                 "--exact reproduces that, byte for byte"
-                if plan.reference_drops_causal_mask
+                if config.exact
                 else "this run uses the causal mask vLLM uses, so input scales differ from llm-compressor's "
                 "(--exact reproduces them)"
             )
         )
     with ray_session(config.ray_address):
         from nvfp4_ray.pipeline.commit import commit, write_checkpoint
-        from nvfp4_ray.pipeline.driver import Execution
+        from nvfp4_ray.pipeline.driver import Execution, start_workers
         from nvfp4_ray.pipeline.placement import Placement
 
         with events.stage("placement"):
@@ -78,7 +72,15 @@ def run_quantize(config: QuantizeConfig, events: Events) -> dict:
                 config.num_workers, config.worker_device, config.placement_timeout_minutes * 60
             )
         try:
-            execution = Execution(plan, placement, events)
+            workers = start_workers(placement, config, inputs)  # they start up while the plan finishes
+            with events.stage("plan"):
+                plan = build_plan(config, inputs)
+            events.info(
+                f"planned {len(plan.layer_units)} decoder layers, {sum(len(u.spec.linears) for u in plan.layer_units)} "
+                f"Linears to quantize, {len(plan.samples or [])} calibration samples",
+                model=plan.spec.architecture,
+            )
+            execution = Execution(plan, placement, events, workers)
             execution.run()
         finally:
             placement.release()

@@ -1,9 +1,10 @@
 """Where the work runs: one placement-group bundle per calibration worker.
 
-A bundle is one GPU (plus CPUs) on GPU clusters, or a node's CPUs on CPU-only clusters.
-The worker actor takes half of its bundle's GPU; weight tasks take the other half, so
-packing runs on the same GPU beside calibration (a task without a GPU share would get an
-empty CUDA_VISIBLE_DEVICES from Ray). Reads are zero-CPU tasks pinned to a node.
+A bundle is one GPU and 4 CPUs on GPU clusters, or a node's CPUs on CPU-only clusters.
+On a GPU, the worker actor takes a quarter of the GPU and one CPU, and up to three weight
+tasks run beside it with a quarter and one CPU each (a task without a GPU share would get
+an empty CUDA_VISIBLE_DEVICES from Ray): packing overlaps calibration and hashing/writing
+of the previous layers. Reads are zero-CPU tasks pinned to a node.
 """
 
 from __future__ import annotations
@@ -15,6 +16,9 @@ from ray.util.placement_group import placement_group, placement_group_table, rem
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy, PlacementGroupSchedulingStrategy
 
 from nvfp4_ray.errors import InputError, JobError
+
+GPU_TASKS = 3  # weight tasks that may share a GPU with its calibration worker
+GPU_SHARE = 1 / (1 + GPU_TASKS)
 
 
 
@@ -44,7 +48,7 @@ class Placement:
                     f"--num-workers {count} asks for more GPUs than the cluster has ({gpus}); "
                     "pass --worker-device gpu to wait for the autoscaler to add GPU nodes"
                 )
-            bundle = {"CPU": 2, "GPU": 1}
+            bundle = {"CPU": 1 + GPU_TASKS, "GPU": 1}
         else:
             count = num_workers or len([c for c in cpus if c >= 2]) or 1
             per_bundle = max(2, int(sum(cpus) // count))
@@ -59,12 +63,18 @@ class Placement:
             )
         table = placement_group_table(group)["bundles_to_node_id"]
         nodes = [table[i] for i in range(count)]
+        if use_gpu:
+            return cls(group=group, nodes=nodes, gpu=True, worker_cpus=1, task_cpus=1)
         half = bundle["CPU"] / 2
-        return cls(group=group, nodes=nodes, gpu=use_gpu, worker_cpus=half, task_cpus=half)
+        return cls(group=group, nodes=nodes, gpu=False, worker_cpus=half, task_cpus=half)
 
     @property
     def size(self) -> int:
         return len(self.nodes)
+
+    @property
+    def tasks_per_bundle(self) -> int:
+        return GPU_TASKS if self.gpu else 1
 
     def distinct_nodes(self) -> list[str]:
         return list(dict.fromkeys(self.nodes))
@@ -73,10 +83,10 @@ class Placement:
         return {"scheduling_strategy": PlacementGroupSchedulingStrategy(self.group, placement_group_bundle_index=index)}
 
     def worker_options(self, index: int) -> dict:
-        return {"num_cpus": self.worker_cpus, "num_gpus": 0.5 if self.gpu else 0, **self._in_bundle(index)}
+        return {"num_cpus": self.worker_cpus, "num_gpus": GPU_SHARE if self.gpu else 0, **self._in_bundle(index)}
 
     def task_options(self, index: int) -> dict:
-        return {"num_cpus": self.task_cpus, "num_gpus": 0.5 if self.gpu else 0, **self._in_bundle(index)}
+        return {"num_cpus": self.task_cpus, "num_gpus": GPU_SHARE if self.gpu else 0, **self._in_bundle(index)}
 
     @staticmethod
     def on_node(node_id: str) -> dict:

@@ -82,7 +82,7 @@ class Plan:
 
     @property
     def reference_drops_causal_mask(self) -> bool:
-        return self.config.exact and text_model_type(self.source.config) in REFERENCE_DROPS_CAUSAL_MASK
+        return reference_drops_causal_mask(self.config, self.source.config)
 
     def record_sets(self) -> list[list[str]]:
         """Per layer: what calibration records (Linear inputs, and k/v of KV-cache scales)."""
@@ -105,6 +105,8 @@ class Inputs:
 
     source: SourceCheckpoint
     recipe: Recipe
+    spec: ModelSpec
+    quantized_model: object  # meta-device model with the recipe's schemes (for config.json)
     samples: list[list[int]] | None
     fingerprint: dict
     previous: dict | None  # manifest of the checkpoint committed at DEST, if any
@@ -119,6 +121,7 @@ def read_inputs(config: QuantizeConfig) -> Inputs:
     _check_preprocessor_option(config, source)
     model_type = source.config.get("model_type")
     recipe = load_recipe(config.recipe, config.scheme, config.ignore_patterns, ALWAYS_IGNORED.get(model_type, []))
+    spec, quantized_model = describe_model(source.config, source.tensors, recipe)
     dest = Store(config.dest)
     previous = destination.check_dest(dest, config.overwrite or config.if_changed)
     samples = None
@@ -140,7 +143,7 @@ def read_inputs(config: QuantizeConfig) -> Inputs:
         "calibration": samples_hash(samples) if samples is not None else None,
         "calibration_options": _calibration_options(config, source),
     }
-    inputs = Inputs(source, recipe, samples, fingerprint, previous)
+    inputs = Inputs(source, recipe, spec, quantized_model, samples, fingerprint, previous)
     if previous is not None and not inputs.unchanged and not (config.overwrite or config.if_changed):
         raise InputError(
             f"DEST {dest.display()} already holds a checkpoint made from other inputs; "
@@ -162,20 +165,23 @@ def _scheme_tag() -> dict:
     return {"format": FORMAT_VERSION, "compressed_tensors": compressed_tensors.__version__}
 
 
+def reference_drops_causal_mask(config: QuantizeConfig, model_config: dict) -> bool:
+    return config.exact and text_model_type(model_config) in REFERENCE_DROPS_CAUSAL_MASK
+
+
 def _calibration_options(config: QuantizeConfig, source: SourceCheckpoint) -> dict:
     return {
-        "drops_causal_mask": config.exact and text_model_type(source.config) in REFERENCE_DROPS_CAUSAL_MASK,
+        "drops_causal_mask": reference_drops_causal_mask(config, source.config),
         "batch_tokens": config.batch_tokens,
     }
 
 
 def build_plan(config: QuantizeConfig, inputs: Inputs) -> Plan:
-    source, recipe, samples = inputs.source, inputs.recipe, inputs.samples
-    spec, quantized_model = describe_model(source.config, source.tensors, recipe)
+    source, recipe, samples, spec = inputs.source, inputs.recipe, inputs.samples, inputs.spec
 
     from nvfp4_ray.checkpoint_metadata import output_config_json
 
-    config_json = output_config_json(source.config_bytes, quantized_model, spec)
+    config_json = output_config_json(source.config_bytes, inputs.quantized_model, spec)
     scheme_tag = _scheme_tag()
     width = max(3, len(str(len(spec.layers) - 1)))
     layer_units = []

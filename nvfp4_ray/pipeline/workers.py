@@ -15,13 +15,14 @@ import os
 import socket
 
 import ray
-import torch
 
 from nvfp4_ray.errors import InputError, JobError
 from nvfp4_ray.io import destination
 from nvfp4_ray.io.storage import Store
 from nvfp4_ray.io.tensors import TensorBundle, encode_shard, read_file, read_tensors, torch_entry, write_shard
-from nvfp4_ray.layer_quantizer import check_finite, quantize_layer
+
+# torch, transformers and compressed-tensors are imported inside the tasks that use them:
+# a process that only reads or copies bytes then starts in a fraction of a second.
 
 # Storage hiccups (resets, throttling, timeouts) surface as OSError subclasses: retry those.
 # InputError (a broken source) and JobError (e.g. a full disk) are never retried.
@@ -45,12 +46,16 @@ def write_unit(dest: Store, file_name: str, key: str, entries: list, encoded=Non
     return written
 
 
-def _device() -> torch.device:
+def _device():
+    import torch
+
     return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
 
 
 def _use_threads() -> None:
     """Use the CPUs Ray gave this worker (Ray sets OMP_NUM_THREADS to the task's num_cpus)."""
+    import torch
+
     threads = os.environ.get("OMP_NUM_THREADS")
     if threads and threads.isdigit() and int(threads) > 0:
         torch.set_num_threads(int(threads))
@@ -61,17 +66,34 @@ def read_tensors_task(source_url: str, tensors: list) -> TensorBundle:
     return read_tensors(Store(source_url), tensors)
 
 
-@ray.remote(**RETRY)
+# Ray gives GPU tasks a fresh process per call by default (max_calls=1); a new process pays
+# for importing torch and compressed-tensors and creating a CUDA context, seconds per task.
+@ray.remote(max_calls=0, **RETRY)
 def quantize_layer_task(unit, bundle: TensorBundle, dest_url: str):
+    from nvfp4_ray.layer_quantizer import quantize_layer
+
     _use_threads()
     entries = quantize_layer(unit.spec, bundle, _device())
     return write_unit(Store(dest_url), unit.file, unit.key, entries)
 
 
+@ray.remote(max_calls=0)
+def warm_up_task() -> None:
+    """Import what weight tasks need and create the CUDA context, ahead of the first layer."""
+    import torch
+
+    import nvfp4_ray.layer_quantizer  # noqa: F401
+
+    if torch.cuda.is_available():
+        torch.zeros(1, device="cuda")
+
+
 @ray.remote(num_cpus=0, **RETRY)
 def copy_unit_task(unit, source_url: str, dest_url: str):
     bundle = read_tensors(Store(source_url), unit.tensors)
-    check_finite(bundle, bundle.names(), torch.device("cpu"))
+    for name in bundle.names():
+        if not bundle.all_finite(name):
+            raise InputError(f"tensor {name!r} contains NaN or Inf; the source checkpoint is broken")
     entries = [(name, *bundle.entries[name][1:], memoryview(bundle.raw(name)).cast("B")) for name in bundle.names()]
     return write_unit(Store(dest_url), unit.file, unit.key, entries)
 
@@ -86,6 +108,8 @@ class CalibrationWorker:
         self.runner = DecoderRunner(model_config, str(self.device), batched, drop_causal_mask)
 
     def describe(self) -> dict:
+        import torch
+
         name = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu"
         return {
             "node_id": ray.get_runtime_context().get_node_id(),
@@ -100,9 +124,10 @@ class CalibrationWorker:
         self.runner.start(batches, embed.tensor(embed_name))
         return sum(batch.tokens for batch in batches)
 
-    def run_layer(self, index: int, bundle: TensorBundle, spec) -> dict:
-        weights = {local: bundle.tensor(name) for name, local in spec.tensors.items()}
-        return self.runner.run_layer(index, weights, spec.recorded, [a.local for a in spec.attention])
+    def run_layer(self, index: int, bundle: TensorBundle, tensor_names: dict, record: list, attention: list) -> dict:
+        """Plain names only: a layer spec would make this process import compressed-tensors."""
+        weights = {local: bundle.tensor(name) for name, local in tensor_names.items()}
+        return self.runner.run_layer(index, weights, record, attention)
 
     def save_hidden(self, dest_url: str, folder: str) -> None:
         dest = Store(dest_url)
