@@ -131,7 +131,7 @@ def test_weight_task_worker_killed_is_retried(smol_job, tmp_path):
                                        max_seq_len=SEQ_LEN)  # fmt: skip
 
     (pid, *_) = wait_for(lambda: session_processes("ray::quantize_layer_task"), what="a running weight task")
-    os.kill(pid, signal.SIGKILL)  # the task dies with its worker; Ray runs it again
+    os.kill(pid, signal.SIGKILL)  # the task dies with its worker process; Ray runs it again
     thread.join(timeout=900)
     assert "error" not in result, result.get("error")
     assert_same_checkpoint(dest, clean)

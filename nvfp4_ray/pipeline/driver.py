@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from collections import Counter, deque
+from collections import Counter
 from dataclasses import dataclass, field, replace
 
 import ray
@@ -59,12 +59,16 @@ class Calibration:
 
 
 def start_workers(placement: Placement, config, inputs) -> list:
-    """Create the calibration actors and warm the weight tasks' processes; called before the
+    """Warm the weight tasks' processes and create the calibration actors; called before the
     plan is finished, so that the seconds a process takes to import torch and create a CUDA
     context pass while the plan completes and the first layers are read."""
     for bundle in range(placement.size):
         for _ in range(placement.tasks_per_bundle):
             warm_up_task.options(**placement.task_options(bundle)).remote()
+    return _start_calibration_workers(placement, config, inputs)
+
+
+def _start_calibration_workers(placement: Placement, config, inputs) -> list:
     if inputs.samples is None:
         return []
     count = min(placement.size, len(make_batches(inputs.samples, config.batch_tokens)))
@@ -77,9 +81,9 @@ def start_workers(placement: Placement, config, inputs) -> list:
 
 
 class Execution:
-    def __init__(self, plan: Plan, placement: Placement, events: Events, workers: list | None = None):
+    def __init__(self, plan: Plan, placement: Placement, events: Events, workers: list):
         self.plan, self.placement, self.events = plan, placement, events
-        self.started_workers = list(workers or [])
+        self.started_workers = workers  # calibration actors created by start_workers
         self.config = plan.config
         self.dest = Store(self.config.dest)
         self.written: dict[str, WrittenFile] = {}  # unit key -> file
@@ -209,8 +213,8 @@ class Execution:
         ]
         self.events.progress("layers", len(todo), unit="layer")
         reads: dict[int, dict[str, object]] = {}
-        pending: deque = deque()
-        window = self.config.prefetch_layers + 1
+        pending: list = []
+        window = self.config.prefetch_layers + self.placement.tasks_per_bundle * self.placement.size
         next_read = 0
         for position, index in enumerate(todo):
             while next_read < len(todo) and next_read <= position + self.config.prefetch_layers:
@@ -218,18 +222,18 @@ class Execution:
                 next_read += 1
             unit = plan.layer_units[index]
             if unit.key not in self.written:
-                bundle_index = index % self.placement.size
-                ref = reads[index][self.placement.nodes[bundle_index]]
-                task = quantize_layer_task.options(**self.placement.task_options(bundle_index))
-                pending.append(task.remote(unit, ref, self.config.dest))
+                bundle = index % self.placement.size
+                task = quantize_layer_task.options(**self.placement.task_options(bundle))
+                pending.append(task.remote(unit, reads[index][self.placement.nodes[bundle]], self.config.dest))
             if index >= calibrate_from:
                 self._calibrate_layer(index, reads[index])
             del reads[index]
-            while len(pending) > window or (pending and not calibration):
-                self._finish_weight_task(pending.popleft())
+            # bound the layers held in memory, but never wait for one particular layer
+            while len(pending) > window:
+                pending = self._finish_weight_calls(pending)
             self.events.advance("layers")
         while pending:
-            self._finish_weight_task(pending.popleft())
+            pending = self._finish_weight_calls(pending)
 
     def _issue_reads(self, index: int, calibrate_from: int) -> dict[str, object]:
         unit = self.plan.layer_units[index]
@@ -244,10 +248,13 @@ class Execution:
             self.reads[node] += 1
         return refs
 
-    def _finish_weight_task(self, ref) -> None:
-        (written,) = self._get([ref])
-        self.written[self._key_of(written.name)] = written
-        self.computed.append(written.name)
+    def _finish_weight_calls(self, pending: list) -> list:
+        """Collect whichever weight calls have finished (at least one); return the others."""
+        done, pending = ray.wait(pending, num_returns=1)
+        for written in self._get(done):
+            self.written[self._key_of(written.name)] = written
+            self.computed.append(written.name)
+        return pending
 
     def _calibrate_layer(self, index: int, refs: dict[str, object]) -> None:
         calibration = self.calibration

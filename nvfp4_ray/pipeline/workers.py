@@ -66,9 +66,15 @@ def read_tensors_task(source_url: str, tensors: list) -> TensorBundle:
     return read_tensors(Store(source_url), tensors)
 
 
-# Ray gives GPU tasks a fresh process per call by default (max_calls=1); a new process pays
-# for importing torch and compressed-tensors and creating a CUDA context, seconds per task.
-@ray.remote(max_calls=0, **RETRY)
+# Weight tasks run in worker processes of their own: Ray reuses a process only for tasks of
+# the same runtime environment, so a task never lands in a process that has only read
+# bytes and must first import torch and compressed-tensors and create a CUDA context
+# (11-17 s per process on the H100 VM). max_calls=0: Ray would otherwise start a fresh
+# process for every GPU task.
+QUANTIZE_POOL = {"env_vars": {"NVFP4_RAY_POOL": "quantize"}}
+
+
+@ray.remote(max_calls=0, runtime_env=QUANTIZE_POOL, **RETRY)
 def quantize_layer_task(unit, bundle: TensorBundle, dest_url: str):
     from nvfp4_ray.layer_quantizer import quantize_layer
 
@@ -77,9 +83,9 @@ def quantize_layer_task(unit, bundle: TensorBundle, dest_url: str):
     return write_unit(Store(dest_url), unit.file, unit.key, entries)
 
 
-@ray.remote(max_calls=0)
+@ray.remote(max_calls=0, runtime_env=QUANTIZE_POOL)
 def warm_up_task() -> None:
-    """Import what weight tasks need and create the CUDA context, ahead of the first layer."""
+    """Start a weight-task process ahead of the first layer: imports and CUDA context."""
     import torch
 
     import nvfp4_ray.layer_quantizer  # noqa: F401
