@@ -57,7 +57,9 @@ class QuantizeConfig(BaseModel):
     batch_tokens: int | None = Field(
         None, ge=1, description="pack samples into padded SDPA batches of this many tokens (input scales drift a little)"
     )
-    prefetch_layers: int = Field(2, ge=0, description="layers read ahead of the one being calibrated")
+    prefetch_gib: float = Field(
+        4.0, gt=0, description="read layers ahead while less than this (GiB per node) waits in memory; at least one"
+    )
     checkpoint_minutes: float = Field(
         5.0, ge=0, description="persist calibration state this often so a crash resumes mid-model (0: every layer)"
     )

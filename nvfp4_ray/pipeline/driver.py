@@ -213,27 +213,47 @@ class Execution:
         ]
         self.events.progress("layers", len(todo), unit="layer")
         reads: dict[int, dict[str, object]] = {}
-        pending: list = []
-        window = self.config.prefetch_layers + self.placement.tasks_per_bundle * self.placement.size
+        pending: dict = {}  # weight task -> layer
+        # layers read (or being read) that a weight task or the calibration still needs
+        waiting: dict[int, set[str]] = {}
+        # never more than half the object store: the rest is for the tasks' results and spills
+        budget = min(self.config.prefetch_gib * 2**30, self.placement.object_store_bytes / 2)
         next_read = 0
+
+        def held() -> int:
+            return sum(plan.layer_units[i].nbytes for i in waiting)
+
+        def release(index: int, consumer: str) -> None:
+            waiting[index].discard(consumer)
+            if not waiting[index]:
+                del waiting[index]
+
         for position, index in enumerate(todo):
-            while next_read < len(todo) and next_read <= position + self.config.prefetch_layers:
-                reads[todo[next_read]] = self._issue_reads(todo[next_read], calibrate_from)
+            while next_read < len(todo) and (
+                next_read <= position or held() + plan.layer_units[todo[next_read]].nbytes <= budget
+            ):
+                ahead = todo[next_read]
+                reads[ahead] = self._issue_reads(ahead, calibrate_from)
+                waiting[ahead] = {"weights"} if plan.layer_units[ahead].key not in self.written else set()
+                if ahead >= calibrate_from:
+                    waiting[ahead].add("calibration")
                 next_read += 1
             unit = plan.layer_units[index]
             if unit.key not in self.written:
                 bundle = index % self.placement.size
                 task = quantize_layer_task.options(**self.placement.task_options(bundle))
-                pending.append(task.remote(unit, reads[index][self.placement.nodes[bundle]], self.config.dest))
+                pending[task.remote(unit, reads[index][self.placement.nodes[bundle]], self.config.dest)] = index
             if index >= calibrate_from:
                 self._calibrate_layer(index, reads[index])
+                release(index, "calibration")
             del reads[index]
-            # bound the layers held in memory, but never wait for one particular layer
-            while len(pending) > window:
-                pending = self._finish_weight_calls(pending)
+            # weight tasks may lag behind: bound what they hold, never waiting for one in particular
+            while pending and held() > budget:
+                for done in self._finish_weight_calls(pending):
+                    release(done, "weights")
             self.events.advance("layers")
         while pending:
-            pending = self._finish_weight_calls(pending)
+            self._finish_weight_calls(pending)
 
     def _issue_reads(self, index: int, calibrate_from: int) -> dict[str, object]:
         unit = self.plan.layer_units[index]
@@ -248,13 +268,13 @@ class Execution:
             self.reads[node] += 1
         return refs
 
-    def _finish_weight_calls(self, pending: list) -> list:
-        """Collect whichever weight calls have finished (at least one); return the others."""
-        done, pending = ray.wait(pending, num_returns=1)
+    def _finish_weight_calls(self, pending: dict) -> list[int]:
+        """Collect whichever weight tasks have finished (at least one); return their layers."""
+        done, _ = ray.wait(list(pending), num_returns=1)
         for written in self._get(done):
             self.written[self._key_of(written.name)] = written
             self.computed.append(written.name)
-        return pending
+        return [pending.pop(ref) for ref in done]
 
     def _calibrate_layer(self, index: int, refs: dict[str, object]) -> None:
         calibration = self.calibration

@@ -29,6 +29,7 @@ class Placement:
     gpu: bool
     worker_cpus: float
     task_cpus: float
+    object_store_bytes: float  # the smallest object store among the bundles' nodes
 
     @classmethod
     def create(cls, num_workers: int | None, device: str = "auto", timeout_s: float = 900) -> "Placement":
@@ -63,10 +64,12 @@ class Placement:
             )
         table = placement_group_table(group)["bundles_to_node_id"]
         nodes = [table[i] for i in range(count)]
+        stores = {node["NodeID"]: node["Resources"].get("object_store_memory", 0) for node in ray.nodes()}
+        store = min(stores.get(node, 0) for node in nodes)
         if use_gpu:
-            return cls(group=group, nodes=nodes, gpu=True, worker_cpus=1, task_cpus=1)
+            return cls(group=group, nodes=nodes, gpu=True, worker_cpus=1, task_cpus=1, object_store_bytes=store)
         half = bundle["CPU"] / 2
-        return cls(group=group, nodes=nodes, gpu=False, worker_cpus=half, task_cpus=half)
+        return cls(group=group, nodes=nodes, gpu=False, worker_cpus=half, task_cpus=half, object_store_bytes=store)
 
     @property
     def size(self) -> int:

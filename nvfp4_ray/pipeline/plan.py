@@ -53,6 +53,10 @@ class LayerUnit:
     key: str
     file: str
 
+    @property
+    def nbytes(self) -> int:
+        return sum(t.entry.nbytes for t in self.tensors)
+
 
 @dataclass(frozen=True)
 class CopyUnit:
