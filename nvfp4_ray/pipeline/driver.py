@@ -29,12 +29,12 @@ from nvfp4_ray.io.storage import Store
 from nvfp4_ray.io.tensors import WrittenFile, encode_shard, torch_dtype
 from nvfp4_ray.layer_quantizer import scale_entries
 from nvfp4_ray.pipeline.events import Events
+from nvfp4_ray.pipeline.layer_flow import LayerFlow
 from nvfp4_ray.pipeline.placement import Placement
 from nvfp4_ray.pipeline.plan import Plan, calibration_keys, digest, reference_drops_causal_mask
 from nvfp4_ray.pipeline.workers import (
     CalibrationWorker,
     copy_unit_task,
-    quantize_layer_task,
     read_tensors_task,
     unwrap,
     warm_up_task,
@@ -88,7 +88,7 @@ class Execution:
         self.dest = Store(self.config.dest)
         self.written: dict[str, WrittenFile] = {}  # unit key -> file
         self.layer_amax: list[dict[str, float]] = [{} for _ in plan.layer_units]
-        self.reads: Counter = Counter()  # node -> layer reads
+        self.extra_reads: Counter = Counter()  # node -> layers read again for replaced workers
         self.reused: list[str] = []
         self.computed: list[str] = []
         self.replacements = 0
@@ -113,9 +113,15 @@ class Execution:
             for i, unit in enumerate(plan.copy_units)
             if unit.key not in self.written
         ]
+        count = self._calibration_worker_count()
+        # never more than half the object store: the rest is for the tasks' results and spills
+        budget = min(self.config.prefetch_gib * 2**30, self.placement.object_store_bytes / 2)
+        self.flow = LayerFlow(plan, self.placement, set(self.written), self.placement.nodes[:count], budget)
+        self.flow.pump(0)  # reads and weight tasks start while the calibration workers start up
         if plan.needs_calibration:
             with self.events.stage("calibration_setup"):
                 self.calibration = self._prepare_calibration()
+                self.flow.start_calibration_at(self.calibration.first)
         with self.events.stage("layers"):
             self._layer_loop()
         with self.events.stage("copy"):
@@ -138,10 +144,15 @@ class Execution:
             raise JobError(_task_failure(exc)) from None
 
     # ---- calibration setup ---------------------------------------------------------
+    def _calibration_worker_count(self) -> int:
+        if not self.plan.needs_calibration:
+            return 0
+        return min(self.placement.size, len(make_batches(self.plan.samples, self.config.batch_tokens)))
+
     def _prepare_calibration(self) -> Calibration:
         plan, placement = self.plan, self.placement
         batches = make_batches(plan.samples, self.config.batch_tokens)
-        count = min(placement.size, len(batches))
+        count = self._calibration_worker_count()
         workers = self.started_workers or [self._new_worker(i) for i in range(count)]
         infos = self._get([w.describe.remote() for w in workers])
         signature = "+".join(sorted({info["signature"] for info in infos}))
@@ -203,82 +214,33 @@ class Execution:
 
     # ---- the layer loop ----------------------------------------------------------
     def _layer_loop(self) -> None:
-        plan, calibration = self.plan, self.calibration
-        count = len(plan.layer_units)
-        calibrate_from = calibration.first if calibration else count
-        todo = [
-            index
-            for index, unit in enumerate(plan.layer_units)
-            if unit.key not in self.written or index >= calibrate_from
-        ]
-        self.events.progress("layers", len(todo), unit="layer")
-        reads: dict[int, dict[str, object]] = {}
-        pending: dict = {}  # weight task -> layer
-        # layers read (or being read) that a weight task or the calibration still needs
-        waiting: dict[int, set[str]] = {}
-        # never more than half the object store: the rest is for the tasks' results and spills
-        budget = min(self.config.prefetch_gib * 2**30, self.placement.object_store_bytes / 2)
-        next_read = 0
-
-        def held() -> int:
-            return sum(plan.layer_units[i].nbytes for i in waiting)
-
-        def release(index: int, consumer: str) -> None:
-            waiting[index].discard(consumer)
-            if not waiting[index]:
-                del waiting[index]
-
-        for position, index in enumerate(todo):
-            while next_read < len(todo) and (
-                next_read <= position or held() + plan.layer_units[todo[next_read]].nbytes <= budget
-            ):
-                ahead = todo[next_read]
-                reads[ahead] = self._issue_reads(ahead, calibrate_from)
-                waiting[ahead] = {"weights"} if plan.layer_units[ahead].key not in self.written else set()
-                if ahead >= calibrate_from:
-                    waiting[ahead].add("calibration")
-                next_read += 1
-            unit = plan.layer_units[index]
-            if unit.key not in self.written:
-                bundle = index % self.placement.size
-                task = quantize_layer_task.options(**self.placement.task_options(bundle))
-                pending[task.remote(unit, reads[index][self.placement.nodes[bundle]], self.config.dest)] = index
-            if index >= calibrate_from:
-                self._calibrate_layer(index, reads[index])
-                release(index, "calibration")
-            del reads[index]
-            # weight tasks may lag behind: bound what they hold, never waiting for one in particular
-            while pending and held() > budget:
-                for done in self._finish_weight_calls(pending):
-                    release(done, "weights")
+        flow = self.flow
+        self.events.progress("layers", len(flow.todo), unit="layer")
+        for position, index in enumerate(flow.todo):
+            flow.pump(position)
+            if index >= flow.calibrate_from:
+                self._calibrate_layer(index, flow.reads[index])
+            flow.calibrated(index)
+            self._record(flow.finished_weights(block=False))
+            while flow.held() > flow.budget and flow.pending:  # weight tasks lag: bound memory
+                self._record(flow.finished_weights(block=True))
             self.events.advance("layers")
-        while pending:
-            self._finish_weight_calls(pending)
+        while flow.pending:
+            self._record(flow.finished_weights(block=True))
 
-    def _issue_reads(self, index: int, calibrate_from: int) -> dict[str, object]:
-        unit = self.plan.layer_units[index]
-        nodes = set()
-        if unit.key not in self.written:
-            nodes.add(self.placement.nodes[index % self.placement.size])
-        if index >= calibrate_from:
-            nodes.update(self.calibration.nodes)
-        refs = {}
-        for node in sorted(nodes):
-            refs[node] = read_tensors_task.options(**Placement.on_node(node)).remote(self.config.source, unit.tensors)
-            self.reads[node] += 1
-        return refs
-
-    def _finish_weight_calls(self, pending: dict) -> list[int]:
-        """Collect whichever weight tasks have finished (at least one); return their layers."""
-        done, _ = ray.wait(list(pending), num_returns=1)
-        for written in self._get(done):
+    def _record(self, refs: list) -> None:
+        for written in self._get(refs):
             self.written[self._key_of(written.name)] = written
             self.computed.append(written.name)
-        return [pending.pop(ref) for ref in done]
 
     def _calibrate_layer(self, index: int, refs: dict[str, object]) -> None:
         calibration = self.calibration
         spec = self.plan.layer_units[index].spec
+        for node in set(calibration.nodes) - set(refs):  # a replaced worker on another node
+            refs[node] = read_tensors_task.options(**Placement.on_node(node)).remote(
+                self.config.source, self.plan.layer_units[index].tensors
+            )
+            self.extra_reads[node] += 1
         calls = [
             worker.run_layer.remote(index, refs[node], *self._layer_call(spec))
             for worker, node in zip(calibration.workers, calibration.nodes)
@@ -329,7 +291,7 @@ class Execution:
             ref = refs.get(node) if layer == index else None
             if ref is None:
                 ref = read_tensors_task.options(**Placement.on_node(node)).remote(self.config.source, unit.tensors)
-                self.reads[node] += 1
+                self.extra_reads[node] += 1
             result = self._get([worker.run_layer.remote(layer, ref, *self._layer_call(unit.spec))])[0]
         return result
 
@@ -371,6 +333,11 @@ class Execution:
             return None
         layers = [{"module": u.spec.module, "amax": amax} for u, amax in zip(self.plan.layer_units, self.layer_amax)]
         return {"keys": self.calibration.keys, "layers": layers}
+
+    @property
+    def reads(self) -> Counter:
+        """Layer reads per node (what the job's statistics report)."""
+        return self.flow.reads_per_node + self.extra_reads
 
     def files(self) -> list[WrittenFile]:
         files = [self.written[u.key] for u in self.plan.layer_units] + [self.written[u.key] for u in self.plan.copy_units]
