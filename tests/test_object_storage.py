@@ -23,7 +23,7 @@ from tcp_proxy import TcpProxy
 
 from nvfp4_ray.io import destination
 from nvfp4_ray.io.checkpoint import SourceTensor, read_header
-from nvfp4_ray.io.storage import _REMOTE_CHUNK, Store
+from nvfp4_ray.io.storage import Store, read_piece_size
 from nvfp4_ray.io.storage_errors import StorageUnavailable
 from nvfp4_ray.io.tensors import read_file, read_tensors
 
@@ -34,9 +34,9 @@ def s3fs_client(endpoint: str | None = None):
     """A fresh client (own connection pool) with the options Store uses."""
     import s3fs
 
-    from nvfp4_ray.io.storage import _storage_options
+    from nvfp4_ray.io.storage import storage_options
 
-    options = _storage_options("s3://")
+    options = storage_options("s3://")
     return s3fs.S3FileSystem(skip_instance_cache=True, endpoint_url=endpoint, **options)
 
 
@@ -96,7 +96,7 @@ def test_a_layer_is_read_with_concurrent_range_requests_not_the_whole_file(bucke
     # The layer's bytes (a quarter of the file) plus HTTP headers crossed the wire ...
     assert layer_bytes <= proxy.bytes_down < layer_bytes + 64 * 1024
     # ... in pieces requested at once: each piece needed a connection of its own.
-    assert proxy.connections == layer_bytes // _REMOTE_CHUNK
+    assert proxy.connections == layer_bytes // read_piece_size(layer_bytes) > 1
 
 
 def test_reads_and_writes_ride_out_throttling_and_resets(bucket, proxy):
@@ -113,7 +113,7 @@ def test_reads_and_writes_ride_out_throttling_and_resets(bucket, proxy):
 
     store = through(proxy, f"s3://{bucket}/x")  # new connections, which the proxy throttles
     proxy.throttle = 2
-    store.write_bytes("copy", data)  # a multipart upload (40 MiB, 16 MiB parts)
+    store.write_bytes("copy", data)  # a multipart upload (40 MiB in 8 parts)
     assert proxy.throttle == 0
     assert Store(f"s3://{bucket}/x").read_bytes("copy") == data
 
@@ -149,6 +149,18 @@ def test_an_upload_cut_short_by_a_crash_is_aborted_by_the_next_run(bucket, tmp_p
     assert not Store(f"s3://{bucket}/dst").exists("model-layer-000-x.safetensors")
     assert destination.abort_stale_uploads(Store(f"s3://{bucket}/dst")) == 1
     assert pending_uploads(bucket) == []
+
+
+def test_success_marker_is_created_only_once(bucket):
+    """_SUCCESS goes up as a conditional PUT (If-None-Match: *): of racing writers one wins."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    store = Store(f"s3://{bucket}/dst")
+    with ThreadPoolExecutor(8) as pool:
+        won = list(pool.map(lambda i: store.create_exclusive("_SUCCESS", b"writer %d" % i), range(8)))
+    assert won.count(True) == 1
+    assert store.read_bytes("_SUCCESS") == b"writer %d" % won.index(True)
+    assert store.create_exclusive("_SUCCESS", b"late") is False
 
 
 # ---- whole jobs ---------------------------------------------------------------------------

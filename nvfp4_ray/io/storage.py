@@ -29,15 +29,28 @@ from nvfp4_ray.io.storage_errors import error_code, missing_bucket, translate
 
 _SECRET_ENV = ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_ACCESS_KEY_ID")
 # Reads are split into pieces read concurrently: one sequential reader saturates neither
-# an NVMe drive nor an object store, where each request runs at a fraction of the link.
+# an NVMe drive nor an object store, which caps each request's bandwidth (S3: ~100 MB/s),
+# so throughput comes from requests in flight. Remote pieces are sized to keep up to
+# _REMOTE_READERS in flight, but no smaller than 2 MiB, where a request's latency would
+# dominate its transfer.
 _LOCAL_CHUNK = 64 << 20
 _LOCAL_READERS = 8
-_REMOTE_CHUNK = 8 << 20
+_REMOTE_PIECE = (2 << 20, 8 << 20)
 _REMOTE_READERS = 32
-# Multipart uploads: parts of this size, this many in flight per object. Bodies under two
-# parts go up in one PUT.
-_PART_SIZE = 16 << 20
+# Multipart uploads: up to _PARTS_IN_FLIGHT parts per object at once, each at least S3's
+# minimum part size (5 MiB); bodies under two parts go up in one PUT.
+_PART_SIZE = (5 << 20, 64 << 20)
 _PARTS_IN_FLIGHT = 16
+
+
+def _clamp_split(total: int, count: int, bounds: tuple[int, int]) -> int:
+    """The size that cuts ``total`` into ``count`` pieces, kept within ``bounds``."""
+    return min(bounds[1], max(bounds[0], -(-total // count)))
+
+
+def read_piece_size(total: int) -> int:
+    """Bytes per request when reading ``total`` bytes from a remote store."""
+    return _clamp_split(total, _REMOTE_READERS, _REMOTE_PIECE)
 
 
 def redact(text: str) -> str:
@@ -53,7 +66,7 @@ def is_remote(url: str) -> bool:
     return "://" in url and not url.startswith("file://")
 
 
-def _storage_options(url: str) -> dict:
+def storage_options(url: str) -> dict:
     if url.split("://", 1)[0] not in ("s3", "s3a"):
         return {}
     return {
@@ -79,7 +92,7 @@ class Store:
     def __init__(self, url: str):
         self.url = url.rstrip("/") if url != "/" else url
         try:
-            self.fs, self.root = fsspec.core.url_to_fs(self.url, **_storage_options(self.url))
+            self.fs, self.root = fsspec.core.url_to_fs(self.url, **storage_options(self.url))
         except (ImportError, ValueError) as exc:
             raise InputError(f"cannot open {redact(url)}: {exc}") from None
         self.local = not is_remote(url)
@@ -178,7 +191,7 @@ class Store:
     def read_many(self, reads: list[tuple[str, int, int]], out: memoryview) -> None:
         """Read ``(file, start, end)`` ranges back to back into ``out``, all at once: each
         range is cut into pieces and the pieces of every file are read concurrently."""
-        chunk = _LOCAL_CHUNK if self.local else _REMOTE_CHUNK
+        chunk = _LOCAL_CHUNK if self.local else read_piece_size(sum(end - start for _, start, end in reads))
         pieces = []
         offset = 0
         for relative, start, end in reads:
@@ -254,7 +267,8 @@ class Store:
                 # Bodies of two parts or more go up as a multipart upload with concurrent
                 # parts; s3fs aborts the upload if a part or the completion fails, and the
                 # object only becomes visible once the upload completes.
-                self.fs.pipe_file(path, body, chunksize=_PART_SIZE, max_concurrency=_PARTS_IN_FLIGHT)
+                part = _clamp_split(len(body), _PARTS_IN_FLIGHT, _PART_SIZE)
+                self.fs.pipe_file(path, body, chunksize=part, max_concurrency=_PARTS_IN_FLIGHT)
             else:
                 self.fs.pipe_file(path, body)
 
@@ -279,8 +293,6 @@ class Store:
                 handle.flush()
                 os.fsync(handle.fileno())
             return True
-        if self.exists(relative):
-            return False
         with self._requests(relative):
             try:
                 # A conditional PUT (If-None-Match: *): of two racing writers, one wins.
@@ -293,7 +305,9 @@ class Store:
                     return False
                 if code not in ("NotImplemented", "501"):
                     raise
-                # A store without conditional writes: the existence check above is all we have.
+                # A store without conditional writes: check, then write (not race-free).
+                if self.fs.exists(path):
+                    return False
                 self.fs.pipe_file(path, data)
         return True
 

@@ -17,6 +17,7 @@ FileNotFoundError: that is an answer, not a failure.
 
 from __future__ import annotations
 
+import asyncio
 from contextlib import contextmanager
 
 from nvfp4_ray.errors import InputError, JobError
@@ -80,14 +81,14 @@ def translate(exc: Exception, where: str, bucket: str) -> Exception:
         reason = f"{code}: {_message(exc)}" if code and code not in _message(exc) else _message(exc)
         return StorageError(f"{where}: access denied ({reason}); {_CREDENTIALS_FIX}")
     if code in _TRANSIENT:
-        return StorageUnavailable(f"{where}: the object store kept failing ({code}: {_message(exc)}); run the same command again later")
+        return StorageUnavailable(
+            f"{where}: the object store kept failing ({code}: {_message(exc)}); run the same command again later"
+        )
     if isinstance(exc, (botocore.exceptions.ConnectionError, botocore.exceptions.HTTPClientError, ConnectionError, TimeoutError)):
         return StorageUnavailable(
             f"{where}: cannot reach the object store ({_message(exc)}); check AWS_ENDPOINT_URL and that the store is up, "
             "then run the same command again"
         )
-    import asyncio
-
     if isinstance(exc, asyncio.TimeoutError) or type(exc).__module__.startswith("aiohttp"):
         return StorageUnavailable(f"{where}: the connection to the object store failed ({_message(exc)}); run again")
     return StorageError(f"{where}: {type(exc).__name__}: {_message(exc)}")
