@@ -1,11 +1,13 @@
 """A TCP relay in front of the S3 server that sees what crosses the wire: bytes each way
-and connections opened, and that can misbehave the way networks and stores do: answer
-503 SlowDown (throttling) or cut a connection in the middle of a response (a reset)."""
+and connections opened, and that can behave the way networks and stores do: answer 503
+SlowDown (throttling), cut a connection in the middle of a response (a reset), or cap
+each connection's bandwidth (as an object store caps each request's)."""
 
 from __future__ import annotations
 
 import asyncio
 import threading
+import time
 
 _SLOW_DOWN = (
     b"HTTP/1.1 503 Slow Down\r\nContent-Type: application/xml\r\nConnection: close\r\nContent-Length: %d\r\n\r\n%s"
@@ -17,8 +19,9 @@ _SLOW_DOWN_BODY = (
 
 
 class TcpProxy:
-    def __init__(self, target_port: int):
+    def __init__(self, target_port: int, connection_bytes_per_s: float | None = None):
         self.target_port = target_port
+        self.rate = connection_bytes_per_s
         self.bytes_down = 0  # server -> client
         self.bytes_up = 0  # client -> server
         self.connections = 0
@@ -80,8 +83,12 @@ class TcpProxy:
 
     async def _pump(self, reader, writer, other, up: bool, cut_after: int | None = None) -> None:
         sent = 0
+        paced_until = 0.0  # when the bytes relayed so far may have left, at the capped rate
         try:
             while data := await reader.read(1 << 16):
+                if self.rate:
+                    paced_until = max(paced_until, time.monotonic()) + len(data) / self.rate
+                    await asyncio.sleep(paced_until - time.monotonic())
                 if cut_after is not None and sent + len(data) > cut_after:
                     writer.transport.abort()  # RST in the middle of the transfer
                     other.transport.abort()
