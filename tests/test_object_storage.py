@@ -147,8 +147,10 @@ def test_an_upload_cut_short_by_a_crash_is_aborted_by_the_next_run(bucket, tmp_p
     assert writer.returncode == -signal.SIGKILL, "the upload finished before it could be interrupted"
     assert pending_uploads(bucket) == ["dst/model-layer-000-x.safetensors"]
     assert not Store(f"s3://{bucket}/dst").exists("model-layer-000-x.safetensors")
+    # Someone else's upload in flight under DEST: not ours to abort.
+    client.call_s3("create_multipart_upload", Bucket=bucket, Key="dst/notes/other.bin")
     assert destination.abort_stale_uploads(Store(f"s3://{bucket}/dst")) == 1
-    assert pending_uploads(bucket) == []
+    assert pending_uploads(bucket) == ["dst/notes/other.bin"]
 
 
 def test_success_marker_is_created_only_once(bucket):

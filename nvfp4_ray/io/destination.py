@@ -73,11 +73,16 @@ def probe_writable(dest: Store) -> None:
 
 
 def abort_stale_uploads(dest: Store) -> int:
-    """Abort multipart uploads under DEST that an earlier run left unfinished (killed, or
-    its abort could not reach the store). Such uploads are invisible but billed. Called
-    before this run uploads anything, so none of its own can be caught."""
+    """Abort multipart uploads of unit files and state under DEST that an earlier run left
+    unfinished (killed, or its abort could not reach the store): invisible, but stored and
+    billed. Called before this run uploads anything, so none of its own can be caught;
+    uploads of names nvfp4-ray never writes are left alone."""
+
+    def ours(name: str) -> bool:
+        return name.startswith(f"{STATE_DIR}/") or (name.startswith("model-") and name.endswith(".safetensors"))
+
     try:
-        return dest.abort_uploads()
+        return dest.abort_uploads(ours)
     except StorageError:
         # Listing uploads needs s3:ListBucketMultipartUploads, which a write-only role may
         # lack; a bucket lifecycle rule (AbortIncompleteMultipartUpload) then cleans up.

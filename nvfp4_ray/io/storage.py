@@ -19,6 +19,7 @@ import posixpath
 import re
 import uuid
 from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -321,9 +322,10 @@ class Store:
         if self.local:
             os.makedirs(self.path(relative), exist_ok=True)
 
-    def abort_uploads(self) -> int:
-        """Abort the unfinished multipart uploads under this location (left by a run that
-        was killed, or whose abort could not reach the store); how many there were."""
+    def abort_uploads(self, ours: Callable[[str], bool]) -> int:
+        """Abort the unfinished multipart uploads under this location whose name (relative
+        to it) ``ours`` accepts: left by a run that was killed, or whose abort could not
+        reach the store. How many there were."""
         if not self._is_s3:
             return 0
         prefix = self.root[len(self.bucket) :].strip("/")
@@ -334,6 +336,8 @@ class Store:
             while True:
                 page = self.fs.call_s3("list_multipart_uploads", Bucket=self.bucket, Prefix=prefix, **marker)
                 for upload in page.get("Uploads", []):
+                    if not ours(upload["Key"][len(prefix) :]):
+                        continue
                     self.fs.call_s3(
                         "abort_multipart_upload", Bucket=self.bucket, Key=upload["Key"], UploadId=upload["UploadId"]
                     )
