@@ -88,24 +88,35 @@ class SeaweedServer:
         self._wait_ready(timeout)
 
     def _wait_ready(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while not self._ready():
+            if self.process.poll() is not None:
+                raise RuntimeError(f"weed mini exited with {self.process.returncode}; see {self.data_dir}/weed.log")
+            if time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError(f"weed mini did not become ready on {self.endpoint}; see {self.data_dir}/weed.log")
+            time.sleep(0.3)
+
+    def _ready(self) -> bool:
+        """The S3 gateway answers, and the volume server has registered with the master:
+        after a restart the gateway answers within a second, but reads of stored objects
+        fail with InternalError for seconds more, until the volume server is back."""
+        import json
+        import urllib.request
+
         import botocore.session
 
         client = botocore.session.get_session().create_client(
             "s3", endpoint_url=self.endpoint, region_name="us-east-1",
             aws_access_key_id=self.access_key, aws_secret_access_key=self.secret_key,
         )  # fmt: skip
-        deadline = time.monotonic() + timeout
-        while True:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"weed mini exited with {self.process.returncode}; see {self.data_dir}/weed.log")
-            try:
-                client.list_buckets()
-                return
-            except Exception:
-                if time.monotonic() > deadline:
-                    self.stop()
-                    raise RuntimeError(f"weed mini did not answer on {self.endpoint}; see {self.data_dir}/weed.log")
-                time.sleep(0.3)
+        try:
+            client.list_buckets()
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.ports['master']}/dir/status", timeout=5) as answer:
+                topology = json.load(answer)["Topology"]
+        except Exception:
+            return False
+        return any(rack.get("DataNodes") for center in topology.get("DataCenters") or [] for rack in center["Racks"])
 
     def stop(self) -> None:
         """Kill the server at once (no graceful shutdown: a crash, as clients see it)."""

@@ -133,7 +133,7 @@ def test_an_upload_cut_short_by_a_crash_is_aborted_by_the_next_run(bucket, tmp_p
     script = tmp_path / "writer.py"
     script.write_text(
         "import sys\nfrom nvfp4_ray.io.storage import Store\n"
-        f"Store('s3://{bucket}/dst').write_bytes('model-layer-000-x.safetensors', bytes(768 << 20))\n"
+        f"Store('s3://{bucket}/dst').write_bytes('model-layer-000-x.safetensors', bytes(384 << 20))\n"
     )
     repository = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     writer = subprocess.Popen([sys.executable, str(script)], env={**os.environ, "PYTHONPATH": repository})
