@@ -1,11 +1,13 @@
 """Shared fixtures: one real local Ray instance per session, the real SmolLM2 checkpoint,
-random checkpoints of every supported family and their llm-compressor references."""
+random checkpoints of every supported family and their llm-compressor references, and a
+real S3 server (SeaweedFS) on 127.0.0.1."""
 
 from __future__ import annotations
 
 import contextlib
 import io
 import os
+import secrets
 import sys
 
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # Ray 2.60 enables token auth for local instances
@@ -18,12 +20,54 @@ import pytest  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(__file__))
 from models import MULTIMODAL_IGNORE, build_model, random_rows, save_model, write_rows  # noqa: E402
+from seaweed import SeaweedServer  # noqa: E402
 
 NUM_ROWS = 6
 
 
 @pytest.fixture(scope="session")
-def ray_instance():
+def s3_server_config(tmp_path_factory):
+    """This session's S3 server, not started yet, and its random credentials and endpoint
+    in the AWS_* environment (restored afterwards). Set before Ray starts because Ray's
+    workers inherit the environment the local instance was started with, not later changes."""
+    server = SeaweedServer(
+        str(tmp_path_factory.mktemp("seaweedfs")), "NVFP4TEST" + secrets.token_hex(6).upper(), secrets.token_hex(20)
+    )
+    # Two attempts per request instead of botocore's five: a test that takes the store
+    # down fails in seconds, not minutes. Retrying itself is tested with faults the store
+    # recovers from (test_object_storage.py).
+    env = {**server.env(), "AWS_MAX_ATTEMPTS": "2"}
+    saved = {name: os.environ.get(name) for name in env}
+    os.environ.update(env)
+    yield server
+    server.stop()
+    for name, value in saved.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
+
+
+@pytest.fixture(scope="session")
+def s3_server(s3_server_config):
+    """The session's SeaweedFS server, started on first use."""
+    if s3_server_config.process is None:
+        s3_server_config.start()
+    return s3_server_config
+
+
+@pytest.fixture
+def bucket(s3_server, request) -> str:
+    """A new, empty bucket for one test; its name."""
+    import s3fs
+
+    name = f"t-{secrets.token_hex(4)}-" + "".join(c for c in request.node.name.lower() if c.isalnum())[:40]
+    s3fs.S3FileSystem(skip_instance_cache=True).mkdir(name)
+    return name
+
+
+@pytest.fixture(scope="session")
+def ray_instance(s3_server_config):
     import ray
 
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, object_store_memory=1 << 30)

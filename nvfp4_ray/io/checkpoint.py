@@ -28,6 +28,9 @@ CONFIG_NAME = "config.json"
 _COPIED_SUFFIXES = (".json", ".jinja", ".txt", ".model", ".tiktoken", ".md", ".py")
 _NOT_COPIED = {CONFIG_NAME, INDEX_NAME, "manifest.json", "recipe.yaml", "_SUCCESS", "quality.json"}
 _SHARD_NAME = re.compile(r"^[A-Za-z0-9_.\-]+\.safetensors$")
+# The first read of a shard fetches this much: the 8-byte length and, almost always, the
+# whole header, so a shard costs one request. Larger headers take a second one.
+_HEADER_READ = 256 << 10
 
 
 @dataclass(frozen=True)
@@ -54,12 +57,14 @@ def open_checkpoint(url: str) -> SourceCheckpoint:
     store = Store(url)
     if not store.exists(""):
         raise InputError(f"SOURCE {store.display()} does not exist")
-    if not store.exists(CONFIG_NAME):
+    # One listing gives every file's size and identity (one request on an object store).
+    listing = store.list_infos("")
+    if CONFIG_NAME not in listing:
         raise InputError(f"SOURCE {store.display()} is not a Hugging Face checkpoint: it has no config.json")
     config_bytes = store.read_bytes(CONFIG_NAME)
     config = _parse_config(config_bytes, store)
-    shard_names, weight_map = _shard_names(store)
-    infos = {name: store.info(name) for name in shard_names}
+    shard_names, weight_map = _shard_names(store, listing)
+    infos = {name: listing[name] for name in shard_names}
     with ThreadPoolExecutor(min(16, len(shard_names))) as pool:
         headers = dict(zip(shard_names, pool.map(lambda n: read_header(store, n, infos[n].size), shard_names)))
     tensors: dict[str, SourceTensor] = {}
@@ -75,8 +80,8 @@ def open_checkpoint(url: str) -> SourceCheckpoint:
                 where = f"is in {found.file}" if found else "is in no shard"
                 raise InputError(f"{INDEX_NAME} maps {name!r} to {file_name}, but it {where}; the index or the shard is corrupt")
     copied = {
-        name: store.info(name)
-        for name in store.list_files("")
+        name: info
+        for name, info in listing.items()
         if name.endswith(_COPIED_SUFFIXES) and name not in _NOT_COPIED and not name.startswith(".")
     }
     return SourceCheckpoint(store, config, config_bytes, infos, tensors, copied)
@@ -118,8 +123,8 @@ def _parse_config(data: bytes, store: Store) -> dict:
     return config
 
 
-def _shard_names(store: Store) -> tuple[list[str], dict[str, str] | None]:
-    if store.exists(INDEX_NAME):
+def _shard_names(store: Store, listing: dict[str, FileInfo]) -> tuple[list[str], dict[str, str] | None]:
+    if INDEX_NAME in listing:
         try:
             index = json.loads(store.read_text(INDEX_NAME))
             weight_map = index["weight_map"]
@@ -131,10 +136,10 @@ def _shard_names(store: Store) -> tuple[list[str], dict[str, str] | None]:
             _check_shard_name(file_name, name)
         names = sorted(set(weight_map.values()))
         for file_name in names:
-            if not store.exists(file_name):
+            if file_name not in listing:
                 raise InputError(f"{INDEX_NAME} names shard {file_name!r}, which is missing from SOURCE")
         return names, weight_map
-    if store.exists(SINGLE_NAME):
+    if SINGLE_NAME in listing:
         return [SINGLE_NAME], None
     raise InputError(
         f"SOURCE {store.display()} has no {SINGLE_NAME} or {INDEX_NAME}: only safetensors checkpoints are supported"
@@ -158,7 +163,9 @@ def _check_shard_name(file_name: object, tensor: str) -> None:
 
 def read_header(store: Store, file_name: str, size: int) -> dict[str, TensorEntry]:
     where = store.display(file_name)
-    prefix = store.read_bytes(file_name, 0, min(size, 8))
-    length = header_length(prefix, size, where)
-    header = parse_header(store.read_bytes(file_name, 8, 8 + length), size, where)
+    head = store.read_bytes(file_name, 0, min(size, _HEADER_READ))
+    length = header_length(head, size, where)
+    if 8 + length > len(head):
+        head += store.read_bytes(file_name, len(head), 8 + length)
+    header = parse_header(head[8 : 8 + length], size, where)
     return header.entries

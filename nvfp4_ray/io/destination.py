@@ -18,7 +18,8 @@ import json
 from dataclasses import asdict
 
 from nvfp4_ray.errors import InputError
-from nvfp4_ray.io.storage import Store
+from nvfp4_ray.io.storage import Store, redact
+from nvfp4_ray.io.storage_errors import StorageError
 from nvfp4_ray.io.tensors import WrittenFile
 
 STATE_DIR = ".nvfp4"
@@ -64,10 +65,28 @@ def probe_writable(dest: Store) -> None:
         dest.delete(name)
     except InputError:
         raise
+    except StorageError as exc:
+        raise InputError(f"DEST is not writable: {exc}") from None
     except Exception as exc:
-        from nvfp4_ray.io.storage import redact
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise InputError(f"DEST {dest.display()} is not writable: {redact(reason)}") from None
 
-        raise InputError(f"DEST {dest.display()} is not writable: {redact(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)}") from None
+
+def abort_stale_uploads(dest: Store) -> int:
+    """Abort multipart uploads of unit files and state under DEST that an earlier run left
+    unfinished (killed, or its abort could not reach the store): invisible, but stored and
+    billed. Called before this run uploads anything, so none of its own can be caught;
+    uploads of names nvfp4-ray never writes are left alone."""
+
+    def ours(name: str) -> bool:
+        return name.startswith(f"{STATE_DIR}/") or (name.startswith("model-") and name.endswith(".safetensors"))
+
+    try:
+        return dest.abort_uploads(ours)
+    except StorageError:
+        # Listing uploads needs s3:ListBucketMultipartUploads, which a write-only role may
+        # lack; a bucket lifecycle rule (AbortIncompleteMultipartUpload) then cleans up.
+        return 0
 
 
 def load_done(dest: Store, key: str, file_name: str) -> WrittenFile | None:

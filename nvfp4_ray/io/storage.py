@@ -1,12 +1,15 @@
 """One directory-like location (a local path or any fsspec URL such as ``s3://bucket/prefix``).
 
 Everything the job reads or writes goes through :class:`Store`, so local disks and object
-stores behave the same: byte-range reads, whole-object writes that are atomic (a local
-file is written under a temporary name and renamed; an object store only shows an object
-once its upload completes), exclusive creation for the commit marker, and listing.
+stores behave the same: byte-range reads with many requests in flight, whole-object
+writes that are atomic (a local file is written under a temporary name and renamed; an
+object only appears once its upload, multipart with concurrent parts for large bodies,
+completes), exclusive creation for the commit marker, and listing.
 
 Credentials never pass through here: fsspec/s3fs take them from the standard AWS sources
-(environment, profiles, instance roles). ``redact`` scrubs secrets from any text we print.
+(environment, profiles, instance roles). ``redact`` scrubs secrets from any text we print,
+and every failed request on a remote store is translated (storage_errors.py) into one line
+that names the location, the reason and the fix.
 """
 
 from __future__ import annotations
@@ -16,17 +19,39 @@ import posixpath
 import re
 import uuid
 from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import fsspec
 
 from nvfp4_ray.errors import InputError
+from nvfp4_ray.io.storage_errors import error_code, missing_bucket, translate
 
 _SECRET_ENV = ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_ACCESS_KEY_ID")
-# Reads of local files are split into chunks read by several threads: one sequential
-# reader does not saturate an NVMe drive or a page-cache copy.
+# Reads are split into pieces read concurrently: one sequential reader saturates neither
+# an NVMe drive nor an object store, which caps each request's bandwidth (S3: ~100 MB/s),
+# so throughput comes from requests in flight. Remote pieces are sized to keep up to
+# _REMOTE_READERS in flight, but no smaller than 2 MiB, where a request's latency would
+# dominate its transfer.
 _LOCAL_CHUNK = 64 << 20
 _LOCAL_READERS = 8
+_REMOTE_PIECE = (2 << 20, 8 << 20)
+_REMOTE_READERS = 32
+# Multipart uploads: up to _PARTS_IN_FLIGHT parts per object at once, each at least S3's
+# minimum part size (5 MiB); bodies under two parts go up in one PUT.
+_PART_SIZE = (5 << 20, 64 << 20)
+_PARTS_IN_FLIGHT = 16
+
+
+def _clamp_split(total: int, count: int, bounds: tuple[int, int]) -> int:
+    """The size that cuts ``total`` into ``count`` pieces, kept within ``bounds``."""
+    return min(bounds[1], max(bounds[0], -(-total // count)))
+
+
+def read_piece_size(total: int) -> int:
+    """Bytes per request when reading ``total`` bytes from a remote store."""
+    return _clamp_split(total, _REMOTE_READERS, _REMOTE_PIECE)
 
 
 def redact(text: str) -> str:
@@ -40,6 +65,18 @@ def redact(text: str) -> str:
 
 def is_remote(url: str) -> bool:
     return "://" in url and not url.startswith("file://")
+
+
+def storage_options(url: str) -> dict:
+    if url.split("://", 1)[0] not in ("s3", "s3a"):
+        return {}
+    return {
+        # Other processes (Ray workers, an earlier run) change DEST: never answer from a
+        # stale listing.
+        "use_listings_cache": False,
+        # botocore's pool (default 10) caps the requests in flight per process.
+        "config_kwargs": {"max_pool_connections": 2 * max(_REMOTE_READERS, _PARTS_IN_FLIGHT)},
+    }
 
 
 @dataclass(frozen=True)
@@ -56,10 +93,11 @@ class Store:
     def __init__(self, url: str):
         self.url = url.rstrip("/") if url != "/" else url
         try:
-            self.fs, self.root = fsspec.core.url_to_fs(self.url)
+            self.fs, self.root = fsspec.core.url_to_fs(self.url, **storage_options(self.url))
         except (ImportError, ValueError) as exc:
             raise InputError(f"cannot open {redact(url)}: {exc}") from None
         self.local = not is_remote(url)
+        self.bucket = self.root.split("/", 1)[0]
 
     def __repr__(self) -> str:
         return f"Store({redact(self.url)!r})"
@@ -74,83 +112,138 @@ class Store:
     def display(self, relative: str = "") -> str:
         return redact(posixpath.join(self.url, relative) if relative else self.url)
 
+    @contextmanager
+    def _requests(self, relative: str = ""):
+        """Turn a remote store's failures into StorageError / StorageUnavailable."""
+        if self.local:
+            yield
+            return
+        try:
+            yield
+        except Exception as exc:
+            raise translate(exc, self.display(relative), self.bucket) from None
+
     # ---- reading -------------------------------------------------------------------
     def exists(self, relative: str) -> bool:
-        return self.fs.exists(self.path(relative))
+        if self.local:
+            return self.fs.exists(self.path(relative))
+        path = self.path(relative)
+        with self._requests(relative):
+            try:
+                self.fs.info(path)
+            except FileNotFoundError as exc:
+                if path == self.bucket or error_code(exc) == "NoSuchBucket":
+                    raise missing_bucket(self.display(relative), self.bucket) from None
+                return False
+        return True
 
     def isdir(self, relative: str = "") -> bool:
-        return self.fs.isdir(self.path(relative))
+        with self._requests(relative):
+            return self.fs.isdir(self.path(relative))
 
     def info(self, relative: str) -> FileInfo:
-        raw = self.fs.info(self.path(relative))
-        size = int(raw["size"])
+        with self._requests(relative):
+            raw = self.fs.info(self.path(relative))
         if self.local:
-            identity = f"size={size};mtime_ns={os.stat(self.path(relative)).st_mtime_ns}"
-        else:
-            etag = raw.get("ETag") or raw.get("etag") or raw.get("md5") or ""
-            identity = f"size={size};etag={str(etag).strip(chr(34))}"
-        return FileInfo(size=size, identity=identity)
+            size = int(raw["size"])
+            return FileInfo(size=size, identity=f"size={size};mtime_ns={os.stat(self.path(relative)).st_mtime_ns}")
+        return _remote_info(raw)
+
+    def list_infos(self, relative: str = "") -> dict[str, FileInfo]:
+        """The files directly inside ``relative`` (no recursion), with what identifies them:
+        one listing request on an object store instead of a request per file."""
+        base = self.path(relative).rstrip("/")
+        if self.local:
+            if not os.path.isdir(base):
+                return {}
+            infos = {}
+            for entry in os.scandir(base):
+                if entry.is_file():
+                    stat = entry.stat()
+                    infos[entry.name] = FileInfo(stat.st_size, f"size={stat.st_size};mtime_ns={stat.st_mtime_ns}")
+            return dict(sorted(infos.items()))
+        with self._requests(relative):
+            try:
+                entries = self.fs.ls(base, detail=True)
+            except FileNotFoundError:
+                return {}
+        infos = {
+            posixpath.basename(entry["name"].rstrip("/")): _remote_info(entry)
+            for entry in entries
+            if entry.get("type") == "file"
+        }
+        return dict(sorted(infos.items()))
 
     def list_files(self, relative: str = "") -> list[str]:
         """Names of the files directly inside ``relative`` (no recursion)."""
-        base = self.path(relative).rstrip("/")
-        try:
-            entries = self.fs.ls(base, detail=True)
-        except FileNotFoundError:
-            return []
-        names = []
-        for entry in entries:
-            if entry.get("type") == "file":
-                names.append(posixpath.basename(entry["name"].rstrip("/")))
-        return sorted(names)
+        return list(self.list_infos(relative))
 
     def read_bytes(self, relative: str, start: int | None = None, end: int | None = None) -> bytes:
-        return self.fs.cat_file(self.path(relative), start=start, end=end)
+        with self._requests(relative):
+            return self.fs.cat_file(self.path(relative), start=start, end=end)
 
     def read_text(self, relative: str) -> str:
         return self.read_bytes(relative).decode("utf-8")
 
     def read_into(self, relative: str, ranges: list[tuple[int, int]], out: memoryview) -> None:
         """Read byte ranges of one file back to back into ``out`` (len == sum of ranges)."""
+        self.read_many([(relative, start, end) for start, end in ranges], out)
+
+    def read_many(self, reads: list[tuple[str, int, int]], out: memoryview) -> None:
+        """Read ``(file, start, end)`` ranges back to back into ``out``, all at once: each
+        range is cut into pieces and the pieces of every file are read concurrently."""
+        chunk = _LOCAL_CHUNK if self.local else read_piece_size(sum(end - start for _, start, end in reads))
         pieces = []
         offset = 0
-        for start, end in ranges:
-            for chunk_start in range(start, end, _LOCAL_CHUNK):
-                chunk_end = min(end, chunk_start + _LOCAL_CHUNK)
-                pieces.append((chunk_start, chunk_end, offset))
-                offset += chunk_end - chunk_start
+        for relative, start, end in reads:
+            for piece_start in range(start, end, chunk):
+                piece_end = min(end, piece_start + chunk)
+                pieces.append((relative, piece_start, piece_end, offset))
+                offset += piece_end - piece_start
         if offset != len(out):
             raise ValueError("ranges do not match the output buffer")
         if self.local:
-            self._read_local(relative, pieces, out)
+            self._read_local(pieces, out)
         else:
-            path = self.path(relative)
-            blobs = self.fs.cat_ranges(
-                [path] * len(pieces), [p[0] for p in pieces], [p[1] for p in pieces], on_error="raise"
-            )
-            for (start, end, dst), blob in zip(pieces, blobs):
-                if len(blob) != end - start:
-                    raise OSError(f"{self.display(relative)}: short read at byte {start} (file truncated?)")
-                out[dst : dst + len(blob)] = blob
+            self._run(self._read_remote_piece, pieces, out, _REMOTE_READERS)
 
-    def _read_local(self, relative: str, pieces: list[tuple[int, int, int]], out: memoryview) -> None:
-        fd = os.open(self.path(relative), os.O_RDONLY)
+    def _read_remote_piece(self, piece, out: memoryview) -> None:
+        relative, start, end, dst = piece
+        with self._requests(relative):
+            blob = self.fs.cat_file(self.path(relative), start=start, end=end)
+        if len(blob) != end - start:
+            raise OSError(f"{self.display(relative)}: short read at byte {start} (file truncated or replaced?)")
+        out[dst : dst + len(blob)] = blob
+
+    def _read_local(self, pieces: list, out: memoryview) -> None:
+        fds = {}
         try:
+            for relative, *_ in pieces:
+                if relative not in fds:
+                    fds[relative] = os.open(self.path(relative), os.O_RDONLY)
 
-            def read_piece(piece):
-                start, end, dst = piece
+            def read_piece(piece, out):
+                relative, start, end, dst = piece
                 view = out[dst : dst + end - start]
                 done = 0
                 while done < len(view):
-                    n = os.preadv(fd, [view[done:]], start + done)
+                    n = os.preadv(fds[relative], [view[done:]], start + done)
                     if n == 0:
                         raise OSError(f"{self.display(relative)}: short read at byte {start + done} (file truncated?)")
                     done += n
 
-            with ThreadPoolExecutor(min(_LOCAL_READERS, len(pieces)) or 1) as pool:
-                list(pool.map(read_piece, pieces))
+            self._run(read_piece, pieces, out, _LOCAL_READERS)
         finally:
-            os.close(fd)
+            for fd in fds.values():
+                os.close(fd)
+
+    @staticmethod
+    def _run(read_piece, pieces: list, out: memoryview, workers: int) -> None:
+        if len(pieces) == 1:
+            read_piece(pieces[0], out)
+            return
+        with ThreadPoolExecutor(min(workers, len(pieces)) or 1) as pool:
+            list(pool.map(lambda piece: read_piece(piece, out), pieces))
 
     # ---- writing -------------------------------------------------------------------
     def write_bytes(self, relative: str, data: bytes | bytearray | memoryview) -> None:
@@ -168,10 +261,21 @@ class Store:
             finally:
                 if os.path.exists(tmp):
                     os.unlink(tmp)
-        else:
-            # s3fs uploads large bodies as a multipart upload with concurrent parts and aborts
-            # it on failure; the object only becomes visible once the upload completes.
-            self.fs.pipe_file(path, bytes(data) if isinstance(data, memoryview) else data)
+            return
+        body = bytes(data) if isinstance(data, memoryview) else data
+        with self._requests(relative):
+            if self._is_s3:
+                # Bodies of two parts or more go up as a multipart upload with concurrent
+                # parts; s3fs aborts the upload if a part or the completion fails, and the
+                # object only becomes visible once the upload completes.
+                part = _clamp_split(len(body), _PARTS_IN_FLIGHT, _PART_SIZE)
+                self.fs.pipe_file(path, body, chunksize=part, max_concurrency=_PARTS_IN_FLIGHT)
+            else:
+                self.fs.pipe_file(path, body)
+
+    @property
+    def _is_s3(self) -> bool:
+        return hasattr(self.fs, "call_s3")
 
     def write_text(self, relative: str, text: str) -> None:
         self.write_bytes(relative, text.encode("utf-8"))
@@ -190,25 +294,60 @@ class Store:
                 handle.flush()
                 os.fsync(handle.fileno())
             return True
-        if self.fs.exists(path):
-            return False
-        try:
-            self.fs.pipe_file(path, data, mode="create")
-        except FileExistsError:
-            return False
-        except Exception as exc:  # servers without conditional writes answer 501/400
-            if "PreconditionFailed" in str(exc) or "412" in str(exc):
+        with self._requests(relative):
+            try:
+                # A conditional PUT (If-None-Match: *): of two racing writers, one wins.
+                self.fs.pipe_file(path, data, mode="create")
+            except FileExistsError:
                 return False
-            if "NotImplemented" not in str(exc) and "501" not in str(exc):
-                raise
-            self.fs.pipe_file(path, data)
+            except Exception as exc:
+                code = error_code(exc)
+                if code in ("PreconditionFailed", "412", "ConditionalRequestConflict"):
+                    return False
+                if code not in ("NotImplemented", "501"):
+                    raise
+                # A store without conditional writes: check, then write (not race-free).
+                if self.fs.exists(path):
+                    return False
+                self.fs.pipe_file(path, data)
         return True
 
     def delete(self, relative: str) -> None:
         path = self.path(relative)
-        if self.fs.exists(path):
-            self.fs.rm(path, recursive=self.fs.isdir(path))
+        if self.exists(relative):
+            with self._requests(relative):
+                self.fs.rm(path, recursive=self.fs.isdir(path))
 
     def makedirs(self, relative: str = "") -> None:
         if self.local:
             os.makedirs(self.path(relative), exist_ok=True)
+
+    def abort_uploads(self, ours: Callable[[str], bool]) -> int:
+        """Abort the unfinished multipart uploads under this location whose name (relative
+        to it) ``ours`` accepts: left by a run that was killed, or whose abort could not
+        reach the store. How many there were."""
+        if not self._is_s3:
+            return 0
+        prefix = self.root[len(self.bucket) :].strip("/")
+        prefix = f"{prefix}/" if prefix else ""
+        aborted = 0
+        marker: dict = {}
+        with self._requests():
+            while True:
+                page = self.fs.call_s3("list_multipart_uploads", Bucket=self.bucket, Prefix=prefix, **marker)
+                for upload in page.get("Uploads", []):
+                    if not ours(upload["Key"][len(prefix) :]):
+                        continue
+                    self.fs.call_s3(
+                        "abort_multipart_upload", Bucket=self.bucket, Key=upload["Key"], UploadId=upload["UploadId"]
+                    )
+                    aborted += 1
+                if not page.get("IsTruncated"):
+                    return aborted
+                marker = {"KeyMarker": page["NextKeyMarker"], "UploadIdMarker": page["NextUploadIdMarker"]}
+
+
+def _remote_info(raw: dict) -> FileInfo:
+    size = int(raw["size"])
+    etag = raw.get("ETag") or raw.get("etag") or raw.get("md5") or ""
+    return FileInfo(size=size, identity=f"size={size};etag={str(etag).strip(chr(34))}")

@@ -90,39 +90,29 @@ class TensorBundle:
 
 
 def read_tensors(store: Store, tensors: list[SourceTensor]) -> TensorBundle:
-    """Read the given tensors (any files) into one bundle with as few requests as possible."""
+    """Read the given tensors (any files) into one bundle, with every request in flight at once."""
     by_file: dict[str, list[SourceTensor]] = defaultdict(list)
     for tensor in tensors:
         by_file[tensor.file].append(tensor)
-    total = sum(t.entry.nbytes for t in tensors)
-    buffer = np.empty(total, dtype=np.uint8)
-    view = memoryview(buffer)
+    # Coalesce neighbouring tensors into spans, each read into the buffer whole: bytes
+    # between tensors (gaps up to _MERGE_GAP) are read too and left unused, for fewer,
+    # larger requests.
+    spans: list[list] = []  # [file, start, end, offset in buffer]
     entries: dict[str, tuple[int, str, tuple[int, ...]]] = {}
     offset = 0
     for file_name in sorted(by_file):
-        members = sorted(by_file[file_name], key=lambda t: t.entry.start)
-        # Coalesce neighbouring tensors into spans; bytes between them are read and dropped.
-        spans: list[list] = []
-        for tensor in members:
-            if spans and tensor.entry.start - spans[-1][1] <= _MERGE_GAP:
-                spans[-1][1] = max(spans[-1][1], tensor.entry.end)
-                spans[-1][2].append(tensor)
+        span = None
+        for tensor in sorted(by_file[file_name], key=lambda t: t.entry.start):
+            entry = tensor.entry
+            if span is not None and entry.start - span[2] <= _MERGE_GAP:
+                span[2] = max(span[2], entry.end)
             else:
-                spans.append([tensor.entry.start, tensor.entry.end, [tensor]])
-        for start, end, span_tensors in spans:
-            if end - start == sum(t.entry.nbytes for t in span_tensors):
-                target = view[offset : offset + end - start]
-                store.read_into(file_name, [(start, end)], target)
-                for t in span_tensors:
-                    entries[t.name] = (offset + t.entry.start - start, t.entry.dtype, t.entry.shape)
-                offset += end - start
-            else:  # gaps inside the span: read it whole, keep only the tensors
-                scratch = np.empty(end - start, dtype=np.uint8)
-                store.read_into(file_name, [(start, end)], memoryview(scratch))
-                for t in span_tensors:
-                    buffer[offset : offset + t.entry.nbytes] = scratch[t.entry.start - start : t.entry.end - start]
-                    entries[t.name] = (offset, t.entry.dtype, t.entry.shape)
-                    offset += t.entry.nbytes
+                span = [file_name, entry.start, entry.end, offset]
+                spans.append(span)
+            offset = span[3] + span[2] - span[1]
+            entries[tensor.name] = (span[3] + entry.start - span[1], entry.dtype, entry.shape)
+    buffer = np.empty(offset, dtype=np.uint8)
+    store.read_many([(file, start, end) for file, start, end, _ in spans], memoryview(buffer))
     return TensorBundle(buffer=buffer, entries=entries)
 
 

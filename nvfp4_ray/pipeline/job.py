@@ -125,5 +125,6 @@ def _report(plan, execution, events: Events, started: float) -> dict:
         "calibration_devices": sorted(set(calibration.devices)) if calibration else [],
         "worker_replacements": execution.replacements,
         "layer_reads_per_node": dict(sorted(execution.reads.items())),
+        "timings_s": {name: round(seconds, 3) for name, seconds in events.timings.items()},  # commit's comes after
         "elapsed_s": round(time.monotonic() - started, 3),
     }

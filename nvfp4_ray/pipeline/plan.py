@@ -33,6 +33,7 @@ from nvfp4_ray.config import QuantizeConfig
 from nvfp4_ray.errors import InputError
 from nvfp4_ray.io.checkpoint import SourceCheckpoint, SourceTensor, open_checkpoint, with_config_overrides
 from nvfp4_ray.io.storage import Store
+from nvfp4_ray.io.storage_errors import as_input_errors
 from nvfp4_ray.io import destination
 from nvfp4_ray.recipe import Recipe, load_recipe
 
@@ -120,6 +121,7 @@ class Inputs:
         return self.previous is not None and self.previous.get("fingerprint") == self.fingerprint
 
 
+@as_input_errors()  # unreachable store, wrong credentials, missing bucket: found before any work
 def read_inputs(config: QuantizeConfig) -> Inputs:
     source = with_config_overrides(open_checkpoint(config.source), config.config_override or [])
     _check_preprocessor_option(config, source)
@@ -180,6 +182,7 @@ def _calibration_options(config: QuantizeConfig, source: SourceCheckpoint) -> di
     }
 
 
+@as_input_errors()
 def build_plan(config: QuantizeConfig, inputs: Inputs) -> Plan:
     source, recipe, samples, spec = inputs.source, inputs.recipe, inputs.samples, inputs.spec
 

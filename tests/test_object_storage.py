@@ -1,0 +1,384 @@
+"""Object storage against a real S3 server (SeaweedFS on 127.0.0.1): range reads that
+fetch only what they need with many requests in flight, atomic uploads whose failures are
+aborted, retries on throttling and resets, bad input found before any work, a store that
+dies mid-job and a re-run that resumes, and byte-identical checkpoints for every pairing
+of local and S3 SOURCE and DEST. No credential appears in any output."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import numpy as np
+import pytest
+from conftest import NUM_ROWS, run_cli
+from models import build_model, random_rows, save_model, write_rows
+from tcp_proxy import TcpProxy
+
+from nvfp4_ray.io import destination
+from nvfp4_ray.io.checkpoint import SourceTensor, read_header
+from nvfp4_ray.io.storage import Store, read_piece_size
+from nvfp4_ray.io.storage_errors import StorageUnavailable
+from nvfp4_ray.io.tensors import read_file, read_tensors
+
+MiB = 1 << 20
+
+
+def s3fs_client(endpoint: str | None = None):
+    """A fresh client (own connection pool) with the options Store uses."""
+    import s3fs
+
+    from nvfp4_ray.io.storage import storage_options
+
+    options = storage_options("s3://")
+    return s3fs.S3FileSystem(skip_instance_cache=True, endpoint_url=endpoint, **options)
+
+
+def through(proxy: TcpProxy, url: str) -> Store:
+    """A Store at ``url`` whose requests cross ``proxy`` (on a new connection pool)."""
+    store = Store(url)
+    store.fs = s3fs_client(proxy.endpoint)
+    return store
+
+
+@pytest.fixture
+def proxy(s3_server):
+    relay = TcpProxy(s3_server.ports["s3"])
+    yield relay
+    relay.close()
+
+
+def secrets_in(text: str) -> list[str]:
+    return [name for name in ("AWS_SECRET_ACCESS_KEY", "AWS_ACCESS_KEY_ID") if os.environ[name] in text]
+
+
+def pending_uploads(bucket: str, prefix: str = "", client=None) -> list[str]:
+    page = (client or s3fs_client()).call_s3("list_multipart_uploads", Bucket=bucket, Prefix=prefix)
+    return [upload["Key"] for upload in page.get("Uploads", [])]
+
+
+# ---- reads ------------------------------------------------------------------------------
+def write_layers_file(store: Store, name: str, layers: int, layer_bytes: int) -> dict[str, bytes]:
+    """A safetensors file of ``layers`` layers (two tensors each), like one shard of a model."""
+    from nvfp4_ray.io.tensors import write_shard
+
+    rng = np.random.default_rng(0)
+    raw = {}
+    for layer in range(layers):
+        for part in ("a", "b"):
+            raw[f"model.layers.{layer}.{part}.weight"] = rng.integers(0, 256, layer_bytes // 2, dtype=np.uint8).tobytes()
+    write_shard(store, name, [(tensor, "U8", (len(data),), memoryview(data)) for tensor, data in raw.items()])
+    return raw
+
+
+def test_a_layer_is_read_with_concurrent_range_requests_not_the_whole_file(bucket, proxy):
+    layer_bytes = 32 * MiB
+    raw = write_layers_file(Store(f"s3://{bucket}/model"), "shard.safetensors", layers=4, layer_bytes=layer_bytes)
+
+    store = through(proxy, f"s3://{bucket}/model")
+    size = store.info("shard.safetensors").size
+    proxy.reset_counters()
+    header = read_header(store, "shard.safetensors", size)  # what planning reads of a shard
+    assert proxy.bytes_down < 512 * 1024
+
+    store = through(proxy, f"s3://{bucket}/model")  # a fresh connection pool
+    proxy.reset_counters()
+    wanted = [SourceTensor("shard.safetensors", entry) for name, entry in header.items() if name.startswith("model.layers.2.")]
+    bundle = read_tensors(store, wanted)
+    for tensor in wanted:
+        assert bundle.raw(tensor.name).tobytes() == raw[tensor.name]
+    # The layer's bytes (a quarter of the file) plus HTTP headers crossed the wire ...
+    assert layer_bytes <= proxy.bytes_down < layer_bytes + 64 * 1024
+    # ... in pieces requested at once: each piece needed a connection of its own.
+    assert proxy.connections == layer_bytes // read_piece_size(layer_bytes) > 1
+
+
+def test_reads_and_writes_ride_out_throttling_and_resets(bucket, proxy):
+    data = np.random.default_rng(1).integers(0, 256, 40 * MiB, dtype=np.uint8).tobytes()
+    Store(f"s3://{bucket}/x").write_bytes("blob", data)
+
+    store = through(proxy, f"s3://{bucket}/x")
+    proxy.throttle = 3  # 503 SlowDown to the next three requests
+    proxy.cut, proxy.cut_after = 3, MiB  # then three responses cut off after 1 MiB
+    out = bytearray(30 * MiB)
+    store.read_into("blob", [(5 * MiB, 35 * MiB)], memoryview(out))
+    assert out == data[5 * MiB : 35 * MiB]
+    assert proxy.throttle == 0 and proxy.cut == 0  # every fault was met, and outlasted
+
+    store = through(proxy, f"s3://{bucket}/x")  # new connections, which the proxy throttles
+    proxy.throttle = 2
+    store.write_bytes("copy", data)  # a multipart upload (40 MiB in 8 parts)
+    assert proxy.throttle == 0
+    assert Store(f"s3://{bucket}/x").read_bytes("copy") == data
+
+
+def test_a_failed_multipart_upload_is_aborted_and_leaves_no_object(bucket, proxy):
+    store = through(proxy, f"s3://{bucket}/out")
+    proxy.cut_uploads, proxy.cut_after = True, MiB  # every request body over 1 MiB is cut
+    with pytest.raises(StorageUnavailable) as failure:
+        store.write_bytes("big.safetensors", bytes(48 * MiB))
+    assert "s3://" in str(failure.value) and not secrets_in(str(failure.value))
+    assert not Store(f"s3://{bucket}/out").exists("big.safetensors")
+    assert pending_uploads(bucket) == []  # the abort went through: no invisible parts kept
+
+
+def test_an_upload_cut_short_by_a_crash_is_aborted_by_the_next_run(bucket, tmp_path):
+    """A writer killed mid-upload cannot abort; the next run's cleanup does."""
+    script = tmp_path / "writer.py"
+    script.write_text(
+        "import sys\nfrom nvfp4_ray.io.storage import Store\n"
+        f"Store('s3://{bucket}/dst').write_bytes('model-layer-000-x.safetensors', bytes(384 << 20))\n"
+    )
+    repository = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    writer = subprocess.Popen([sys.executable, str(script)], env={**os.environ, "PYTHONPATH": repository})
+    client = s3fs_client()
+    try:
+        while not pending_uploads(bucket, client=client) and writer.poll() is None:
+            time.sleep(0.02)
+        writer.send_signal(signal.SIGKILL)
+    finally:
+        writer.wait()
+    assert writer.returncode == -signal.SIGKILL, "the upload finished before it could be interrupted"
+    assert pending_uploads(bucket) == ["dst/model-layer-000-x.safetensors"]
+    assert not Store(f"s3://{bucket}/dst").exists("model-layer-000-x.safetensors")
+    # Someone else's upload in flight under DEST: not ours to abort.
+    client.call_s3("create_multipart_upload", Bucket=bucket, Key="dst/notes/other.bin")
+    assert destination.abort_stale_uploads(Store(f"s3://{bucket}/dst")) == 1
+    assert pending_uploads(bucket) == ["dst/notes/other.bin"]
+
+
+def test_success_marker_is_created_only_once(bucket):
+    """_SUCCESS goes up as a conditional PUT (If-None-Match: *): of racing writers one wins."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    store = Store(f"s3://{bucket}/dst")
+    with ThreadPoolExecutor(8) as pool:
+        won = list(pool.map(lambda i: store.create_exclusive("_SUCCESS", b"writer %d" % i), range(8)))
+    assert won.count(True) == 1
+    assert store.read_bytes("_SUCCESS") == b"writer %d" % won.index(True)
+    assert store.create_exclusive("_SUCCESS", b"late") is False
+
+
+# ---- whole jobs ---------------------------------------------------------------------------
+def quantize_args(source, dest, calibration, *extra):
+    return ["quantize", source, dest, "--calibration", calibration, "--num-samples", str(NUM_ROWS),
+            "--max-seq-len", "64", "--log-format", "json", *extra]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def model_on_s3(tmp_path_factory, smollm2, s3_server):
+    """A 6-layer Llama, locally and in a bucket, with its calibration rows."""
+    import s3fs
+
+    folder = tmp_path_factory.mktemp("s3-model")
+    model = build_model("llama")
+    model.model.layers.extend(build_model("llama", seed=1).model.layers)  # six layers
+    model.config.num_hidden_layers = 6
+    for index, layer in enumerate(model.model.layers):
+        layer.self_attn.layer_idx = index
+    source = save_model(model, str(folder / "source"), smollm2)
+    calibration = write_rows(random_rows(NUM_ROWS, 2048, seed=3), str(folder / "calibration.parquet"))
+    name = "models-" + os.urandom(4).hex()
+    fs = s3fs.S3FileSystem(skip_instance_cache=True)
+    fs.mkdir(name)
+    fs.put(source + "/", f"{name}/src/", recursive=True)
+    fs.put(calibration, f"{name}/calib.parquet")
+    return {"local": source, "local_calibration": calibration, "bucket": name,
+            "s3": f"s3://{name}/src", "s3_calibration": f"s3://{name}/calib.parquet"}  # fmt: skip
+
+
+def unit_digests(manifest: dict) -> dict[str, str]:
+    """sha256 of every unit file by what it holds (the key in its name depends on the
+    source's file identities: mtimes locally, ETags on S3)."""
+    return {re.sub(r"-[0-9a-f]{16}\.safetensors$", "", name): entry["sha256"]
+            for name, entry in manifest["files"].items() if name.endswith(".safetensors")}  # fmt: skip
+
+
+def checkpoint_tensors(url: str) -> dict[str, tuple]:
+    """Every tensor of a committed checkpoint, read through Store (local or S3)."""
+    store = Store(url)
+    files = sorted(set(json.loads(store.read_text("model.safetensors.index.json"))["weight_map"].values()))
+    tensors = {}
+    for name in files:
+        bundle = read_file(store, name)
+        for tensor, (_, dtype, shape) in bundle.entries.items():
+            tensors[tensor] = (dtype, shape, bundle.raw(tensor).tobytes())
+    return tensors
+
+
+def all_files_text(url: str) -> str:
+    """Every byte under a DEST, local or S3, as text (for the credential check)."""
+    store = Store(url)
+    paths = store.fs.find(store.root)
+    return "\n".join(store.fs.cat_file(path).decode("latin-1") for path in paths)
+
+
+def ray_logs_text() -> str:
+    import ray
+
+    folder = os.path.join(ray._private.worker._global_node.get_session_dir_path(), "logs")
+    texts = []
+    for root, _, names in os.walk(folder):
+        for name in names:
+            with open(os.path.join(root, name), "rb") as handle:
+                texts.append(handle.read().decode("latin-1"))
+    return "\n".join(texts)
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("ray_instance")
+def test_every_pairing_of_local_and_s3_gives_the_same_checkpoint(model_on_s3, tmp_path):
+    case, bucket = model_on_s3, model_on_s3["bucket"]
+    runs = {
+        "local->local": (case["local"], str(tmp_path / "local"), case["local_calibration"]),
+        "s3->s3": (case["s3"], f"s3://{bucket}/dst-s3", case["s3_calibration"]),
+        "local->s3": (case["local"], f"s3://{bucket}/dst-local", case["local_calibration"]),
+        "s3->local": (case["s3"], str(tmp_path / "from-s3"), case["s3_calibration"]),
+    }
+    outputs, manifests = [], {}
+    for label, (source, dest, calibration) in runs.items():
+        code, stdout, stderr = run_cli(*quantize_args(source, dest, calibration))
+        assert code == 0, (label, stderr, stdout[-2000:])
+        outputs += [stdout, stderr]
+        store = Store(dest)
+        assert store.exists("_SUCCESS")
+        manifests[label] = json.loads(store.read_text("manifest.json"))
+
+    reference = checkpoint_tensors(runs["local->local"][1])
+    for label, (_, dest, _) in runs.items():
+        assert checkpoint_tensors(dest) == reference, label
+        assert unit_digests(manifests[label]) == unit_digests(manifests["local->local"]), label
+        for name in ("config.json", "recipe.yaml", "tokenizer.json"):
+            assert manifests[label]["files"][name] == manifests["local->local"]["files"][name], (label, name)
+        # What the manifest lists is what DEST holds.
+        store = Store(dest)
+        for name, entry in manifests[label]["files"].items():
+            assert store.info(name).size == entry["size"], (label, name)
+    s3_manifest = manifests["s3->s3"]
+    assert all(identity.startswith("size=") and "etag=" in identity for identity in s3_manifest["fingerprint"]["source"].values())
+    assert set(s3_manifest["report"]["timings_s"]) >= {"plan", "layers"}
+
+    texts = outputs + [all_files_text(dest) for _, dest, _ in runs.values()] + [ray_logs_text()]
+    assert [secrets_in(text) for text in texts if secrets_in(text)] == []
+
+
+# ---- bad input ------------------------------------------------------------------------------
+def assert_input_error(result, fragment: str) -> str:
+    code, stdout, stderr = result
+    assert code == 2, (code, stderr, stdout[-2000:])
+    errors = [line for line in stderr.splitlines() if line.startswith("nvfp4-ray: error:")]
+    assert len(errors) == 1 and fragment in errors[0], stderr
+    assert "Traceback" not in stderr
+    assert json.loads(stdout.strip().splitlines()[-1])["exit_code"] == 2
+    return errors[0]
+
+
+@pytest.fixture
+def fresh_clients():
+    """s3fs reuses clients for equal arguments, whatever the environment says now: start
+    from none, so a test's changed credentials or endpoint are used, and leave none."""
+    import s3fs
+
+    s3fs.S3FileSystem.clear_instance_cache()
+    yield
+    s3fs.S3FileSystem.clear_instance_cache()
+
+
+@pytest.mark.usefixtures("ray_instance", "fresh_clients")
+@pytest.mark.parametrize(
+    "problem, fragment",
+    [
+        ("wrong secret", "access denied"),
+        ("unknown access key", "access denied"),
+        ("missing source bucket", "bucket 'no-such-bucket-nvfp4' does not exist"),
+        ("missing source prefix", "does not exist"),
+        ("missing dest bucket", "bucket 'no-such-bucket-nvfp4' does not exist"),
+        ("server down", "cannot reach the object store"),
+    ],
+)
+def test_bad_storage_input_fails_before_any_work(model_on_s3, monkeypatch, problem, fragment):
+    import s3fs
+    from seaweed import free_ports
+
+    case, bucket = model_on_s3, model_on_s3["bucket"]
+    secrets = [os.environ["AWS_SECRET_ACCESS_KEY"], os.environ["AWS_ACCESS_KEY_ID"]]
+    source, dest = case["s3"], f"s3://{bucket}/dst-bad-{problem.replace(' ', '-')}"
+    if problem == "wrong secret":
+        monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "not-the-secret-" + "x" * 24)
+    elif problem == "unknown access key":
+        monkeypatch.setenv("AWS_ACCESS_KEY_ID", "NOSUCHKEY0000")
+    elif problem == "missing source bucket":
+        source = "s3://no-such-bucket-nvfp4/src"
+    elif problem == "missing source prefix":
+        source = f"s3://{bucket}/no/such/prefix"
+    elif problem == "missing dest bucket":
+        dest = "s3://no-such-bucket-nvfp4/dst"
+    elif problem == "server down":
+        monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{free_ports(1)[0]}")
+    code, stdout, stderr = result = run_cli(*quantize_args(source, dest, case["s3_calibration"]))
+    line = assert_input_error(result, fragment)
+    assert "s3://" in line  # the message names the location
+    assert not any(secret in stdout + stderr for secret in secrets)
+    monkeypatch.undo()
+    s3fs.S3FileSystem.clear_instance_cache()
+    if "dest bucket" not in problem:
+        assert Store(dest).list_files("") == [] and not Store(dest).exists(".nvfp4"), "work started"
+
+
+# ---- a store that dies mid-job ----------------------------------------------------------------
+def complete_safetensors(store: Store, name: str) -> bool:
+    """Whether an object holds a whole safetensors file (its header accounts for every byte)."""
+    import struct
+
+    size = store.info(name).size
+    (length,) = struct.unpack("<Q", store.read_bytes(name, 0, 8))
+    header = json.loads(store.read_bytes(name, 8, 8 + length))
+    end = max((entry["data_offsets"][1] for key, entry in header.items() if key != "__metadata__"), default=0)
+    return 8 + length + end == size
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("ray_instance")
+def test_store_killed_mid_job_fails_cleanly_and_the_same_command_resumes(model_on_s3, s3_server, tmp_path):
+    case, bucket = model_on_s3, model_on_s3["bucket"]
+    dest = f"s3://{bucket}/dst-killed"
+    args = quantize_args(case["s3"], dest, case["s3_calibration"], "--checkpoint-minutes", "0")
+    result = {}
+    job = threading.Thread(target=lambda: result.update(run=run_cli(*args)))
+    job.start()
+    watcher = s3fs_client()
+    while job.is_alive() and not any("model-layer-" in path for path in watcher.find(f"{bucket}/dst-killed")):
+        time.sleep(0.02)
+    s3_server.stop()
+    job.join()
+    s3_server.start()
+
+    code, stdout, stderr = result["run"]
+    assert code == 3, (stderr, stdout[-3000:])
+    errors = [line for line in stderr.splitlines() if line.startswith("nvfp4-ray: error:")]
+    assert len(errors) == 1 and "Traceback" not in stderr, stderr
+    assert json.loads(stdout.strip().splitlines()[-1])["exit_code"] == 3
+    store = Store(dest)
+    files = store.list_files("")
+    assert not {"_SUCCESS", "config.json", "model.safetensors.index.json"} & set(files), files  # nothing looks finished
+    units = [name for name in files if name.endswith(".safetensors")]
+    assert units and all(complete_safetensors(store, name) for name in units)  # no half-written object
+
+    code, stdout, stderr = rerun = run_cli(*args)
+    assert code == 0, (stderr, stdout[-3000:])
+    reused = [json.loads(line) for line in stdout.splitlines() if "reusing" in line]
+    assert reused and reused[0]["reused"] >= 1
+    assert pending_uploads(bucket, "dst-killed/") == []
+    manifest = json.loads(store.read_text("manifest.json"))
+    uninterrupted = f"s3://{bucket}/dst-uninterrupted"
+    assert run_cli(*quantize_args(case["s3"], uninterrupted, case["s3_calibration"]))[0] == 0
+    assert manifest["files"] == json.loads(Store(uninterrupted).read_text("manifest.json"))["files"]
+    assert checkpoint_tensors(dest) == checkpoint_tensors(uninterrupted)
+    texts = [result["run"][1], result["run"][2], rerun[1], rerun[2], all_files_text(dest), ray_logs_text()]
+    assert [secrets_in(text) for text in texts if secrets_in(text)] == []
