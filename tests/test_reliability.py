@@ -22,7 +22,7 @@ SAMPLES, SEQ_LEN = 32, 256  # enough work on SmolLM2 (30 layers) to kill things 
 @pytest.fixture(scope="module")
 def smol_job(smollm2, tmp_path_factory):
     """SmolLM2, its calibration file, and the output of an uninterrupted run."""
-    from nvfp4_ray.prepare import demo_calibration
+    from nvfp4_ray.demo import demo_calibration
 
     calibration = demo_calibration(smollm2, SAMPLES, SEQ_LEN)
     clean = str(tmp_path_factory.mktemp("clean") / "out")
