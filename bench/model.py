@@ -28,9 +28,11 @@ PRESETS = {
     "8b": dict(hidden=4096, layers=32, intermediate=14336, heads=32, kv_heads=8, vocab=128256, samples=128, seq_len=1024),
     "8b-16": dict(hidden=4096, layers=16, intermediate=14336, heads=32, kv_heads=8, vocab=128256, samples=128, seq_len=1024),
     "tiny": dict(hidden=512, layers=4, intermediate=1536, heads=8, kv_heads=2, vocab=8192, samples=32, seq_len=128),
+    # a ~1B model for CPU boxes: big enough that loading, saving and two passes per layer count
+    "1b-cpu": dict(hidden=2048, layers=16, intermediate=5632, heads=16, kv_heads=4, vocab=32000, samples=16, seq_len=256),
 }  # fmt: skip
 SHAPE_KEYS = ("hidden", "layers", "intermediate", "heads", "kv_heads", "vocab")
-SHARD_BYTES = {"8b": 5 * 10**9, "8b-16": 5 * 10**9, "tiny": 10**7}  # tiny: several shards all the same
+SHARD_BYTES = {"8b": 5 * 10**9, "8b-16": 5 * 10**9, "tiny": 10**7, "1b-cpu": 5 * 10**8}  # tiny: several shards all the same
 OUTLIER_CHANNELS = 4
 SPEC_FILE = "bench-model.json"  # written last: a folder without it holds no finished model
 SPECIAL_TOKENS = ["<unk>", "<s>", "</s>"]

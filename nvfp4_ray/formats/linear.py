@@ -13,8 +13,11 @@ from __future__ import annotations
 
 import torch
 from compressed_tensors.compressors import BaseCompressor
+from compressed_tensors.config import CompressionFormat
 from compressed_tensors.quantization import DynamicType, QuantizationArgs, QuantizationScheme, QuantizationStrategy
 from compressed_tensors.quantization.utils import calculate_qparams, generate_gparam
+
+from nvfp4_ray.formats import nvfp4
 
 Tensors = dict[str, torch.Tensor]
 
@@ -52,7 +55,12 @@ def quantize_group(weights: list[torch.Tensor], scheme: QuantizationScheme) -> l
     outputs = []
     for weight, (min_vals, max_vals) in zip(weights, observed):
         scale, zero_point = calculate_qparams(min_vals, max_vals, args, global_scale=global_scale)
-        state = {"weight": weight, "weight_scale": scale.to(weight.dtype), "weight_zero_point": zero_point}
+        scale = scale.to(weight.dtype)  # stored in a parameter of the weight's dtype
+        if scheme.format == CompressionFormat.nvfp4_pack_quantized:
+            packed = nvfp4.encode(weight, scale, global_scale)  # what the compressor computes, faster
+            outputs.append({"weight_packed": packed, "weight_scale": scale.to(args.scale_dtype), "weight_global_scale": global_scale})
+            continue
+        state = {"weight": weight, "weight_scale": scale, "weight_zero_point": zero_point}
         if global_scale is not None:
             state["weight_global_scale"] = global_scale
         outputs.append(dict(compressor.compress(state, scheme)))

@@ -38,3 +38,26 @@ def dequantize_weight(packed: PackedWeight, dtype: torch.dtype = torch.bfloat16)
         dtype=torch.float32,
     )
     return weight.to(dtype)
+
+
+def encode(weight: torch.Tensor, scale: torch.Tensor, global_scale: torch.Tensor) -> torch.Tensor:
+    """Pack a weight [out, in] into FP4 e2m1 codes, two per byte (even column low), given
+    its per-16 group scales (in the weight's dtype) and its global scale.
+
+    The same numbers as compressed-tensors' NVFP4 compressor (``quantize`` with a zero
+    zero-point, round half to even, then ``pack_fp4_to_uint8``), in a handful of passes
+    instead of its CPU fallback's dozens: the magnitude's code is the count of grid
+    midpoints it lies above (ties go to the even code, so the comparisons alternate
+    strict and inclusive), and the sign bit is that of the scaled value, so a negative
+    value that rounds to zero keeps its sign as in the reference. tests/test_formats.py
+    holds it to compressed-tensors on generated weights.
+    """
+    effective = (scale.to(torch.float32) / global_scale).unsqueeze(-1)  # per group, broadcast over its 16
+    scaled = weight.unflatten(-1, (-1, 16)).to(torch.float32) / effective
+    scaled = (scaled + 0.0).clamp(-6.0, 6.0).flatten(-2)  # + the reference's zero zero-point: -0.0 -> +0.0
+    magnitude = scaled.abs()
+    code = (magnitude > 0.25).to(torch.uint8)
+    for threshold, inclusive in ((0.75, True), (1.25, False), (1.75, True), (2.5, False), (3.5, True), (5.0, False)):
+        code += (magnitude >= threshold) if inclusive else (magnitude > threshold)
+    code |= torch.signbit(scaled).to(torch.uint8) << 3
+    return code[:, 0::2] | (code[:, 1::2] << 4)

@@ -62,9 +62,10 @@ def start_workers(placement: Placement, config, inputs) -> list:
     """Warm the weight tasks' processes and create the calibration actors; called before the
     plan is finished, so that the seconds a process takes to import torch and create a CUDA
     context pass while the plan completes and the first layers are read."""
-    for bundle in range(placement.size):
-        for _ in range(placement.tasks_per_bundle):
-            warm_up_task.options(**placement.task_options(bundle)).remote()
+    if placement.gpu:  # on CPU-only nodes they would only compete with the actors' start-up
+        for bundle in range(placement.size):
+            for _ in range(placement.tasks_per_bundle):
+                warm_up_task.options(**placement.task_options(bundle)).remote()
     return _start_calibration_workers(placement, config, inputs)
 
 
@@ -72,12 +73,17 @@ def _start_calibration_workers(placement: Placement, config, inputs) -> list:
     if inputs.samples is None:
         return []
     count = min(placement.size, len(make_batches(inputs.samples, config.batch_tokens)))
-    drop_mask = reference_drops_causal_mask(config, inputs.source.config)
+    return [_calibration_worker(placement, i, config, inputs.source.config) for i in range(count)]
+
+
+def _calibration_worker(placement: Placement, bundle: int, config, model_config: dict):
+    import torch
+
+    drop_mask = reference_drops_causal_mask(config, model_config)
     batched = config.batch_tokens is not None
-    return [
-        CalibrationWorker.options(**placement.worker_options(i)).remote(inputs.source.config, batched, drop_mask)
-        for i in range(count)
-    ]
+    # the driver is a plain process: its thread count is what llm-compressor would use here
+    threads = torch.get_num_threads()
+    return CalibrationWorker.options(**placement.worker_options(bundle)).remote(model_config, batched, drop_mask, threads)
 
 
 class Execution:
@@ -179,10 +185,7 @@ class Execution:
         return calibration
 
     def _new_worker(self, bundle: int):
-        options = self.placement.worker_options(bundle)
-        drop_mask = self.plan.reference_drops_causal_mask
-        batched = self.config.batch_tokens is not None
-        return CalibrationWorker.options(**options).remote(self.plan.source.config, batched, drop_mask)
+        return _calibration_worker(self.placement, bundle, self.config, self.plan.source.config)
 
     def _resume_point(self, keys: list[str]) -> tuple[int, int | None]:
         """First layer to calibrate, and the layer whose hidden states to start from."""

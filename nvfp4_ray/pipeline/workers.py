@@ -106,17 +106,22 @@ def copy_unit_task(unit, source_url: str, dest_url: str):
 
 @ray.remote(max_restarts=0, max_task_retries=0)
 class CalibrationWorker:
-    def __init__(self, model_config: dict, batched: bool, drop_causal_mask: bool):
+    def __init__(self, model_config: dict, batched: bool, drop_causal_mask: bool, cpu_threads: int):
+        import torch
+
         from nvfp4_ray.calibration.runner import DecoderRunner
 
-        _use_threads()
         self.device = _device()
+        if self.device.type == "cpu":
+            # bf16 matmuls on CPUs round differently with different thread counts: use what a
+            # plain PyTorch process (llm-compressor) uses on this machine, not Ray's CPU share
+            torch.set_num_threads(cpu_threads)
         self.runner = DecoderRunner(model_config, str(self.device), batched, drop_causal_mask)
 
     def describe(self) -> dict:
         import torch
 
-        name = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu"
+        name = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else f"cpu/{torch.get_num_threads()} threads"
         return {
             "node_id": ray.get_runtime_context().get_node_id(),
             "host": socket.gethostname(),
