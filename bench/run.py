@@ -245,6 +245,8 @@ def nvfp4_ray_run(source, calibration, work, samples, seq_len, gpus, timed_input
         "stages_s": stages,
         # calibration runs inside the layer loop, beside the weight tasks: both stages count
         "calibration_s": round(stages.get("calibration_setup", 0.0) + stages.get("layers", 0.0), 3),
+        # the busiest actor's seconds inside run_layer: calibration compute without start-up and reads
+        "calibration_compute_s": summary["calibration_compute_s"],
         "page_cache": page_cache,
         "summary": {key: summary[key] for key in (
             "layers", "linears_quantized", "bytes_in", "bytes_out", "calibration_tokens", "calibration_workers",
@@ -266,7 +268,8 @@ def load_baseline(path: str, model: str, samples: int, seq_len: int) -> dict:
     if (record["gpus"], record["model"], record["samples"], record["seq_len"]) != (1, model, samples, seq_len):
         raise SystemExit(f"--baseline {path} is not a 1-GPU record of {model} with {samples} x {seq_len} tokens")
     fields = ("nvfp4_ray_s", "calibration_s", "stages_s", "outputs_equal")
-    return {"record": os.path.abspath(path), **{k: record[k] for k in fields}}
+    return {"record": os.path.abspath(path), **{k: record[k] for k in fields},
+            "calibration_compute_s": record.get("calibration_compute_s")}  # fmt: skip
 
 
 # ---- the record ---------------------------------------------------------------------------
@@ -301,6 +304,11 @@ def make_record(*, command, device, gpus, machine_gpus, spec, source, samples, s
         "peak_gpu_gib": run["peak_gpu_gib"],
         "source_read_s": round(source_read_s, 3),
         "calibration_speedup_vs_1gpu": round(baseline["calibration_s"] / run["calibration_s"], 3) if baseline else None,
+        "calibration_compute_s": run["calibration_compute_s"],
+        "calibration_compute_speedup_vs_1gpu": (
+            round(baseline["calibration_compute_s"] / run["calibration_compute_s"], 3)
+            if baseline and baseline.get("calibration_compute_s") and run["calibration_compute_s"] else None
+        ),
         # what the figures above are made of
         "model_shape": shape,
         "model_seed": spec["seed"],
@@ -345,7 +353,8 @@ def _baseline_summary(baseline: dict | None) -> dict | None:
         return baseline
     comparison = baseline.get("comparison")
     return {
-        **{k: baseline[k] for k in ("nvfp4_ray_s", "calibration_s", "stages_s", "peak_rss_gib", "peak_gpu_gib")},
+        **{k: baseline[k] for k in ("nvfp4_ray_s", "calibration_s", "calibration_compute_s", "stages_s", "peak_rss_gib",
+                                    "peak_gpu_gib")},  # fmt: skip
         "outputs_equal": comparison["outputs_equal"] if comparison else None,
     }
 
@@ -418,9 +427,11 @@ def print_table(record: dict) -> None:
             f"{comparison['max_input_scale_diff_bf16_steps']} bf16 steps)"),
         ("calibration_tokens_per_s", show(record["calibration_tokens_per_s"], digits=0)),
         ("weight_gb_per_s", show(record["weight_gb_per_s"], digits=3)),
+        ("calibration_compute_s", show(record["calibration_compute_s"], "s", 2) + " (inside run_layer, busiest actor)"),
         ("calibration_speedup_vs_1gpu", show(record["calibration_speedup_vs_1gpu"], "x", 2)
             + ("" if baseline is None else f" (1 GPU: calibration {baseline['calibration_s']:.1f}s, "
                f"job {baseline['nvfp4_ray_s']:.1f}s)")),
+        ("  compute only", show(record["calibration_compute_speedup_vs_1gpu"], "x", 2)),
     ]  # fmt: skip
     width = max(len(name) for name, _ in rows)
     print()

@@ -55,6 +55,7 @@ class Calibration:
     checkpoint: int | None  # layer whose persisted hidden states the workers started from
     devices: list[str]
     tokens: int = 0
+    compute_s: float = 0.0  # the busiest worker's seconds inside run_layer
     last_checkpoint_time: float = field(default_factory=time.monotonic)
 
 
@@ -164,6 +165,7 @@ class Execution:
         count = self._calibration_worker_count()
         workers = self.started_workers or [self._new_worker(i) for i in range(count)]
         infos = self._get([w.describe.remote() for w in workers])
+        self.events.info("calibration workers ready", startup=[info["startup"] for info in infos])
         signature = "+".join(sorted({info["signature"] for info in infos}))
         keys = calibration_keys(plan, signature)
         first, checkpoint = self._resume_point(keys)
@@ -181,7 +183,9 @@ class Execution:
             return calibration
         if first:
             self.events.info(f"resuming calibration at layer {first} from persisted state", layer=first)
+        began = time.monotonic()
         self._start_workers(calibration, range(count))
+        self.events.info("calibration batches embedded", seconds=round(time.monotonic() - began, 3))
         return calibration
 
     def _new_worker(self, bundle: int):
@@ -233,6 +237,9 @@ class Execution:
             self.events.advance("layers")
         while flow.pending:
             self._record(flow.finished_weights(block=True))
+        if self.calibration is not None and self.calibration.first < len(self.calibration.keys):
+            busy = self._get([w.busy_seconds.remote() for w in self.calibration.workers])
+            self.calibration.compute_s = round(max(busy), 3)
 
     def _record(self, refs: list) -> None:
         for written in self._get(refs):

@@ -123,6 +123,7 @@ def _report(plan, execution, events: Events, started: float) -> dict:
         "calibration_tokens": calibration.tokens if calibration else 0,
         "calibration_workers": len(calibration.workers) if calibration else 0,
         "calibration_devices": sorted(set(calibration.devices)) if calibration else [],
+        "calibration_compute_s": calibration.compute_s if calibration else 0.0,
         "worker_replacements": execution.replacements,
         "layer_reads_per_node": dict(sorted(execution.reads.items())),
         "timings_s": {name: round(seconds, 3) for name, seconds in events.timings.items()},  # commit's comes after

@@ -13,6 +13,7 @@ from __future__ import annotations
 import errno
 import os
 import socket
+import time
 
 import ray
 
@@ -107,16 +108,30 @@ def copy_unit_task(unit, source_url: str, dest_url: str):
 @ray.remote(max_restarts=0, max_task_retries=0)
 class CalibrationWorker:
     def __init__(self, model_config: dict, batched: bool, drop_causal_mask: bool, cpu_threads: int):
+        # Start-up is timed step by step: on a GPU machine it is the largest fixed cost of a job.
+        clock = [time.monotonic()]
+
+        def lap() -> float:
+            clock.append(time.monotonic())
+            return round(clock[-1] - clock[-2], 3)
+
         import torch
 
+        self.startup = {"import_torch_s": lap()}
         from nvfp4_ray.calibration.runner import DecoderRunner
 
+        self.startup["import_transformers_s"] = lap()
         self.device = _device()
         if self.device.type == "cpu":
             # bf16 matmuls on CPUs round differently with different thread counts: use what a
             # plain PyTorch process (llm-compressor) uses on this machine, not Ray's CPU share
             torch.set_num_threads(cpu_threads)
+        else:
+            torch.empty(1, device=self.device)  # the CUDA context, now rather than in start()
+        self.startup["device_init_s"] = lap()
         self.runner = DecoderRunner(model_config, str(self.device), batched, drop_causal_mask)
+        self.startup["build_model_s"] = lap()
+        self.busy_s = 0.0  # seconds spent running layers: the compute side of calibration
 
     def describe(self) -> dict:
         import torch
@@ -129,6 +144,7 @@ class CalibrationWorker:
             # Calibration numerics depend on the kernels: results persisted for resume are
             # reused only on the same kind of device and the same torch.
             "signature": f"torch-{torch.__version__}/{name}",
+            "startup": self.startup,
         }
 
     def start(self, batches: list, embed: TensorBundle, embed_name: str) -> int:
@@ -137,8 +153,14 @@ class CalibrationWorker:
 
     def run_layer(self, index: int, bundle: TensorBundle, tensor_names: dict, record: list, attention: list) -> dict:
         """Plain names only: a layer spec would make this process import compressed-tensors."""
+        began = time.monotonic()
         weights = {local: bundle.tensor(name) for name, local in tensor_names.items()}
-        return self.runner.run_layer(index, weights, record, attention)
+        amax = self.runner.run_layer(index, weights, record, attention)
+        self.busy_s += time.monotonic() - began
+        return amax
+
+    def busy_seconds(self) -> float:
+        return self.busy_s
 
     def save_hidden(self, dest_url: str, folder: str) -> None:
         dest = Store(dest_url)
