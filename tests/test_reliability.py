@@ -154,6 +154,20 @@ def mount_tmpfs(tmp_path):
         subprocess.run(["umount", "-l", str(point)])
 
 
+def test_temporary_files_of_a_killed_run_are_removed(family_case, tmp_path):
+    """A local write goes to NAME.tmp-XXXXXXXX first; kill -9 can leave one behind."""
+    case = family_case("llama")
+    dest = tmp_path / "out"
+    (dest / ".nvfp4" / "units").mkdir(parents=True)  # what a killed run of ours leaves
+    stale = [dest / "model-layer-000-0123456789abcdef.safetensors.tmp-deadbeef", dest / ".nvfp4/units/k.json.tmp-0badf00d"]
+    for path in stale:
+        path.write_bytes(b"half")
+    summary = quantize(case.source, str(dest), case.calibration, num_samples=6)
+    assert summary["status"] == "succeeded"
+    assert not any(path.exists() for path in stale)
+    assert not [p for p in dest.rglob("*") if ".tmp-" in p.name]
+
+
 def test_dest_on_a_read_only_filesystem(family_case, mount_tmpfs):
     case = family_case("llama")
     dest = os.path.join(mount_tmpfs("ro,size=1m"), "out")

@@ -145,3 +145,51 @@ def test_tensor_change_shows_in_the_output(source, tmp_path):
     quantize(source_dir, dest_b, calibration)
     a, b = load_tensors(dest_a), load_tensors(dest_b)
     assert a["model.layers.1.mlp.down_proj.weight_packed"] != b["model.layers.1.mlp.down_proj.weight_packed"]
+
+
+def test_a_replace_cut_short_leaves_no_checkpoint_and_resumes(source, tmp_path, monkeypatch):
+    """Between the new config.json and the new _SUCCESS, DEST must not claim a checkpoint."""
+    from nvfp4_ray.errors import JobError
+    from nvfp4_ray.pipeline import commit
+
+    source_dir, calibration = source
+    dest = str(tmp_path / "dest")
+    run(source_dir, dest, calibration)
+    change_tensor(source_dir, "model.layers.1.mlp.down_proj.weight")
+
+    def cut(*args, **kwargs):
+        raise JobError("cut short before the manifest")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(commit, "commit", cut)
+        with pytest.raises(JobError):
+            run(source_dir, dest, calibration)
+    assert os.path.exists(os.path.join(dest, "config.json"))  # the new small files are there...
+    assert not os.path.exists(os.path.join(dest, "_SUCCESS"))  # ...but no checkpoint is claimed
+    assert run(source_dir, dest, calibration)["status"] == "succeeded"
+    assert_same_as_fresh(dest, source_dir, calibration, str(tmp_path / "fresh"))
+
+
+def test_overwrite_replaces_a_foreign_marker_and_if_changed_does_not(source, tmp_path):
+    source_dir, calibration = source
+    dest = tmp_path / "dest"
+    dest.mkdir()
+    (dest / "_SUCCESS").write_text("")  # e.g. a Spark job's output, no manifest
+    (dest / "part-00000").write_text("rows")
+    code, _, stderr = run_cli("quantize", source_dir, str(dest), "--calibration", calibration, "--num-samples", "6",
+                              "--max-seq-len", "64", "--if-changed")  # fmt: skip
+    assert code == 2 and "pass --overwrite to replace it" in stderr
+    assert quantize(source_dir, str(dest), calibration, overwrite=True)["status"] == "succeeded"
+    assert (dest / "part-00000").read_text() == "rows"  # files nvfp4-ray did not write are never touched
+    assert_same_as_fresh(str(dest), source_dir, calibration, str(tmp_path / "fresh"))
+
+
+def test_a_software_upgrade_is_a_change(source, tmp_path, monkeypatch):
+    """--if-changed must not answer "unchanged" after torch or transformers changed."""
+    import transformers
+
+    source_dir, calibration = source
+    dest = str(tmp_path / "dest")
+    run(source_dir, dest, calibration)
+    monkeypatch.setattr(transformers, "__version__", "99.0.0")
+    assert run(source_dir, dest, calibration)["status"] == "succeeded"

@@ -75,8 +75,9 @@ def probe_writable(dest: Store) -> None:
 def abort_stale_uploads(dest: Store) -> int:
     """Abort multipart uploads of unit files and state under DEST that an earlier run left
     unfinished (killed, or its abort could not reach the store): invisible, but stored and
-    billed. Called before this run uploads anything, so none of its own can be caught;
-    uploads of names nvfp4-ray never writes are left alone."""
+    billed; on a local DEST, remove such a run's temporary files. Called before this run
+    writes anything, so none of its own can be caught; names nvfp4-ray never writes are
+    left alone."""
 
     def ours(name: str) -> bool:
         return name.startswith(f"{STATE_DIR}/") or (name.startswith("model-") and name.endswith(".safetensors"))

@@ -325,7 +325,10 @@ class Store:
     def abort_uploads(self, ours: Callable[[str], bool]) -> int:
         """Abort the unfinished multipart uploads under this location whose name (relative
         to it) ``ours`` accepts: left by a run that was killed, or whose abort could not
-        reach the store. How many there were."""
+        reach the store. How many there were. On a local DEST: the temporary files of
+        writes a killed run left behind."""
+        if self.local:
+            return self._remove_stale_temporaries(ours)
         if not self._is_s3:
             return 0
         prefix = self.root[len(self.bucket) :].strip("/")
@@ -345,6 +348,21 @@ class Store:
                 if not page.get("IsTruncated"):
                     return aborted
                 marker = {"KeyMarker": page["NextKeyMarker"], "UploadIdMarker": page["NextUploadIdMarker"]}
+
+
+    def _remove_stale_temporaries(self, ours: Callable[[str], bool]) -> int:
+        removed = 0
+        for folder, _, names in os.walk(self.root):
+            for name in names:
+                final, _, suffix = name.rpartition(".tmp-")
+                relative = os.path.relpath(os.path.join(folder, final), self.root).replace(os.sep, "/")
+                if final and _TEMPORARY.fullmatch(suffix) and ours(relative):
+                    os.unlink(os.path.join(folder, name))
+                    removed += 1
+        return removed
+
+
+_TEMPORARY = re.compile(r"[0-9a-f]{8}")  # the suffix write_bytes gives a file while it is written
 
 
 def _remote_info(raw: dict) -> FileInfo:

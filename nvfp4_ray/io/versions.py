@@ -115,10 +115,11 @@ def rollback(dest: Store, version: str | None = None) -> dict:
                 raise InputError(f"version {version} cannot be restored: its file {name} is no longer at DEST")
         else:
             small[name] = dest.read_bytes(f"{VERSIONS}/{version}/{name}")
+    dest.delete(destination.SUCCESS)  # no checkpoint while the small files change
     for name, data in small.items():
         if name != destination.INDEX:
             dest.write_bytes(name, data)
-    dest.write_bytes(destination.INDEX, small[destination.INDEX])  # the switch
+    dest.write_bytes(destination.INDEX, small[destination.INDEX])
     manifest_bytes = dest.read_bytes(f"{VERSIONS}/{version}.json")
     dest.write_bytes(destination.MANIFEST, manifest_bytes)
     dest.write_bytes(destination.SUCCESS, success_marker(version, manifest_bytes))

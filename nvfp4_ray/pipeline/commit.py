@@ -1,11 +1,12 @@
 """Commit: the small files that make DEST a checkpoint, written after every unit file.
 
-Order: config.json, recipe.yaml and the copied tokenizer/processor files; then the index
-(the switch: consumers load the files it names): write_checkpoint. Then, after the
-optional quality evaluation of that checkpoint, commit: manifest.json (with the quality
-report) and its copy under .nvfp4/versions; then ``_SUCCESS``, created exclusively on a
-fresh DEST. Files that no retained version uses are deleted last (io/versions.py); files
-that nvfp4-ray did not write are never touched.
+Order: ``_SUCCESS`` of a checkpoint being replaced is deleted first, so that DEST reads as
+"no checkpoint" while its small files change (several files cannot be swapped at once on
+an object store); then config.json, recipe.yaml and the copied tokenizer/processor files;
+then the index: write_checkpoint. Then, after the optional quality evaluation of that
+checkpoint, commit: manifest.json (with the quality report) and its copy under
+.nvfp4/versions; then ``_SUCCESS``, created exclusively. Files that no retained version
+uses are deleted last (io/versions.py); files that nvfp4-ray did not write are never touched.
 """
 
 from __future__ import annotations
@@ -46,6 +47,8 @@ def write_checkpoint(plan: Plan, files: list[WrittenFile]) -> dict[str, bytes]:
     index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
     index_bytes = (json.dumps(index, indent=2, sort_keys=False) + "\n").encode("utf-8")
 
+    if dest.exists(destination.SUCCESS):  # a replace (checked at planning): withdraw the old one first
+        dest.delete(destination.SUCCESS)
     with ThreadPoolExecutor(8) as pool:
         list(pool.map(lambda item: dest.write_bytes(*item), small.items()))
     dest.write_bytes(destination.INDEX, index_bytes)
@@ -77,10 +80,10 @@ def commit(
     dest.write_bytes(destination.MANIFEST, manifest_bytes)
     versions.save_version(dest, version, manifest_bytes, small)
     marker = versions.success_marker(version, manifest_bytes)
-    if plan.previous is None:
-        if not dest.create_exclusive(destination.SUCCESS, marker):
-            raise JobError(f"another run committed a checkpoint at {dest.display()} while this one ran; nothing was replaced")
-    else:
-        dest.write_bytes(destination.SUCCESS, marker)
+    if not dest.create_exclusive(destination.SUCCESS, marker):
+        raise JobError(
+            f"another run committed a checkpoint at {dest.display()} while this one was committing, and this run "
+            "may have rewritten some of its small files; run one of them again to make DEST consistent"
+        )
     versions.collect_garbage(dest, plan.config.retention)
     return manifest

@@ -107,7 +107,7 @@ class Execution:
         plan = self.plan
         aborted = destination.abort_stale_uploads(self.dest)
         if aborted:
-            self.events.info(f"aborted {aborted} unfinished uploads an earlier run left at DEST", aborted=aborted)
+            self.events.info(f"removed {aborted} unfinished writes an earlier run left at DEST", aborted=aborted)
         units = [(u.key, u.file) for u in plan.layer_units] + [(u.key, u.file) for u in plan.copy_units]
         for key, file_name in units:
             done = destination.load_done(self.dest, key, file_name)

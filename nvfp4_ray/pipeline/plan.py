@@ -19,6 +19,8 @@ import json
 from dataclasses import dataclass
 
 import compressed_tensors
+import torch
+import transformers
 
 from nvfp4_ray.architecture import (
     ALWAYS_IGNORED,
@@ -129,7 +131,7 @@ def read_inputs(config: QuantizeConfig) -> Inputs:
     recipe = load_recipe(config.recipe, config.scheme, config.ignore_patterns, ALWAYS_IGNORED.get(model_type, []))
     spec, quantized_model = describe_model(source.config, source.tensors, recipe)
     dest = Store(config.dest)
-    previous = destination.check_dest(dest, config.overwrite or config.if_changed)
+    previous = destination.check_dest(dest, config.overwrite)
     samples = None
     if recipe.needs_calibration:
         if config.calibration is None:
@@ -148,6 +150,8 @@ def read_inputs(config: QuantizeConfig) -> Inputs:
         "recipe_sha256": hashlib.sha256(recipe.yaml_text.encode()).hexdigest(),
         "calibration": samples_hash(samples) if samples is not None else None,
         "calibration_options": _calibration_options(config, source),
+        # calibration numerics follow torch and transformers: an upgrade is a change
+        "software": {"torch": torch.__version__, "transformers": transformers.__version__},
     }
     inputs = Inputs(source, recipe, spec, quantized_model, samples, fingerprint, previous)
     if previous is not None and not inputs.unchanged and not (config.overwrite or config.if_changed):
