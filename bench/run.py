@@ -57,6 +57,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="do not run llm-compressor; compare with (and take the timings of) the reference of an earlier run "
         "in --work if it was made from the same model and rows",
     )
+    parser.add_argument("--prefetch-gib", type=float, help="nvfp4-ray's read-ahead budget (default: the job's default)")
     parser.add_argument("--baseline", metavar="RECORD", help="a 1-GPU record of the same model, instead of a 1-GPU run")
     return parser.parse_args(argv)
 
@@ -92,13 +93,17 @@ def main(argv: list[str] | None = None) -> dict:
     inputs_key = [[os.path.relpath(p, work), os.path.getsize(p), os.stat(p).st_mtime_ns] for p in timed_inputs]
     reference = run_reference(source, calibration, work, samples, seq_len, timed_inputs, inputs_key, args.skip_reference)
 
-    baseline = None
+    baseline, prefetch = None, args.prefetch_gib
     if gpus > 1:
         if args.baseline:
             baseline = load_baseline(args.baseline, model_name(shape), samples, seq_len)
         else:
-            baseline = nvfp4_ray_run(source, calibration, work, samples, seq_len, 1, timed_inputs, reference)
-    run = nvfp4_ray_run(source, calibration, work, samples, seq_len, gpus, timed_inputs, reference)
+            baseline = nvfp4_ray_run(source, calibration, work, samples, seq_len, 1, timed_inputs, reference, prefetch)
+    run = nvfp4_ray_run(source, calibration, work, samples, seq_len, gpus, timed_inputs, reference, prefetch)
+    if baseline is not None and "dest" in baseline:
+        # the output must not depend on the number of GPUs: every file, byte for byte
+        run["same_files_as_1gpu"] = manifest_files(run["dest"]) == manifest_files(baseline["dest"])
+        log(f"same files as the 1-GPU run: {run['same_files_as_1gpu']}")
 
     record = make_record(
         command=command, device=device_name(gpu_lib), gpus=gpus, machine_gpus=machine_gpus, spec=spec, source=source,
@@ -208,7 +213,7 @@ class _LogStream:
         pass
 
 
-def nvfp4_ray_run(source, calibration, work, samples, seq_len, gpus, timed_inputs, reference) -> dict:
+def nvfp4_ray_run(source, calibration, work, samples, seq_len, gpus, timed_inputs, reference, prefetch) -> dict:
     """One timed job, run_quantize called to returned (_SUCCESS written), on a fresh local Ray
     instance started before the clock (a running Ray instance is assumed, as on a cluster)."""
     import ray
@@ -220,7 +225,8 @@ def nvfp4_ray_run(source, calibration, work, samples, seq_len, gpus, timed_input
     dest = os.path.join(work, f"nvfp4-ray-{gpus}gpu")
     shutil.rmtree(dest, ignore_errors=True)  # units already at DEST would be reused, not computed
     config = QuantizeConfig(
-        source=source, dest=dest, calibration=calibration, num_samples=samples, max_seq_len=seq_len, num_workers=gpus or None
+        source=source, dest=dest, calibration=calibration, num_samples=samples, max_seq_len=seq_len, num_workers=gpus or None,
+        **({"prefetch_gib": prefetch} if prefetch else {}),
     )
     ray.init(address="local", include_dashboard=False, log_to_driver=False)
     try:
@@ -241,6 +247,7 @@ def nvfp4_ray_run(source, calibration, work, samples, seq_len, gpus, timed_input
     stages = summary["timings_s"]
     run = {
         "gpus": gpus,
+        "prefetch_gib": config.prefetch_gib,
         "nvfp4_ray_s": round(seconds, 3),
         "stages_s": stages,
         # calibration runs inside the layer loop, beside the weight tasks: both stages count
@@ -260,6 +267,12 @@ def nvfp4_ray_run(source, calibration, work, samples, seq_len, gpus, timed_input
         run["comparison"] = compare_checkpoints(dest, os.path.join(work, "reference"))
         log(f"outputs_equal={run['comparison']['outputs_equal']}")
     return run
+
+
+def manifest_files(dest: str) -> dict:
+    """Every file of a checkpoint with its size and sha256, from its manifest."""
+    with open(os.path.join(dest, "manifest.json")) as handle:
+        return json.load(handle)["files"]
 
 
 def load_baseline(path: str, model: str, samples: int, seq_len: int) -> dict:
@@ -304,6 +317,8 @@ def make_record(*, command, device, gpus, machine_gpus, spec, source, samples, s
         "peak_gpu_gib": run["peak_gpu_gib"],
         "source_read_s": round(source_read_s, 3),
         "calibration_speedup_vs_1gpu": round(baseline["calibration_s"] / run["calibration_s"], 3) if baseline else None,
+        "same_files_as_1gpu": run.get("same_files_as_1gpu"),
+        "prefetch_gib": run["prefetch_gib"],
         "calibration_compute_s": run["calibration_compute_s"],
         "calibration_compute_speedup_vs_1gpu": (
             round(baseline["calibration_compute_s"] / run["calibration_compute_s"], 3)
@@ -432,6 +447,7 @@ def print_table(record: dict) -> None:
             + ("" if baseline is None else f" (1 GPU: calibration {baseline['calibration_s']:.1f}s, "
                f"job {baseline['nvfp4_ray_s']:.1f}s)")),
         ("  compute only", show(record["calibration_compute_speedup_vs_1gpu"], "x", 2)),
+        ("same_files_as_1gpu", "-" if record["same_files_as_1gpu"] is None else str(record["same_files_as_1gpu"])),
     ]  # fmt: skip
     width = max(len(name) for name, _ in rows)
     print()

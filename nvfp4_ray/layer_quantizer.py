@@ -15,21 +15,25 @@ from nvfp4_ray.formats import linear as formats
 from nvfp4_ray.io.tensors import FLOAT_DTYPES, TensorBundle, bundle_entry, torch_entry
 
 
-def check_finite(bundle: TensorBundle, device: torch.device) -> None:
-    for name in bundle.names():
-        _, dtype, _ = bundle.entries[name]
-        if dtype in FLOAT_DTYPES and not bool(torch.isfinite(bundle.tensor(name).to(device)).all()):
+def to_device_checked(bundle: TensorBundle, device: torch.device) -> dict[str, torch.Tensor]:
+    """Every floating-point tensor of the unit on ``device``, each copied once; a NaN or Inf
+    anywhere fails the unit (one host sync for all of them)."""
+    tensors = {name: bundle.tensor(name).to(device) for name in bundle.names() if bundle.entries[name][1] in FLOAT_DTYPES}
+    finite = torch.stack([torch.isfinite(t).all() for t in tensors.values()]).tolist() if tensors else []
+    for name, ok in zip(tensors, finite):
+        if not ok:
             raise InputError(f"tensor {name!r} contains NaN or Inf; the source checkpoint is broken")
+    return tensors
 
 
 def quantize_layer(spec: LayerSpec, bundle: TensorBundle, device: torch.device) -> list[tuple]:
     """Output entries (name, dtype, shape, bytes) for one decoder layer."""
-    check_finite(bundle, device)
+    on_device = to_device_checked(bundle, device)
     entries = []
     replaced = set()
     for group in spec.groups:
         names = [f"{linear.checkpoint}.weight" for linear in group]
-        weights = [bundle.tensor(name).to(device) for name in names]
+        weights = [on_device[name] for name in names]
         for linear, tensors in zip(group, formats.quantize_group(weights, group[0].scheme)):
             entries.extend(torch_entry(f"{linear.checkpoint}.{suffix}", t) for suffix, t in tensors.items())
         replaced.update(names)
