@@ -105,13 +105,14 @@ def test_index_naming_a_missing_shard(tmp_path, checkpoint):
     assert_input_error(run_cli(*quantize_args(source, dest, calibration)), "which is missing from SOURCE", dest)
 
 
-def test_nan_in_a_weight_names_the_tensor(tmp_path, family_case):
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf"])
+def test_nan_in_a_weight_names_the_tensor(tmp_path, family_case, value):
     import torch
 
     case = family_case("llama")
     model = build_model("llama")
     with torch.no_grad():
-        model.model.layers[1].mlp.up_proj.weight[3, 7] = float("nan")
+        model.model.layers[1].mlp.up_proj.weight[3, 7] = float(value)
     source = save_model(model, str(tmp_path / "source"), case.source)
     dest = str(tmp_path / "dest")
     result = run_cli(*quantize_args(source, dest, case.calibration))

@@ -74,7 +74,8 @@ def submit(address: str, env: dict, *args: str) -> dict:
     submission_id = f"nvfp4-test-{time.time_ns()}"
     subprocess.run(
         [f"{BIN}/ray", "job", "submit", "--address", address, "--submission-id", submission_id,
-         "--working-dir", REPO, "--no-wait", "--", "python", "jobs/quantize.py", *args],
+         "--runtime-env", os.path.join(REPO, "cluster", "runtime_env.yaml"), "--working-dir", REPO, "--no-wait",
+         "--", "python", "jobs/quantize.py", *args],
         check=True, env=env, capture_output=True, timeout=120,
     )  # fmt: skip
     client = JobSubmissionClient(address)
