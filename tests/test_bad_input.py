@@ -224,3 +224,10 @@ def torch_bf16():
     import torch
 
     return torch.bfloat16
+
+
+def test_calibrated_scheme_without_calibration_data(tmp_path, family_case):
+    case = family_case("llama")
+    dest = str(tmp_path / "dest")
+    result = run_cli("quantize", case.source, dest, "--num-samples", str(NUM_ROWS))
+    assert_input_error(result, "--calibration is required", dest)

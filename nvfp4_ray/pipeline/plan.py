@@ -135,7 +135,7 @@ def read_inputs(config: QuantizeConfig) -> Inputs:
     samples = None
     if recipe.needs_calibration:
         if config.calibration is None:
-            raise InputError("--calibration is required: NVFP4 activation scales come from calibration data")
+            raise InputError("--calibration is required: this recipe has static activation or KV-cache scales, which come from calibration data")
         text_config = source.config.get("text_config") or source.config
         samples = read_samples(
             config.calibration, config.num_samples, config.max_seq_len, int(text_config["vocab_size"]), source
