@@ -349,7 +349,6 @@ class Store:
                     return aborted
                 marker = {"KeyMarker": page["NextKeyMarker"], "UploadIdMarker": page["NextUploadIdMarker"]}
 
-
     def _remove_stale_temporaries(self, ours: Callable[[str], bool]) -> int:
         removed = 0
         for folder, _, names in os.walk(self.root):

@@ -47,8 +47,7 @@ def write_checkpoint(plan: Plan, files: list[WrittenFile]) -> dict[str, bytes]:
     index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
     index_bytes = (json.dumps(index, indent=2, sort_keys=False) + "\n").encode("utf-8")
 
-    if dest.exists(destination.SUCCESS):  # a replace (checked at planning): withdraw the old one first
-        dest.delete(destination.SUCCESS)
+    dest.delete(destination.SUCCESS)  # a replace (checked at planning): withdraw the old one first
     with ThreadPoolExecutor(8) as pool:
         list(pool.map(lambda item: dest.write_bytes(*item), small.items()))
     dest.write_bytes(destination.INDEX, index_bytes)
