@@ -59,6 +59,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--prefetch-gib", type=float, help="nvfp4-ray's read-ahead budget (default: the job's default)")
     parser.add_argument("--baseline", metavar="RECORD", help="a 1-GPU record of the same model, instead of a 1-GPU run")
+    parser.add_argument(
+        "--preloaded-workers",
+        action="store_true",
+        help="also time nvfp4-ray on a Ray instance whose idle workers have imported torch and transformers "
+        "(Ray's preload_python_modules), as a standing cluster can be configured",
+    )
     return parser.parse_args(argv)
 
 
@@ -100,6 +106,11 @@ def main(argv: list[str] | None = None) -> dict:
         else:
             baseline = nvfp4_ray_run(source, calibration, work, samples, seq_len, 1, timed_inputs, reference, prefetch)
     run = nvfp4_ray_run(source, calibration, work, samples, seq_len, gpus, timed_inputs, reference, prefetch)
+    preloaded = None
+    if args.preloaded_workers:
+        preloaded = nvfp4_ray_run(source, calibration, work, samples, seq_len, gpus, timed_inputs, None, prefetch, True)
+        preloaded["same_files_as_plain_run"] = manifest_files(preloaded["dest"]) == manifest_files(run["dest"])
+        log(f"preloaded workers: same files as the plain run: {preloaded['same_files_as_plain_run']}")
     if baseline is not None and "dest" in baseline:
         # the output must not depend on the number of GPUs: every file, byte for byte
         run["same_files_as_1gpu"] = manifest_files(run["dest"]) == manifest_files(baseline["dest"])
@@ -109,7 +120,7 @@ def main(argv: list[str] | None = None) -> dict:
         command=command, device=device_name(gpu_lib), gpus=gpus, machine_gpus=machine_gpus, spec=spec, source=source,
         samples=samples, seq_len=seq_len, model_write_s=model_write_s, source_read_s=source_read_s,
         source_bytes=source_bytes, page_cache=page_cache, reference=reference, run=run, baseline=baseline,
-        load_average=load_average,
+        load_average=load_average, preloaded=preloaded,
     )  # fmt: skip
     os.makedirs(args.out, exist_ok=True)
     stamp, model = record["date"][:16].replace(":", ""), record["model"].removeprefix("random-llama-")
@@ -213,23 +224,29 @@ class _LogStream:
         pass
 
 
-def nvfp4_ray_run(source, calibration, work, samples, seq_len, gpus, timed_inputs, reference, prefetch) -> dict:
+def nvfp4_ray_run(source, calibration, work, samples, seq_len, gpus, timed_inputs, reference, prefetch,
+                  preload: bool = False) -> dict:  # fmt: skip
     """One timed job, run_quantize called to returned (_SUCCESS written), on a fresh local Ray
-    instance started before the clock (a running Ray instance is assumed, as on a cluster)."""
+    instance started before the clock (a running Ray instance is assumed, as on a cluster).
+    ``preload``: its idle workers import what a layer worker needs before the clock starts."""
     import ray
 
     from nvfp4_ray.config import QuantizeConfig
     from nvfp4_ray.pipeline.events import Events
     from nvfp4_ray.pipeline.job import run_quantize
+    from nvfp4_ray.pipeline.workers import PRELOAD_MODULES
 
-    dest = os.path.join(work, f"nvfp4-ray-{gpus}gpu")
+    dest = os.path.join(work, f"nvfp4-ray-{gpus}gpu" + ("-preloaded" if preload else ""))
     shutil.rmtree(dest, ignore_errors=True)  # units already at DEST would be reused, not computed
     config = QuantizeConfig(
         source=source, dest=dest, calibration=calibration, num_samples=samples, max_seq_len=seq_len, num_workers=gpus or None,
         **({"prefetch_gib": prefetch} if prefetch else {}),
     )
-    ray.init(address="local", include_dashboard=False, log_to_driver=False)
+    system_config = {"preload_python_modules": list(PRELOAD_MODULES)} if preload else {}
+    ray.init(address="local", include_dashboard=False, log_to_driver=False, _system_config=system_config)
     try:
+        if preload:
+            wait_for_idle_workers()
         page_cache = drop_page_cache(timed_inputs)
         log(f"nvfp4-ray: starting on {gpus or 'no'} GPU(s) (page cache: {page_cache})")
         with PeakSampler(os.getpid()) as sampler:
@@ -247,11 +264,12 @@ def nvfp4_ray_run(source, calibration, work, samples, seq_len, gpus, timed_input
     stages = summary["timings_s"]
     run = {
         "gpus": gpus,
+        "preloaded_workers": preload,
         "prefetch_gib": config.prefetch_gib,
         "nvfp4_ray_s": round(seconds, 3),
         "stages_s": stages,
-        # calibration runs inside the layer loop, beside the weight tasks: both stages count
-        "calibration_s": round(stages.get("calibration_setup", 0.0) + stages.get("layers", 0.0), 3),
+        # calibration runs inside the layer loop, beside the weight quantization: both stages count
+        "calibration_s": round(stages.get("setup", 0.0) + stages.get("layers", 0.0), 3),
         # the busiest actor's seconds inside run_layer: calibration compute without start-up and reads
         "calibration_compute_s": summary["calibration_compute_s"],
         "page_cache": page_cache,
@@ -267,6 +285,21 @@ def nvfp4_ray_run(source, calibration, work, samples, seq_len, gpus, timed_input
         run["comparison"] = compare_checkpoints(dest, os.path.join(work, "reference"))
         log(f"outputs_equal={run['comparison']['outputs_equal']}")
     return run
+
+
+def wait_for_idle_workers() -> None:
+    """Occupy every CPU's worker process at once, so that each has started (and imported the
+    preloaded modules) before the clock starts; they stay idle afterwards."""
+    import ray
+
+    @ray.remote(num_cpus=1)
+    def started() -> int:
+        time.sleep(1)
+        return os.getpid()
+
+    start = time.monotonic()
+    pids = ray.get([started.remote() for _ in range(int(ray.cluster_resources().get("CPU", 1)))])
+    log(f"{len(set(pids))} preloaded worker processes up in {time.monotonic() - start:.1f}s")
 
 
 def manifest_files(dest: str) -> dict:
@@ -287,7 +320,7 @@ def load_baseline(path: str, model: str, samples: int, seq_len: int) -> dict:
 
 # ---- the record ---------------------------------------------------------------------------
 def make_record(*, command, device, gpus, machine_gpus, spec, source, samples, seq_len, model_write_s, source_read_s,
-                source_bytes, page_cache, reference, run, baseline, load_average) -> dict:  # fmt: skip
+                source_bytes, page_cache, reference, run, baseline, load_average, preloaded=None) -> dict:  # fmt: skip
     shape = spec["shape"]
     tensors = checkpoint_tensors(source)
     params = sum(math.prod(entry[2]) for entry in tensors.values())
@@ -350,6 +383,7 @@ def make_record(*, command, device, gpus, machine_gpus, spec, source, samples, s
         "llmcompressor": {k: v for k, v in reference.items() if k != "inputs"} if reference else None,
         "nvfp4_ray": run["summary"],
         "baseline_1gpu": _baseline_summary(baseline),
+        "preloaded_workers": _preloaded_summary(preloaded, llmcompressor_s),
         "host": {
             "cpus": os.cpu_count(),
             "memory_gib": round(host_memory_gib(), 1),
@@ -371,6 +405,17 @@ def _baseline_summary(baseline: dict | None) -> dict | None:
         **{k: baseline[k] for k in ("nvfp4_ray_s", "calibration_s", "calibration_compute_s", "stages_s", "peak_rss_gib",
                                     "peak_gpu_gib")},  # fmt: skip
         "outputs_equal": comparison["outputs_equal"] if comparison else None,
+    }
+
+
+def _preloaded_summary(preloaded: dict | None, llmcompressor_s: float | None) -> dict | None:
+    if preloaded is None:
+        return None
+    seconds = preloaded["nvfp4_ray_s"]
+    return {
+        **{k: preloaded[k] for k in ("nvfp4_ray_s", "stages_s", "calibration_compute_s", "peak_rss_gib", "peak_pss_gib",
+                                     "peak_gpu_gib", "same_files_as_plain_run")},  # fmt: skip
+        "speedup_vs_llmcompressor": round(llmcompressor_s / seconds, 3) if llmcompressor_s else None,
     }
 
 
@@ -449,6 +494,14 @@ def print_table(record: dict) -> None:
         ("  compute only", show(record["calibration_compute_speedup_vs_1gpu"], "x", 2)),
         ("same_files_as_1gpu", "-" if record["same_files_as_1gpu"] is None else str(record["same_files_as_1gpu"])),
     ]  # fmt: skip
+    preloaded = record.get("preloaded_workers")
+    if preloaded:
+        rows += [
+            ("preloaded workers: nvfp4_ray_s", show(preloaded["nvfp4_ray_s"], "s")
+                + f" ({show(preloaded['speedup_vs_llmcompressor'], 'x', 2)}; same files: {preloaded['same_files_as_plain_run']})"),
+            ("  stages", ", ".join(f"{k} {v:.1f}s" for k, v in preloaded["stages_s"].items())),
+            ("  peak PSS / GPU", f"{show(preloaded['peak_pss_gib'], ' GiB', 2)} / {show(preloaded['peak_gpu_gib'], ' GiB', 2)}"),
+        ]  # fmt: skip
     width = max(len(name) for name, _ in rows)
     print()
     for name, value in rows:

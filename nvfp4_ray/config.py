@@ -60,6 +60,10 @@ class QuantizeConfig(BaseModel):
     prefetch_gib: float = Field(
         4.0, gt=0, description="read layers ahead while less than this (GiB per node) waits in memory; at least one"
     )
+    hidden_snapshots: int = Field(
+        3, ge=0, description="layers whose hidden states stay at DEST, evenly spaced, so that a re-run after a change "
+        "at layer c calibrates only from the last one before c (each: samples x seq_len x hidden x 2 bytes)",
+    )
     checkpoint_minutes: float = Field(
         5.0, ge=0, description="persist calibration state this often so a crash resumes mid-model (0: every layer)"
     )

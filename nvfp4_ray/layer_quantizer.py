@@ -15,20 +15,21 @@ from nvfp4_ray.formats import linear as formats
 from nvfp4_ray.io.tensors import FLOAT_DTYPES, TensorBundle, bundle_entry, torch_entry
 
 
-def to_device_checked(bundle: TensorBundle, device: torch.device) -> dict[str, torch.Tensor]:
-    """Every floating-point tensor of the unit on ``device``, each copied once; a NaN or Inf
-    anywhere fails the unit (one host sync for all of them)."""
-    tensors = {name: bundle.tensor(name).to(device) for name in bundle.names() if bundle.entries[name][1] in FLOAT_DTYPES}
-    finite = torch.stack([torch.isfinite(t).all() for t in tensors.values()]).tolist() if tensors else []
-    for name, ok in zip(tensors, finite):
+def to_device_checked(bundle: TensorBundle, device: torch.device, check: bool = True) -> dict[str, torch.Tensor]:
+    """Every tensor of the unit on ``device``, each copied once; with ``check``, a NaN or Inf
+    in any floating-point one fails the unit (one host sync for all of them)."""
+    tensors = {name: bundle.tensor(name).to(device, non_blocking=True) for name in bundle.names()}
+    floats = [name for name in tensors if bundle.entries[name][1] in FLOAT_DTYPES] if check else []
+    finite = torch.stack([torch.isfinite(tensors[name]).all() for name in floats]).tolist() if floats else []
+    for name, ok in zip(floats, finite):
         if not ok:
             raise InputError(f"tensor {name!r} contains NaN or Inf; the source checkpoint is broken")
     return tensors
 
 
-def quantize_layer(spec: LayerSpec, bundle: TensorBundle, device: torch.device) -> list[tuple]:
-    """Output entries (name, dtype, shape, bytes) for one decoder layer."""
-    on_device = to_device_checked(bundle, device)
+def quantize_layer(spec: LayerSpec, bundle: TensorBundle, on_device: dict[str, torch.Tensor]) -> list[tuple]:
+    """Output entries (name, dtype, shape, bytes) for one decoder layer, from its tensors
+    already on the device (``to_device_checked``) and their source bytes."""
     entries = []
     replaced = set()
     for group in spec.groups:

@@ -116,7 +116,7 @@ def test_calibration_actor_killed_is_replaced(smol_job, tmp_path):
     thread, result = run_in_background(source=source, dest=dest, calibration=calibration, num_samples=SAMPLES,
                                        max_seq_len=SEQ_LEN)  # fmt: skip
     wait_for(lambda: calibrated_layers(dest) >= 5, what="five calibrated layers")
-    (actor,) = session_processes("ray::CalibrationWorker")
+    (actor,) = session_processes("ray::LayerWorker")
     os.kill(actor, signal.SIGKILL)
     thread.join(timeout=900)
     assert "error" not in result, result.get("error")
@@ -124,16 +124,20 @@ def test_calibration_actor_killed_is_replaced(smol_job, tmp_path):
     assert_same_checkpoint(dest, clean)
 
 
-def test_weight_task_worker_killed_is_retried(smol_job, tmp_path):
-    source, calibration, clean = smol_job
-    dest = str(tmp_path / "out")
-    thread, result = run_in_background(source=source, dest=dest, calibration=calibration, num_samples=SAMPLES,
-                                       max_seq_len=SEQ_LEN)  # fmt: skip
-
-    (pid, *_) = wait_for(lambda: session_processes("ray::quantize_layer_task"), what="a running weight task")
-    os.kill(pid, signal.SIGKILL)  # the task dies with its worker process; Ray runs it again
+def test_worker_killed_in_a_weight_only_run_is_replaced(smollm2, tmp_path):
+    """No calibration: the worker only quantizes; the layers it had not written yet are
+    quantized by its replacement."""
+    clean, dest = str(tmp_path / "clean"), str(tmp_path / "out")
+    quantize(smollm2, clean, scheme="NVFP4A16")
+    # a read-ahead of about one layer: the worker is still loading when it is killed
+    thread, result = run_in_background(source=smollm2, dest=dest, scheme="NVFP4A16", prefetch_gib=0.01)
+    written = lambda: len([n for n in os.listdir(dest) if n.startswith("model-layer-")]) if os.path.isdir(dest) else 0
+    wait_for(lambda: written() >= 3, what="three layer files")
+    (actor,) = session_processes("ray::LayerWorker")
+    os.kill(actor, signal.SIGKILL)
     thread.join(timeout=900)
     assert "error" not in result, result.get("error")
+    assert result["summary"]["worker_replacements"] == 1 and written() == 30
     assert_same_checkpoint(dest, clean)
 
 

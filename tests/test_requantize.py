@@ -77,6 +77,32 @@ def test_a_changed_shard_redoes_only_what_depends_on_it(source, tmp_path):
     assert_same_as_fresh(dest, source_dir, calibration, str(tmp_path / "fresh"))
 
 
+def snapshot_folders(dest: str) -> set[str]:
+    folder = os.path.join(dest, ".nvfp4", "calibration")
+    return {name for name in os.listdir(folder) if os.path.isdir(os.path.join(folder, name))}
+
+
+@pytest.mark.parametrize("snapshots", [3, 0])
+def test_calibration_restarts_at_the_first_changed_layer(source, tmp_path, snapshots):
+    """Hidden states kept after layers 0 and 1 (of 3): a change in layer 2 calibrates layer
+    2 only, from the states after layer 1; without snapshots everything is calibrated again."""
+    source_dir, calibration = source
+    dest = str(tmp_path / "dest")
+    first = run(source_dir, dest, calibration, hidden_snapshots=snapshots)
+    manifest = json.load(open(os.path.join(dest, "manifest.json")))
+    assert snapshot_folders(dest) == set(manifest["calibration"]["snapshots"])
+    assert len(manifest["calibration"]["snapshots"]) == min(snapshots, 2)
+    changed = change_tensor(source_dir, "model.layers.2.mlp.down_proj.weight")
+    assert {int(name.split(".")[2]) for name in changed if name.startswith("model.layers.")} == {2}  # that shard: layer 2 only
+    summary = run(source_dir, dest, calibration, hidden_snapshots=snapshots)
+    assert first["calibration_first_layer"] == 0
+    assert summary["calibration_first_layer"] == (2 if snapshots else 0)
+    assert summary["calibration_tokens"] == first["calibration_tokens"]  # every sample, through fewer layers
+    manifest = json.load(open(os.path.join(dest, "manifest.json")))
+    assert snapshot_folders(dest) == set(manifest["calibration"]["snapshots"])  # no stale hidden states left
+    assert_same_as_fresh(dest, source_dir, calibration, str(tmp_path / "fresh"))
+
+
 def test_metadata_only_config_change_rewrites_config_only(source, tmp_path):
     source_dir, calibration = source
     dest = str(tmp_path / "dest")
@@ -90,6 +116,35 @@ def test_metadata_only_config_change_rewrites_config_only(source, tmp_path):
     assert summary["units_computed"] == 0 and summary["calibration_tokens"] == 0  # no work, no calibration
     assert {name: open(os.path.join(dest, name), "rb").read() for name in index_files(dest)} == before
     assert json.load(open(os.path.join(dest, "config.json")))["eos_token_id"] == 7
+    assert_same_as_fresh(dest, source_dir, calibration, str(tmp_path / "fresh"))
+
+
+ROPE_FIXES = {
+    # the rotary tables do not use it (default rope), vLLM does
+    "max_position_embeddings": lambda config: {**config, "max_position_embeddings": 4096},
+    # dynamic NTK scaling only recomputes the tables past max_position_embeddings (512):
+    # calibration rows are at most 64 tokens here
+    "dynamic_ntk": lambda config: {**config, "rope_parameters": {**config["rope_parameters"], "rope_type": "dynamic",
+                                                                  "factor": 4.0}},
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("fix", sorted(ROPE_FIXES))
+def test_rope_fix_that_leaves_the_calibration_forward_alone_rewrites_config_only(source, tmp_path, fix):
+    source_dir, calibration = source
+    dest = str(tmp_path / "dest")
+    run(source_dir, dest, calibration)
+    before = {name: open(os.path.join(dest, name), "rb").read() for name in index_files(dest)}
+    config_path = os.path.join(source_dir, "config.json")
+    config = ROPE_FIXES[fix](json.load(open(config_path)))
+    json.dump(config, open(config_path, "w"), indent=2)
+    summary = run(source_dir, dest, calibration)
+    assert summary["status"] == "succeeded"
+    assert summary["units_computed"] == 0 and summary["calibration_tokens"] == 0  # no work, no calibration
+    assert {name: open(os.path.join(dest, name), "rb").read() for name in index_files(dest)} == before
+    written = json.load(open(os.path.join(dest, "config.json")))
+    for key in ("max_position_embeddings", "rope_parameters"):
+        assert written[key] == config[key]
     assert_same_as_fresh(dest, source_dir, calibration, str(tmp_path / "fresh"))
 
 

@@ -172,10 +172,6 @@ class DecoderRunner:
             layer.to("meta")
         return {name: float(value) for name, value in amax.items()}
 
-    def hidden_states(self) -> dict[int, torch.Tensor]:
-        """Per-batch hidden states (for checkpoints), on the CPU."""
-        return {state.batch.index: state.hidden.cpu() for state in self.states}
-
     def restore_hidden_states(self, hidden: dict[int, torch.Tensor]) -> None:
         for state in self.states:
             state.hidden = hidden[state.batch.index].to(self.device)

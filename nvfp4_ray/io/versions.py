@@ -61,7 +61,8 @@ def load_manifest(dest: Store, version: str) -> dict:
 
 def collect_garbage(dest: Store, retention: int) -> None:
     """Keep the current version and the ``retention`` newest others; delete the rest and
-    every unit file, completion record and calibration state no kept version uses."""
+    every unit file, completion record and calibration statistics no kept version uses,
+    and every hidden-state folder but the current version's snapshots."""
     current = current_version(dest)
     others = [v for v in list_versions(dest) if v != current]
     kept = others[len(others) - retention :] if retention else []
@@ -74,6 +75,8 @@ def collect_garbage(dest: Store, retention: int) -> None:
     manifests = [load_manifest(dest, version) for version in kept]
     files = {name for manifest in manifests for name in manifest.get("files", {})}
     keys = {key for manifest in manifests for key in (manifest.get("calibration") or {}).get("keys") or []}
+    current_calibration = (load_manifest(dest, current).get("calibration") or {}) if current is not None else {}
+    snapshots = set(current_calibration.get("snapshots") or [])
     for name in dest.list_files(""):
         if UNIT_FILE.match(name) and name not in files:
             dest.delete(name)
@@ -84,8 +87,9 @@ def collect_garbage(dest: Store, retention: int) -> None:
     for name in dest.list_files(CALIBRATION):  # per-layer statistics: tiny, kept for re-runs
         if name.removesuffix(".json") not in keys:
             dest.delete(f"{CALIBRATION}/{name}")
-    for folder in _subfolders(dest, CALIBRATION):  # hidden-state checkpoints: only for resume
-        dest.delete(f"{CALIBRATION}/{folder}")
+    for folder in _subfolders(dest, CALIBRATION):  # hidden states: the current version's snapshots stay
+        if folder not in snapshots:
+            dest.delete(f"{CALIBRATION}/{folder}")
 
 
 def _subfolders(dest: Store, relative: str) -> list[str]:

@@ -1,14 +1,13 @@
 """Run a plan on Ray: read each layer once per node, quantize it, calibrate through it.
 
-For each decoder layer, in order:
-  1. a read task per node that needs the layer (the node of its weight task, and every
-     node with calibration workers) puts its tensors in that node's object store;
-     reads run ``prefetch_layers`` ahead;
-  2. a weight task quantizes the layer and writes its unit file (unless already done);
-  3. every calibration worker advances its batches through the layer and returns the
-     input amax of each Linear; the driver max-reduces them (exact: max is order-free)
-     and persists the result, and now and then the workers persist hidden states.
-Units already done at DEST (a crashed or earlier run) are skipped; calibration resumes
+One LayerWorker per GPU (or per CPU-only node). For each decoder layer, in order, the
+LayerFlow reads it on the nodes that need it and loads it onto the workers that need it;
+its owner quantizes it from the device copy and a task writes the unit file. Every
+calibration worker then advances its batches through the layer and returns the input amax
+of each Linear; the driver max-reduces them (exact: max is order-free) and persists the
+result. Hidden states are persisted now and then (crash resume) and at a few planned
+layers, which are kept after the commit (re-quantization resumes from the last one before
+the first changed layer). Units already done at DEST are skipped; calibration resumes
 from the last persisted hidden states, or is skipped when every layer's statistics exist.
 """
 
@@ -29,17 +28,10 @@ from nvfp4_ray.io.storage import Store
 from nvfp4_ray.io.tensors import WrittenFile, encode_shard, torch_dtype
 from nvfp4_ray.layer_quantizer import scale_entries
 from nvfp4_ray.pipeline.events import Events
-from nvfp4_ray.pipeline.layer_flow import LayerFlow
+from nvfp4_ray.pipeline.layer_flow import LayerFlow, WorkerLost, lost_worker_error
 from nvfp4_ray.pipeline.placement import Placement
-from nvfp4_ray.pipeline.plan import Plan, calibration_keys, digest, reference_drops_causal_mask
-from nvfp4_ray.pipeline.workers import (
-    CalibrationWorker,
-    copy_unit_task,
-    read_tensors_task,
-    unwrap,
-    warm_up_task,
-    write_unit,
-)
+from nvfp4_ray.pipeline.plan import Plan, calibration_keys, reference_drops_causal_mask, snapshot_layers
+from nvfp4_ray.pipeline.workers import LayerWorker, copy_unit_task, read_tensors_task, unwrap, write_unit
 
 CALIBRATION_DIR = versions.CALIBRATION
 MAX_WORKER_REPLACEMENTS = 3
@@ -47,50 +39,47 @@ MAX_WORKER_REPLACEMENTS = 3
 
 @dataclass
 class Calibration:
-    workers: list
-    shares: list[list]  # batches of each worker
-    nodes: list[str]  # node of each worker
+    shares: list[list]  # batches of each calibration worker
     keys: list[str]  # per layer
     first: int  # first layer whose statistics must be computed
-    checkpoint: int | None  # layer whose persisted hidden states the workers started from
+    checkpoint: int | None  # last layer whose hidden states are complete at DEST
     devices: list[str]
+    kept: set[int]  # layers whose hidden states are kept after the commit
     tokens: int = 0
     compute_s: float = 0.0  # the busiest worker's seconds inside run_layer
     last_checkpoint_time: float = field(default_factory=time.monotonic)
+    writing: dict[int, int] = field(default_factory=dict)  # snapshot layer -> workers still writing it
+    done_through: int = -1  # the last layer calibrated
+
+
+def calibration_worker_count(placement: Placement, config, samples) -> int:
+    if samples is None:
+        return 0
+    return min(placement.size, len(make_batches(samples, config.batch_tokens)))
 
 
 def start_workers(placement: Placement, config, inputs) -> list:
-    """Warm the weight tasks' processes and create the calibration actors; called before the
-    plan is finished, so that the seconds a process takes to import torch and create a CUDA
-    context pass while the plan completes and the first layers are read."""
-    if placement.gpu:  # on CPU-only nodes they would only compete with the actors' start-up
-        for bundle in range(placement.size):
-            for _ in range(placement.tasks_per_bundle):
-                warm_up_task.options(**placement.task_options(bundle)).remote()
-    return _start_calibration_workers(placement, config, inputs)
+    """One worker per bundle, created before the plan is finished: the seconds a process
+    takes to import torch and transformers and create a CUDA context pass while the plan
+    completes and the first layers are read."""
+    count = calibration_worker_count(placement, config, inputs.samples)
+    return [_new_worker(placement, i, config, inputs.source.config if i < count else None) for i in range(placement.size)]
 
 
-def _start_calibration_workers(placement: Placement, config, inputs) -> list:
-    if inputs.samples is None:
-        return []
-    count = min(placement.size, len(make_batches(inputs.samples, config.batch_tokens)))
-    return [_calibration_worker(placement, i, config, inputs.source.config) for i in range(count)]
-
-
-def _calibration_worker(placement: Placement, bundle: int, config, model_config: dict):
+def _new_worker(placement: Placement, bundle: int, config, model_config: dict | None):
     import torch
 
-    drop_mask = reference_drops_causal_mask(config, model_config)
+    drop_mask = bool(model_config) and reference_drops_causal_mask(config, model_config)
     batched = config.batch_tokens is not None
     # the driver is a plain process: its thread count is what llm-compressor would use here
     threads = torch.get_num_threads()
-    return CalibrationWorker.options(**placement.worker_options(bundle)).remote(model_config, batched, drop_mask, threads)
+    return LayerWorker.options(**placement.worker_options(bundle)).remote(model_config, batched, drop_mask, threads)
 
 
 class Execution:
     def __init__(self, plan: Plan, placement: Placement, events: Events, workers: list):
         self.plan, self.placement, self.events = plan, placement, events
-        self.started_workers = workers  # calibration actors created by start_workers
+        self.workers = list(workers)
         self.config = plan.config
         self.dest = Store(self.config.dest)
         self.written: dict[str, WrittenFile] = {}  # unit key -> file
@@ -100,6 +89,7 @@ class Execution:
         self.computed: list[str] = []
         self.replacements = 0
         self.calibration: Calibration | None = None
+        self.calibration_workers = calibration_worker_count(placement, self.config, plan.samples)
         self.scales: WrittenFile | None = None
 
     # ---- top level ---------------------------------------------------------------
@@ -123,21 +113,24 @@ class Execution:
             for i, unit in enumerate(plan.copy_units)
             if unit.key not in self.written
         ]
-        count = self._calibration_worker_count()
         # never more than half the object store: the rest is for the tasks' results and spills
         budget = min(self.config.prefetch_gib * 2**30, self.placement.object_store_bytes / 2)
-        self.flow = LayerFlow(plan, self.placement, set(self.written), self.placement.nodes[:count], budget)
-        self.flow.pump(0)  # reads and weight tasks start while the calibration workers start up
-        if plan.needs_calibration:
-            with self.events.stage("calibration_setup"):
-                self.calibration = self._prepare_calibration()
-                self.flow.start_calibration_at(self.calibration.first)
+        self.flow = LayerFlow(plan, self.placement.nodes, set(self.written), self.calibration_workers, budget)
+        embeds = self._read_embeddings()  # with the first layers, while the workers start up
+        self.flow.pump(None)
+        with self.events.stage("setup"):
+            infos = self._get([w.describe.remote() for w in self.workers])
+            self.events.info("workers ready", startup=[info["startup"] for info in infos])
+            first = len(plan.layer_units)
+            if self.calibration_workers:
+                self.calibration = self._prepare_calibration(infos[: self.calibration_workers], embeds)
+                first = self.calibration.first
+            self.flow.start(self.workers, first)
         with self.events.stage("layers"):
             self._layer_loop()
         with self.events.stage("copy"):
             for written in self._get(copies):
-                self.written[self._key_of(written.name)] = written
-                self.computed.append(written.name)
+                self._record([written])
         if self.calibration is not None:
             self._write_scales()
 
@@ -153,43 +146,44 @@ class Execution:
                 raise cause from None
             raise JobError(_task_failure(exc)) from None
 
-    # ---- calibration setup ---------------------------------------------------------
-    def _calibration_worker_count(self) -> int:
-        if not self.plan.needs_calibration:
-            return 0
-        return min(self.placement.size, len(make_batches(self.plan.samples, self.config.batch_tokens)))
+    def _record(self, written: list[WrittenFile]) -> None:
+        for file in written:
+            self.written[self._key_of(file.name)] = file
+            self.computed.append(file.name)
 
-    def _prepare_calibration(self) -> Calibration:
-        plan, placement = self.plan, self.placement
+    # ---- calibration setup ---------------------------------------------------------
+    def _read_embeddings(self) -> dict:
+        if not self.calibration_workers:
+            return {}
+        embed = self.plan.source.tensors[self.plan.spec.embed_tensor]
+        nodes = dict.fromkeys(self.placement.nodes[: self.calibration_workers])
+        return {node: read_tensors_task.options(**Placement.on_node(node)).remote(self.config.source, [embed]) for node in nodes}
+
+    def _prepare_calibration(self, infos: list[dict], embeds: dict) -> Calibration:
+        plan = self.plan
         batches = make_batches(plan.samples, self.config.batch_tokens)
-        count = self._calibration_worker_count()
-        workers = self.started_workers or [self._new_worker(i) for i in range(count)]
-        infos = self._get([w.describe.remote() for w in workers])
-        self.events.info("calibration workers ready", startup=[info["startup"] for info in infos])
         signature = "+".join(sorted({info["signature"] for info in infos}))
         keys = calibration_keys(plan, signature)
         first, checkpoint = self._resume_point(keys)
         calibration = Calibration(
-            workers=workers,
-            shares=deal(batches, count),
-            nodes=[placement.nodes[i] for i in range(count)],
+            shares=deal(batches, self.calibration_workers),
             keys=keys,
             first=first,
             checkpoint=checkpoint,
+            done_through=first - 1,
             devices=[info["device"] for info in infos],
+            kept=set(snapshot_layers(len(keys), self.config.hidden_snapshots)),
         )
+        self.calibration = calibration
         if first == len(keys):
             self.events.info("calibration statistics for every layer already at DEST: skipping calibration")
             return calibration
         if first:
             self.events.info(f"resuming calibration at layer {first} from persisted state", layer=first)
         began = time.monotonic()
-        self._start_workers(calibration, range(count))
+        self._start_calibration(calibration, range(self.calibration_workers), embeds)
         self.events.info("calibration batches embedded", seconds=round(time.monotonic() - began, 3))
         return calibration
-
-    def _new_worker(self, bundle: int):
-        return _calibration_worker(self.placement, bundle, self.config, self.plan.source.config)
 
     def _resume_point(self, keys: list[str]) -> tuple[int, int | None]:
         """First layer to calibrate, and the layer whose hidden states to start from."""
@@ -206,121 +200,148 @@ class Execution:
             first = 0 if checkpoint is None else checkpoint + 1
         return first, checkpoint
 
-    def _start_workers(self, calibration: Calibration, indices) -> None:
-        plan = self.plan
-        embed = plan.source.tensors[plan.spec.embed_tensor]
-        embed_refs = {}
+    def _start_calibration(self, calibration: Calibration, indices, embeds: dict) -> None:
+        embed = self.plan.source.tensors[self.plan.spec.embed_tensor]
         starts = []
         for i in indices:
-            node = calibration.nodes[i]
-            if node not in embed_refs:
-                embed_refs[node] = read_tensors_task.options(**Placement.on_node(node)).remote(self.config.source, [embed])
-            starts.append(calibration.workers[i].start.remote(calibration.shares[i], embed_refs[node], embed.name))
+            node = self.placement.nodes[i]
+            if node not in embeds:  # a replaced worker on another node
+                embeds[node] = read_tensors_task.options(**Placement.on_node(node)).remote(self.config.source, [embed])
+            starts.append(self.workers[i].start.remote(calibration.shares[i], embeds[node], embed.name))
         tokens = self._get(starts)
         calibration.tokens = max(calibration.tokens, sum(tokens))
         if calibration.checkpoint is not None:
-            folder = f"{CALIBRATION_DIR}/{calibration.keys[calibration.checkpoint]}"
-            self._get([calibration.workers[i].load_hidden.remote(self.config.dest, folder) for i in indices])
+            folder = self._folder(calibration.checkpoint)
+            self._get([self.workers[i].load_hidden.remote(self.config.dest, folder) for i in indices])
+
+    def _folder(self, index: int) -> str:
+        return f"{CALIBRATION_DIR}/{self.calibration.keys[index]}"
 
     # ---- the layer loop ----------------------------------------------------------
     def _layer_loop(self) -> None:
         flow = self.flow
-        self.events.progress("layers", len(flow.todo), unit="layer")
-        for position, index in enumerate(flow.todo):
-            flow.pump(position)
-            if index >= flow.calibrate_from:
-                self._calibrate_layer(index, flow.reads[index])
-            flow.calibrated(index)
-            self._record(flow.finished_weights(block=False))
-            while flow.held() > flow.budget and flow.pending:  # weight tasks lag: bound memory
-                self._record(flow.finished_weights(block=True))
+        layers = [i for i in flow.todo if flow.calibrated(i)]
+        self.events.progress("layers", len(layers) or len(flow.todo), unit="layer")
+        for index in layers:
+            flow.pump(index)
+            self._calibrate_layer(index)
+            flow.done_calibrating(index)
+            self._poll(block=False)
             self.events.advance("layers")
-        while flow.pending:
-            self._record(flow.finished_weights(block=True))
-        if self.calibration is not None and self.calibration.first < len(self.calibration.keys):
-            busy = self._get([w.busy_seconds.remote() for w in self.calibration.workers])
+        while flow.busy():
+            flow.pump(None)
+            done = self._poll(block=True)
+            if not layers:
+                self.events.advance("layers", done)
+        if layers:
+            self._finish_snapshots()
+            busy = self._get([w.busy_seconds.remote() for w in self.workers[: self.calibration_workers]])
             self.calibration.compute_s = round(max(busy), 3)
 
-    def _record(self, refs: list) -> None:
-        for written in self._get(refs):
-            self.written[self._key_of(written.name)] = written
-            self.computed.append(written.name)
-
-    def _calibrate_layer(self, index: int, refs: dict[str, object]) -> None:
-        calibration = self.calibration
-        spec = self.plan.layer_units[index].spec
-        for node in set(calibration.nodes) - set(refs):  # a replaced worker on another node
-            refs[node] = read_tensors_task.options(**Placement.on_node(node)).remote(
-                self.config.source, self.plan.layer_units[index].tensors
-            )
-            self.extra_reads[node] += 1
-        calls = [
-            worker.run_layer.remote(index, refs[node], *self._layer_call(spec))
-            for worker, node in zip(calibration.workers, calibration.nodes)
-        ]
-        results = self._gather_layer(index, calls, refs)
-        reduced = {}
-        for local in self.plan.record_sets()[index]:
-            values = [result[local] for result in results if local in result]
-            reduced[local] = math.nan if any(math.isnan(v) for v in values) else max(values)
-        self.layer_amax[index] = reduced
-        key = calibration.keys[index]
-        self.dest.write_text(f"{CALIBRATION_DIR}/{key}.json", json.dumps(reduced, sort_keys=True))
-        self._maybe_checkpoint(index)
-
-    @staticmethod
-    def _layer_call(spec) -> tuple:
-        return dict(spec.tensors), list(spec.recorded), [a.local for a in spec.attention]
-
-    def _gather_layer(self, index: int, calls: list, refs: dict) -> list[dict]:
-        """Results of every worker for one layer; a lost worker is replaced and caught up."""
-        results = []
-        for i, call in enumerate(calls):
+    def _poll(self, block: bool) -> int:
+        while True:
             try:
-                results.append(ray.get(call))
+                written = self.flow.poll(block)
+                break
+            except WorkerLost as lost:
+                self._replace_worker(lost.worker, lost.error)
             except ray.exceptions.RayTaskError as exc:
                 cause = unwrap(exc)
-                if cause is not exc:
-                    raise cause from None
-                raise JobError(_task_failure(exc)) from None
-            except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError) as exc:
-                results.append(self._replace_worker(i, index, refs, exc))
-        return results
+                raise (cause if cause is not exc else JobError(_task_failure(exc))) from None
+        self._record(written)
+        return len(written)
 
-    def _replace_worker(self, i: int, index: int, refs: dict, error: Exception) -> dict:
-        """Start a new worker in the lost one's bundle and redo its batches up to ``index``."""
+    def _calibrate_layer(self, index: int) -> None:
         calibration = self.calibration
+        snapshot = self._wants_snapshot(index)
+        calls = [self._submit_layer(i, index, snapshot) for i in range(self.calibration_workers)]
+        results = [self._layer_result(i, index, snapshot, call) for i, call in enumerate(calls)]
+        reduced = {}
+        for local in self.plan.record_sets()[index]:
+            values = [result["amax"][local] for result in results if local in result["amax"]]
+            reduced[local] = math.nan if any(math.isnan(v) for v in values) else max(values)
+        self.layer_amax[index] = reduced
+        self.dest.write_text(f"{CALIBRATION_DIR}/{calibration.keys[index]}.json", json.dumps(reduced, sort_keys=True))
+        calibration.done_through = index
+        if snapshot is not None:
+            calibration.writing[index] = self.calibration_workers
+            calibration.last_checkpoint_time = time.monotonic()
+        self._snapshots_done([folder for result in results for folder in result["snapshots"]])
+
+    def _submit_layer(self, i: int, index: int, snapshot: str | None = None):
+        unit = self.plan.layer_units[index]
+        attention = [a.local for a in unit.spec.attention]
+        return self.workers[i].run_layer.remote(index, list(unit.spec.recorded), attention, snapshot, self.config.dest)
+
+    def _layer_result(self, i: int, index: int, snapshot: str | None, call) -> dict:
+        """Worker ``i``'s result for layer ``index``; a lost worker is replaced and caught up."""
+        while True:
+            try:
+                return ray.get(call)
+            except ray.exceptions.RayTaskError as exc:
+                if not lost_worker_error(exc):
+                    cause = unwrap(exc)
+                    raise (cause if cause is not exc else JobError(_task_failure(exc))) from None
+                self._replace_worker(i, exc)
+            except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError) as exc:
+                self._replace_worker(i, exc)
+            call = self._submit_layer(i, index, snapshot)
+
+    def _replace_worker(self, i: int, error: Exception) -> None:
+        """Start a new worker in the lost one's bundle. A calibration worker first redoes
+        its batches up to the layer being calibrated, from the last complete snapshot."""
         self.replacements += 1
         if self.replacements > MAX_WORKER_REPLACEMENTS:
-            raise JobError(f"calibration workers failed {self.replacements} times; last: {type(error).__name__}")
-        self.events.warning(f"calibration worker {i} was lost at layer {index}; redoing its batches", worker=i, layer=index)
-        worker = calibration.workers[i] = self._new_worker(i)
-        info = self._get([worker.describe.remote()])[0]
-        calibration.nodes[i] = node = info["node_id"]
-        self._start_workers(calibration, [i])
-        start = 0 if calibration.checkpoint is None else calibration.checkpoint + 1
-        for layer in range(start, index + 1):
-            unit = self.plan.layer_units[layer]
-            ref = refs.get(node) if layer == index else None
-            if ref is None:
-                ref = read_tensors_task.options(**Placement.on_node(node)).remote(self.config.source, unit.tensors)
+            raise JobError(f"workers failed {self.replacements} times; last: {type(error).__name__}")
+        calibration = self.calibration
+        current = calibration.done_through + 1 if calibration is not None else None
+        self.events.warning(f"worker {i} was lost; starting another", worker=i, calibrating_layer=current)
+        calibrates = i < self.calibration_workers
+        worker = self.workers[i] = _new_worker(self.placement, i, self.config, self.plan.source.config if calibrates else None)
+        node = self.placement.nodes[i] = self._get([worker.describe.remote()])[0]["node_id"]
+        if calibrates and calibration is not None and current < len(calibration.keys):
+            calibration.writing.clear()  # the lost worker's snapshots never finish
+            self._start_calibration(calibration, [i], {})
+            start = calibration.first if calibration.checkpoint is None else calibration.checkpoint + 1
+            for layer in range(start, current):
+                unit = self.plan.layer_units[layer]
+                bundle = read_tensors_task.options(**Placement.on_node(node)).remote(self.config.source, unit.tensors)
                 self.extra_reads[node] += 1
-            result = self._get([worker.run_layer.remote(layer, ref, *self._layer_call(unit.spec))])[0]
-        return result
+                worker.load.remote(layer, bundle, dict(unit.spec.tensors), True)
+                self._get([self._submit_layer(i, layer)])
+        self.flow.replace_worker(i, worker, node)
 
-    def _maybe_checkpoint(self, index: int) -> None:
+    # ---- hidden-state snapshots ----------------------------------------------------
+    def _wants_snapshot(self, index: int) -> str | None:
+        """A folder for the hidden states after layer ``index``: at the planned layers (kept
+        for re-quantization) and every checkpoint_minutes (crash resume)."""
         calibration = self.calibration
         if index == len(calibration.keys) - 1:
-            return
-        if time.monotonic() - calibration.last_checkpoint_time < self.config.checkpoint_minutes * 60:
-            return
-        folder = f"{CALIBRATION_DIR}/{calibration.keys[index]}"
-        self._get([w.save_hidden.remote(self.config.dest, folder) for w in calibration.workers])
-        self.dest.write_bytes(f"{folder}/_COMPLETE", b"")
-        if calibration.checkpoint is not None and calibration.checkpoint != index:
-            self.dest.delete(f"{CALIBRATION_DIR}/{calibration.keys[calibration.checkpoint]}")
-        calibration.checkpoint = index
-        calibration.last_checkpoint_time = time.monotonic()
+            return None
+        due = time.monotonic() - calibration.last_checkpoint_time >= self.config.checkpoint_minutes * 60
+        return self._folder(index) if index in calibration.kept or due else None
+
+    def _snapshots_done(self, folders: list[str]) -> None:
+        calibration = self.calibration
+        by_folder = {self._folder(layer): layer for layer in calibration.writing}
+        for folder in folders:
+            layer = by_folder.get(folder)
+            if layer is None:
+                continue
+            calibration.writing[layer] -= 1
+            if calibration.writing[layer]:
+                continue
+            del calibration.writing[layer]
+            self.dest.write_bytes(f"{folder}/_COMPLETE", b"")
+            previous = calibration.checkpoint
+            if previous is None or layer > previous:
+                calibration.checkpoint = layer
+                if previous is not None and previous not in calibration.kept:
+                    self.dest.delete(self._folder(previous))
+
+    def _finish_snapshots(self) -> None:
+        folders = self._get([w.flush_snapshots.remote() for w in self.workers[: self.calibration_workers]])
+        self._snapshots_done([folder for done in folders for folder in done])
 
     # ---- input scales -----------------------------------------------------------
     def _write_scales(self) -> None:
@@ -341,11 +362,16 @@ class Execution:
         self.scales = done
 
     def calibration_record(self) -> dict | None:
-        """Per layer: the calibration key and the reduced amax (kept in the manifest)."""
-        if self.calibration is None:
+        """Per layer: the calibration key and the reduced amax, and the layers whose hidden
+        states stay at DEST (kept in the manifest)."""
+        calibration = self.calibration
+        if calibration is None:
             return None
         layers = [{"module": u.spec.module, "amax": amax} for u, amax in zip(self.plan.layer_units, self.layer_amax)]
-        return {"keys": self.calibration.keys, "layers": layers}
+        snapshots = [
+            calibration.keys[i] for i in sorted(calibration.kept) if self.dest.exists(f"{self._folder(i)}/_COMPLETE")
+        ]
+        return {"keys": calibration.keys, "layers": layers, "snapshots": snapshots}
 
     @property
     def reads(self) -> Counter:

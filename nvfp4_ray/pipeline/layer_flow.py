@@ -1,99 +1,206 @@
-"""Reads and weight tasks of the decoder layers, run ahead within a memory budget.
+"""Reads, device loads and unit writes of the decoder layers, run ahead within budgets.
 
-A layer is read once on each node that needs it (the node of its weight task, and every
-node with calibration workers), and its weight task is submitted together with the read,
-so packing proceeds as fast as layers arrive. Reads start when the job starts, while the
-calibration workers are still starting up, and continue while less than the budget is
-waiting in memory; a layer is released once its weight task has finished and the
-calibration has gone past it. The calibration, which must visit layers in order, only
-ever consumes layers that are already (being) read.
+For each layer, in order:
+  read   once on each node that needs it (the node of the layer's owner, and every node
+         with calibration workers), into that node's object store; reads start with the
+         job, while the workers start up, and run ahead while less than the host budget
+         is waiting in memory;
+  load   onto each worker that needs it: its owner (worker ``index % workers``), which
+         quantizes it from the device copy when its unit is not done yet, and every
+         calibration worker when the layer is calibrated in this run, which keeps it on
+         the device for run_layer; calibrated layers load at most AHEAD layers past the one
+         being calibrated (GPU memory), layers that are only quantized as reads allow;
+  write  the owner's output entries, by a task on the owner's node.
+A layer's reads are released once all its loads have finished.
 """
 
 from __future__ import annotations
 
 from collections import Counter
+from dataclasses import dataclass, field
 
 import ray
 
 from nvfp4_ray.pipeline.placement import Placement
 from nvfp4_ray.pipeline.plan import Plan
-from nvfp4_ray.pipeline.workers import quantize_layer_task, read_tensors_task
+from nvfp4_ray.pipeline.workers import read_tensors_task, write_unit_task
+
+AHEAD = 2  # calibrated layers on a worker's device beyond the one it computes
+LOST = (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError)
+
+
+class WorkerLost(Exception):
+    def __init__(self, worker: int, error: Exception):
+        super().__init__(f"worker {worker} lost: {type(error).__name__}")
+        self.worker, self.error = worker, error
+
+
+def lost_worker_error(error: Exception) -> bool:
+    """Whether a call failed because a worker died (directly, or through a task input)."""
+    return isinstance(error, LOST) or isinstance(getattr(error, "cause", None), LOST)
+
+
+@dataclass
+class _Layer:
+    index: int
+    quantize: bool  # its unit still has to be written: the owner quantizes it
+    calibrating: bool = False  # held on the calibration workers' devices until calibrated
+    reads: dict = field(default_factory=dict)  # node -> bundle ref, until every load finished
+    loads: dict = field(default_factory=dict)  # worker -> load ref, while in flight
+    loaded: bool = False  # its loads were submitted
+    write: object = None  # the write's ref, while in flight
+
+    @property
+    def finished(self) -> bool:
+        return self.loaded and not self.loads and not self.quantize and not self.calibrating
 
 
 class LayerFlow:
-    def __init__(self, plan: Plan, placement: Placement, done_keys: set, calibration_nodes: list[str], budget: float):
-        self.plan, self.placement, self.budget = plan, placement, budget
+    def __init__(self, plan: Plan, nodes: list[str], done_keys: set, calibration_workers: int, budget: float):
+        """``nodes``: the node of each worker; the first ``calibration_workers`` calibrate."""
+        self.plan, self.budget = plan, budget
         self.units = plan.layer_units
+        self.nodes = list(nodes)
         self.done_keys = done_keys
-        self.calibration_nodes = calibration_nodes  # empty: no calibration in this run
-        self.calibrate_from = 0 if calibration_nodes else len(self.units)
-        self.todo = [i for i, unit in enumerate(self.units) if unit.key not in done_keys or calibration_nodes]
-        self.reads: dict[int, dict[str, object]] = {}  # layer -> node -> bundle ref
-        self.pending: dict[object, int] = {}  # weight task -> layer
-        self.waiting: dict[int, set[str]] = {}  # layers in memory -> what still needs them
-        self.reads_per_node: Counter = Counter()
+        self.calibration_workers = calibration_workers
+        self.workers: list = []
+        # None until start() knows where calibration resumes: until then every layer is read
+        # for calibration, and none is loaded (it could travel to a device twice)
+        self.calibrate_from: int | None = None if calibration_workers else len(self.units)
+        self.todo = [i for i, unit in enumerate(self.units) if unit.key not in done_keys or calibration_workers]
+        self.layers: dict[int, _Layer] = {}  # read and not finished
         self.next = 0  # position in todo of the next layer to read
+        self.reads_per_node: Counter = Counter()
+        self.pending: dict = {}  # ref -> (kind "load" or "write", layer, worker)
 
+    def start(self, workers: list, calibrate_from: int) -> None:
+        """The workers are up; layers before ``calibrate_from`` already have statistics."""
+        self.workers = list(workers)
+        self.calibrate_from = calibrate_from if self.calibration_workers else len(self.units)
+        self.todo = [i for i in self.todo if self.units[i].key not in self.done_keys or i >= self.calibrate_from]
+        for index in list(self.layers):
+            if index not in self.todo:  # read for a calibration that resumes later
+                del self.layers[index]
+
+    def calibrated(self, index: int) -> bool:
+        """Whether layer ``index`` goes through calibration in this run."""
+        return self.calibration_workers > 0 and (self.calibrate_from is None or index >= self.calibrate_from)
+
+    def owner(self, index: int) -> int:
+        return index % len(self.nodes)
+
+    # ---- the flow ------------------------------------------------------------------------
     def held(self) -> int:
-        return sum(self.units[index].nbytes for index in self.waiting)
+        return sum(self.units[index].nbytes for index, layer in self.layers.items() if layer.reads)
 
-    def start_calibration_at(self, first: int) -> None:
-        """Layers before ``first`` already have statistics (a resumed run): release them."""
-        self.calibrate_from = first
-        for index in list(self.waiting):
-            if index < first:
-                self._release(index, "calibration")
-        self.todo = [i for i in self.todo if self.units[i].key not in self.done_keys or i >= first]
-
-    def pump(self, position: int) -> None:
-        """Read ahead (and submit weight tasks) while the budget allows, always through
-        the layer at ``position`` in todo."""
-        while self.next < len(self.todo) and (
-            self.next <= position or self.held() + self.units[self.todo[self.next]].nbytes <= self.budget
-        ):
-            self._start(self.todo[self.next])
+    def pump(self, current: int | None) -> None:
+        """Start reads within the budget (always one, and always through layer ``current``,
+        the one being calibrated), then the loads that may go ahead."""
+        while self.next < len(self.todo):
+            index = self.todo[self.next]
+            held = self.held()
+            if (current is None or index > current) and held and held + self.units[index].nbytes > self.budget:
+                break
+            self._read(index)
             self.next += 1
-
-    def _start(self, index: int) -> None:
-        unit = self.units[index]
-        needs = set()
-        nodes = set()
-        if unit.key not in self.done_keys:
-            needs.add("weights")
-            nodes.add(self.placement.nodes[index % self.placement.size])
-        if index >= self.calibrate_from:
-            needs.add("calibration")
-            nodes.update(self.calibration_nodes)
-        refs = {}
-        for node in sorted(nodes):
-            refs[node] = read_tensors_task.options(**Placement.on_node(node)).remote(self.plan.config.source, unit.tensors)
-            self.reads_per_node[node] += 1
-        self.reads[index] = refs
-        self.waiting[index] = needs
-        if "weights" in needs:
-            bundle = index % self.placement.size
-            task = quantize_layer_task.options(**self.placement.task_options(bundle))
-            self.pending[task.remote(unit, refs[self.placement.nodes[bundle]], self.plan.config.dest)] = index
-
-    def calibrated(self, index: int) -> None:
-        self._release(index, "calibration")
-        self.reads.pop(index, None)
-
-    def _release(self, index: int, need: str) -> None:
-        needs = self.waiting.get(index)
-        if needs is None:
+        if not self.workers:
             return
-        needs.discard(need)
-        if not needs:
-            del self.waiting[index]
-            if index < self.calibrate_from:
-                self.reads.pop(index, None)
+        for index, layer in sorted(self.layers.items()):
+            if self.calibrated(index) and (current is None or index > current + AHEAD):
+                break
+            if not layer.loaded:
+                self._load(layer, self._loaders(layer))
 
-    def finished_weights(self, block: bool) -> list:
-        """Refs of finished weight tasks (at least one if ``block``), their layers released."""
+    def _read(self, index: int) -> None:
+        layer = self.layers[index] = _Layer(index, quantize=self.units[index].key not in self.done_keys)
+        nodes = {self.nodes[self.owner(index)]} if layer.quantize else set()
+        if self.calibrated(index):
+            nodes.update(self.nodes[: self.calibration_workers])
+        for node in sorted(nodes):
+            self._read_on(layer, node)
+
+    def _read_on(self, layer: _Layer, node: str) -> None:
+        unit = self.units[layer.index]
+        layer.reads[node] = read_tensors_task.options(**Placement.on_node(node)).remote(self.plan.config.source, unit.tensors)
+        self.reads_per_node[node] += 1
+
+    def _loaders(self, layer: _Layer) -> list[int]:
+        loaders = set(range(self.calibration_workers)) if self.calibrated(layer.index) else set()
+        if layer.quantize:
+            loaders.add(self.owner(layer.index))
+        return sorted(loaders)
+
+    def _load(self, layer: _Layer, workers: list[int]) -> None:
+        unit = self.units[layer.index]
+        for worker in workers:
+            node = self.nodes[worker]
+            if node not in layer.reads:
+                self._read_on(layer, node)
+            keep = self.calibrated(layer.index) and worker < self.calibration_workers
+            owner = layer.quantize and worker == self.owner(layer.index)
+            ref = self.workers[worker].load.remote(
+                layer.index, layer.reads[node], dict(unit.spec.tensors), keep, unit.spec if owner else None
+            )
+            layer.loads[worker] = ref
+            self.pending[ref] = ("load", layer, worker)
+            layer.calibrating |= keep
+            if owner:
+                task = write_unit_task.options(**Placement.on_node(node))
+                layer.write = task.remote(unit.file, unit.key, ref, self.plan.config.dest)
+                self.pending[layer.write] = ("write", layer, worker)
+        layer.loaded = True
+
+    def busy(self) -> bool:
+        return bool(self.layers) or self.next < len(self.todo)
+
+    def poll(self, block: bool) -> list:
+        """The unit files written since the last call (waiting for at least one event if
+        ``block``); the reads of a layer are released once all its loads have finished.
+        Raises WorkerLost when a write failed because its worker died."""
         if not self.pending:
             return []
-        done, _ = ray.wait(list(self.pending), num_returns=1 if block else len(self.pending), timeout=None if block else 0)
-        for ref in done:
-            self._release(self.pending.pop(ref), "weights")
-        return done
+        refs = list(self.pending)
+        ready, _ = ray.wait(refs, num_returns=1 if block else len(refs), timeout=None if block else 0, fetch_local=False)
+        written = []
+        for ref in ready:
+            kind, layer, worker = self.pending.pop(ref)
+            if kind == "load":
+                del layer.loads[worker]
+                if not layer.loads:
+                    layer.reads = {}
+            else:
+                layer.write = None
+                try:
+                    written.append(ray.get(ref))
+                except Exception as exc:
+                    if lost_worker_error(exc):
+                        raise WorkerLost(worker, exc) from None
+                    raise
+                layer.quantize = False
+            if layer.finished:
+                del self.layers[layer.index]
+        return written
+
+    def done_calibrating(self, index: int) -> None:
+        layer = self.layers[index]
+        layer.calibrating = False
+        if layer.finished:
+            del self.layers[index]
+
+    def replace_worker(self, worker: int, actor, node: str) -> None:
+        """A lost worker's stand-in takes over: the layers it still had to quantize, and the
+        ones it held (or was loading) for calibration, are loaded onto it again."""
+        self.workers[worker], self.nodes[worker] = actor, node
+        for ref, (kind, layer, owner) in list(self.pending.items()):
+            if owner == worker:
+                del self.pending[ref]
+                if kind == "load":
+                    del layer.loads[worker]
+                else:
+                    layer.write = None
+        for layer in sorted(self.layers.values(), key=lambda layer: layer.index):
+            redo = (layer.quantize and self.owner(layer.index) == worker and layer.write is None) or (
+                layer.calibrating and worker < self.calibration_workers
+            )
+            if layer.loaded and redo:
+                self._load(layer, [worker])

@@ -1,10 +1,7 @@
-"""Where the work runs: one placement-group bundle per calibration worker.
+"""Where the work runs: one placement-group bundle per layer worker.
 
-A bundle is one GPU and 4 CPUs on GPU clusters, or a node's CPUs on CPU-only clusters.
-On a GPU, the worker actor takes a quarter of the GPU and one CPU, and up to three weight
-tasks run beside it with a quarter and one CPU each (a task without a GPU share would get
-an empty CUDA_VISIBLE_DEVICES from Ray): packing overlaps calibration and hashing/writing
-of the previous layers. Reads are zero-CPU tasks pinned to a node.
+A bundle is one GPU and one CPU on GPU clusters, or a node's CPUs on CPU-only clusters;
+the worker takes all of it. Reads and writes are zero-CPU tasks pinned to a node.
 """
 
 from __future__ import annotations
@@ -17,10 +14,6 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy, Place
 
 from nvfp4_ray.errors import InputError, JobError
 
-GPU_TASKS = 3  # weight tasks that may share a GPU with its calibration worker
-GPU_SHARE = 1 / (1 + GPU_TASKS)
-
-
 
 @dataclass
 class Placement:
@@ -28,7 +21,6 @@ class Placement:
     nodes: list[str]  # node id of each bundle
     gpu: bool
     worker_cpus: float
-    task_cpus: float
     object_store_bytes: float  # the smallest object store among the bundles' nodes
 
     @classmethod
@@ -49,7 +41,7 @@ class Placement:
                     f"--num-workers {count} asks for more GPUs than the cluster has ({gpus}); "
                     "pass --worker-device gpu to wait for the autoscaler to add GPU nodes"
                 )
-            bundle = {"CPU": 1 + GPU_TASKS, "GPU": 1}
+            bundle = {"CPU": 1, "GPU": 1}
         else:
             count = num_workers or len([c for c in cpus if c >= 2]) or 1
             per_bundle = max(2, int(sum(cpus) // count))
@@ -59,37 +51,24 @@ class Placement:
         if not ready:
             remove_placement_group(group)
             raise JobError(
-                f"the cluster could not place {count} calibration workers of {bundle} each within "
+                f"the cluster could not place {count} workers of {bundle} each within "
                 f"{timeout_s:.0f}s (cluster now: {gpus} GPUs, CPUs per node {cpus})"
             )
         table = placement_group_table(group)["bundles_to_node_id"]
         nodes = [table[i] for i in range(count)]
         stores = {node["NodeID"]: node["Resources"].get("object_store_memory", 0) for node in ray.nodes()}
         store = min(stores.get(node, 0) for node in nodes)
-        if use_gpu:
-            return cls(group=group, nodes=nodes, gpu=True, worker_cpus=1, task_cpus=1, object_store_bytes=store)
-        half = bundle["CPU"] / 2
-        return cls(group=group, nodes=nodes, gpu=False, worker_cpus=half, task_cpus=half, object_store_bytes=store)
+        return cls(group=group, nodes=nodes, gpu=use_gpu, worker_cpus=bundle["CPU"], object_store_bytes=store)
 
     @property
     def size(self) -> int:
         return len(self.nodes)
 
-    @property
-    def tasks_per_bundle(self) -> int:
-        return GPU_TASKS if self.gpu else 1
-
-    def distinct_nodes(self) -> list[str]:
-        return list(dict.fromkeys(self.nodes))
-
     def _in_bundle(self, index: int) -> dict:
         return {"scheduling_strategy": PlacementGroupSchedulingStrategy(self.group, placement_group_bundle_index=index)}
 
     def worker_options(self, index: int) -> dict:
-        return {"num_cpus": self.worker_cpus, "num_gpus": GPU_SHARE if self.gpu else 0, **self._in_bundle(index)}
-
-    def task_options(self, index: int) -> dict:
-        return {"num_cpus": self.task_cpus, "num_gpus": GPU_SHARE if self.gpu else 0, **self._in_bundle(index)}
+        return {"num_cpus": self.worker_cpus, "num_gpus": 1 if self.gpu else 0, **self._in_bundle(index)}
 
     @staticmethod
     def on_node(node_id: str) -> dict:

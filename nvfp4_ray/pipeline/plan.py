@@ -31,6 +31,7 @@ from nvfp4_ray.architecture import (
     text_model_type,
 )
 from nvfp4_ray.calibration.data import read_samples, samples_hash
+from nvfp4_ray.calibration.rotary import layer_config, rotary_tables
 from nvfp4_ray.config import QuantizeConfig
 from nvfp4_ray.errors import InputError
 from nvfp4_ray.io.checkpoint import SourceCheckpoint, SourceTensor, open_checkpoint, with_config_overrides
@@ -212,12 +213,14 @@ def build_plan(config: QuantizeConfig, inputs: Inputs) -> Plan:
     calibration_base = {}
     if samples is not None:
         forward_config = {k: v for k, v in source.config.items() if k not in _METADATA_KEYS}
+        tables = rotary_tables(inputs.quantized_model, max(len(sample) for sample in samples))
         calibration_base = {
             **scheme_tag,
             **_calibration_options(config, source),
             "samples": inputs.fingerprint["calibration"],
             "embed": tensor_identity(source, source.tensors[spec.embed_tensor]),
-            "config": digest(forward_config),
+            "config": digest(layer_config(forward_config, text_model_type(source.config), tables is not None)),
+            "rotary": tables,
         }
     destination.probe_writable(Store(config.dest))
     return Plan(
@@ -251,3 +254,11 @@ def calibration_keys(plan: Plan, device_signature: str) -> list[str]:
         previous = digest([previous, [tensor_identity(plan.source, t) for t in unit.tensors], record])
         keys.append(previous)
     return keys
+
+
+def snapshot_layers(layers: int, count: int) -> list[int]:
+    """The layers whose hidden states stay at DEST after the commit: ``count`` of them,
+    evenly spaced, never the last one. A re-run after a change at layer c calibrates from
+    the last one before c; each costs samples x seq_len x hidden x 2 bytes at DEST."""
+    count = min(count, layers - 1)
+    return sorted({layers * (i + 1) // (count + 1) - 1 for i in range(count)}) if count > 0 else []

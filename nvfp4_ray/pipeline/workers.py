@@ -1,20 +1,28 @@
-"""The Ray tasks and the calibration actor. Each wraps a plain function from the library.
+"""The Ray tasks and the layer worker actor. Each wraps a plain function from the library.
 
-  read_tensors_task   reads tensors once on a node; the result stays in that node's
-                      object store, shared zero-copy by the node's workers and tasks
-  quantize_layer_task quantizes one decoder layer and writes its unit file
-  copy_unit_task      copies tensors outside the decoder layers, byte for byte
-  CalibrationWorker   holds a share of the calibration batches and runs them through
-                      the decoder one layer at a time (one actor per GPU, or per node)
+  read_tensors_task  reads tensors once on a node; the result stays in that node's object
+                     store, shared zero-copy by the node's processes
+  LayerWorker        one per GPU (or per CPU-only node): copies each layer it is given to
+                     its device once, quantizes the layers it owns from there, and runs its
+                     share of the calibration batches through the decoder one layer at a time
+  write_unit_task    writes a unit's file and its completion record
+  copy_unit_task     copies tensors outside the decoder layers, byte for byte
+
+A worker has two threads. ``load`` (its own concurrency group) copies layer k+1 to the GPU
+on a side stream and quantizes it there while ``run_layer`` computes layer k; one process
+per GPU, so nothing else competes for it (separate processes would be time-sliced).
 """
 
 from __future__ import annotations
 
 import errno
-import os
 import socket
+import threading
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import nullcontext
 
+import numpy as np
 import ray
 
 from nvfp4_ray.errors import InputError, JobError
@@ -22,8 +30,12 @@ from nvfp4_ray.io import destination
 from nvfp4_ray.io.storage import Store
 from nvfp4_ray.io.tensors import TensorBundle, encode_shard, read_file, read_tensors, torch_entry, write_shard
 
-# torch, transformers and compressed-tensors are imported inside the tasks that use them:
-# a process that only reads or copies bytes then starts in a fraction of a second.
+# torch, transformers and compressed-tensors are imported inside the worker and the tasks
+# that use them: a process that only reads or writes bytes starts in a fraction of a second.
+# What a layer worker imports, for Ray's ``preload_python_modules`` (RAY_preload_python_modules
+# on `ray start`): idle worker processes import these before they take work, so a worker
+# created later skips seconds of imports.
+PRELOAD_MODULES = ("torch", "transformers.modeling_utils", "nvfp4_ray.layer_quantizer", "nvfp4_ray.calibration.runner")
 
 # Storage hiccups (resets, throttling, timeouts) surface as OSError subclasses: retry those.
 # InputError (a broken source) and JobError (e.g. a full disk) are never retried.
@@ -47,52 +59,14 @@ def write_unit(dest: Store, file_name: str, key: str, entries: list, encoded=Non
     return written
 
 
-def _device():
-    import torch
-
-    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
-
-
-def _use_threads() -> None:
-    """Use the CPUs Ray gave this worker (Ray sets OMP_NUM_THREADS to the task's num_cpus)."""
-    import torch
-
-    threads = os.environ.get("OMP_NUM_THREADS")
-    if threads and threads.isdigit() and int(threads) > 0:
-        torch.set_num_threads(int(threads))
-
-
 @ray.remote(num_cpus=0, **RETRY)
 def read_tensors_task(source_url: str, tensors: list) -> TensorBundle:
     return read_tensors(Store(source_url), tensors)
 
 
-# Weight tasks run in worker processes of their own: Ray reuses a process only for tasks of
-# the same runtime environment, so a task never lands in a process that has only read
-# bytes and must first import torch and compressed-tensors and create a CUDA context
-# (11-17 s per process on the H100 VM). max_calls=0: Ray would otherwise start a fresh
-# process for every GPU task.
-QUANTIZE_POOL = {"env_vars": {"NVFP4_RAY_POOL": "quantize"}}
-
-
-@ray.remote(max_calls=0, runtime_env=QUANTIZE_POOL, **RETRY)
-def quantize_layer_task(unit, bundle: TensorBundle, dest_url: str):
-    from nvfp4_ray.layer_quantizer import quantize_layer
-
-    _use_threads()
-    entries = quantize_layer(unit.spec, bundle, _device())
-    return write_unit(Store(dest_url), unit.file, unit.key, entries)
-
-
-@ray.remote(max_calls=0, runtime_env=QUANTIZE_POOL)
-def warm_up_task() -> None:
-    """Start a weight-task process ahead of the first layer: imports and CUDA context."""
-    import torch
-
-    import nvfp4_ray.layer_quantizer  # noqa: F401
-
-    if torch.cuda.is_available():
-        torch.zeros(1, device="cuda")
+@ray.remote(num_cpus=0, **RETRY)
+def write_unit_task(file_name: str, key: str, entries: list, dest_url: str):
+    return write_unit(Store(dest_url), file_name, key, entries)
 
 
 @ray.remote(num_cpus=0, **RETRY)
@@ -105,9 +79,20 @@ def copy_unit_task(unit, source_url: str, dest_url: str):
     return write_unit(Store(dest_url), unit.file, unit.key, entries)
 
 
-@ray.remote(max_restarts=0, max_task_retries=0)
-class CalibrationWorker:
-    def __init__(self, model_config: dict, batched: bool, drop_causal_mask: bool, cpu_threads: int):
+class _Loaded:
+    """Layer ``index`` on the worker's device, handed from the load thread to run_layer."""
+
+    def __init__(self):
+        self.ready = threading.Event()
+        self.tensors: dict | None = None  # parameter name inside the layer -> device tensor
+        self.event = None  # CUDA event after the copies, on the load stream
+        self.error: BaseException | None = None
+
+
+@ray.remote(max_restarts=0, max_task_retries=0, concurrency_groups={"load": 1})
+class LayerWorker:
+    def __init__(self, model_config: dict | None, batched: bool, drop_causal_mask: bool, cpu_threads: int):
+        """``model_config``: the model to calibrate, or None for a worker that only quantizes."""
         # Start-up is timed step by step: on a GPU machine it is the largest fixed cost of a job.
         clock = [time.monotonic()]
 
@@ -118,25 +103,40 @@ class CalibrationWorker:
         import torch
 
         self.startup = {"import_torch_s": lap()}
-        from nvfp4_ray.calibration.runner import DecoderRunner
+        import nvfp4_ray.layer_quantizer  # noqa: F401  (compressed-tensors)
 
-        self.startup["import_transformers_s"] = lap()
-        self.device = _device()
-        if self.device.type == "cpu":
-            # bf16 matmuls on CPUs round differently with different thread counts: use what a
-            # plain PyTorch process (llm-compressor) uses on this machine, not Ray's CPU share
-            torch.set_num_threads(cpu_threads)
-        else:
-            torch.empty(1, device=self.device)  # the CUDA context, now rather than in start()
+        self.startup["import_quantizer_s"] = lap()
+        self.device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+        # bf16 matmuls on CPUs round differently with different thread counts: use what a
+        # plain PyTorch process (llm-compressor) uses on this machine, not Ray's CPU share
+        self.cpu_threads = cpu_threads
+        if self.device.type == "cuda":
+            torch.empty(1, device=self.device)  # the CUDA context, now rather than at the first layer
+            self.load_stream = torch.cuda.Stream(self.device)
         self.startup["device_init_s"] = lap()
-        self.runner = DecoderRunner(model_config, str(self.device), batched, drop_causal_mask)
-        self.startup["build_model_s"] = lap()
+        self.runner = None
+        if model_config is not None:
+            from nvfp4_ray.calibration.runner import DecoderRunner
+
+            self.startup["import_transformers_s"] = lap()
+            self.runner = DecoderRunner(model_config, str(self.device), batched, drop_causal_mask)
+            self.startup["build_model_s"] = lap()
+        self.loaded: dict[int, _Loaded] = {}
+        self.lock = threading.Lock()
         self.busy_s = 0.0  # seconds spent running layers: the compute side of calibration
+        self.snapshot_writer = ThreadPoolExecutor(1, thread_name_prefix="snapshot")
+        self.snapshots: dict[str, Future] = {}  # folder -> hidden-state write in progress or done
+
+    def _compute_threads(self) -> None:
+        import torch
+
+        if self.device.type == "cpu":  # per calling thread for OpenMP: set it where the math runs
+            torch.set_num_threads(self.cpu_threads)
 
     def describe(self) -> dict:
         import torch
 
-        name = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else f"cpu/{torch.get_num_threads()} threads"
+        name = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else f"cpu/{self.cpu_threads} threads"
         return {
             "node_id": ray.get_runtime_context().get_node_id(),
             "host": socket.gethostname(),
@@ -147,25 +147,91 @@ class CalibrationWorker:
             "startup": self.startup,
         }
 
+    # ---- the load thread ---------------------------------------------------------------
+    def _slot(self, index: int) -> _Loaded:
+        with self.lock:
+            return self.loaded.setdefault(index, _Loaded())
+
+    @ray.method(concurrency_group="load")
+    def load(self, index: int, bundle: TensorBundle, tensor_names: dict, keep: bool, spec=None) -> list | None:
+        """Copy layer ``index`` to the device once; keep it for run_layer (``keep``), and
+        quantize it from there when given its ``spec``: returns the unit's output entries."""
+        import torch
+
+        from nvfp4_ray.layer_quantizer import quantize_layer, to_device_checked
+
+        slot = self._slot(index) if keep else None
+        try:
+            with torch.cuda.stream(self.load_stream) if self.device.type == "cuda" else nullcontext():
+                on_device = to_device_checked(bundle, self.device, check=spec is not None)
+                if slot is not None:
+                    slot.tensors = {local: on_device[name] for name, local in tensor_names.items()}
+                    if self.device.type == "cuda":
+                        slot.event = torch.cuda.Event()
+                        slot.event.record(self.load_stream)
+                    slot.ready.set()
+                if spec is None:
+                    return None
+                return [(name, dtype, shape, np.asarray(raw)) for name, dtype, shape, raw in quantize_layer(spec, bundle, on_device)]
+        except BaseException as exc:
+            if slot is not None and not slot.ready.is_set():
+                slot.error = exc
+                slot.ready.set()
+            raise
+
+    def _take(self, index: int) -> dict:
+        """The tensors of layer ``index``, once its load has copied them (on the load stream)."""
+        import torch
+
+        slot = self._slot(index)
+        slot.ready.wait()
+        with self.lock:
+            del self.loaded[index]
+        if slot.error is not None:
+            raise slot.error
+        if slot.event is not None:
+            stream = torch.cuda.current_stream(self.device)
+            stream.wait_event(slot.event)
+            for tensor in slot.tensors.values():  # allocated on the load stream, used on this one
+                tensor.record_stream(stream)
+        return slot.tensors
+
+    # ---- the compute thread ------------------------------------------------------------
     def start(self, batches: list, embed: TensorBundle, embed_name: str) -> int:
+        self._compute_threads()
         self.runner.start(batches, embed.tensor(embed_name))
         return sum(batch.tokens for batch in batches)
 
-    def run_layer(self, index: int, bundle: TensorBundle, tensor_names: dict, record: list, attention: list) -> dict:
-        """Plain names only: a layer spec would make this process import compressed-tensors."""
+    def run_layer(self, index: int, record: list, attention: list, snapshot: str | None = None, dest_url: str = "") -> dict:
+        """Advance this worker's batches through layer ``index``: the amax of what ``record``
+        and ``attention`` name, and the hidden-state snapshots finished since the last call.
+        ``snapshot``: also write the hidden states after this layer to that folder of DEST
+        (in the background; the layer loop goes on)."""
+        self._compute_threads()
         began = time.monotonic()
-        weights = {local: bundle.tensor(name) for name, local in tensor_names.items()}
+        weights = self._take(index)
         amax = self.runner.run_layer(index, weights, record, attention)
+        if snapshot is not None:
+            hidden = {state.batch.index: state.hidden for state in self.runner.states}  # later layers make new tensors
+            self.snapshots[snapshot] = self.snapshot_writer.submit(_write_hidden, Store(dest_url), snapshot, hidden)
         self.busy_s += time.monotonic() - began
-        return amax
+        return {"amax": amax, "snapshots": self._finished_snapshots(block=False)}
+
+    def _finished_snapshots(self, block: bool) -> list[str]:
+        done = []
+        for folder, future in list(self.snapshots.items()):
+            if block or future.done():
+                future.result()  # a failed write fails the call
+                done.append(folder)
+                del self.snapshots[folder]
+        return done
+
+    def flush_snapshots(self) -> list[str]:
+        """Wait for every hidden-state write; the folders finished since the last call."""
+        return self._finished_snapshots(block=True)
 
     def busy_seconds(self) -> float:
         return self.busy_s
-
-    def save_hidden(self, dest_url: str, folder: str) -> None:
-        dest = Store(dest_url)
-        for index, hidden in self.runner.hidden_states().items():
-            write_shard(dest, f"{folder}/batch-{index:05d}.safetensors", [torch_entry("hidden", hidden)])
 
     def load_hidden(self, dest_url: str, folder: str) -> None:
         dest = Store(dest_url)
@@ -176,7 +242,18 @@ class CalibrationWorker:
         self.runner.restore_hidden_states(hidden)
 
 
+def _write_hidden(dest: Store, folder: str, hidden: dict) -> None:
+    import torch
+
+    on_gpu = any(tensor.is_cuda for tensor in hidden.values())
+    # copied out on a stream of its own: the compute stream goes on with the next layers
+    with torch.cuda.stream(torch.cuda.Stream()) if on_gpu else nullcontext():
+        for index, tensor in hidden.items():
+            write_shard(dest, f"{folder}/batch-{index:05d}.safetensors", [torch_entry("hidden", tensor)])
+
+
 def unwrap(error: Exception) -> Exception:
     """The InputError or JobError a task raised, if that is what failed."""
     cause = getattr(error, "cause", None)
     return cause if isinstance(cause, (InputError, JobError)) else error
+
