@@ -256,7 +256,7 @@ def nvfp4_ray_run(source, calibration, work, samples, seq_len, gpus, timed_input
         log(f"nvfp4-ray: done in {seconds:.1f}s")
         timeline = os.environ.get("NVFP4_BENCH_TIMELINE")
         if timeline:  # Ray's Chrome trace of every task and actor call, for diagnosis
-            ray.timeline(filename=f"{timeline}-{gpus}gpu.json")
+            ray.timeline(filename=f"{timeline}-{gpus}gpu{'-preloaded' if preload else ''}.json")
     finally:
         ray.shutdown()
     if not os.path.exists(os.path.join(dest, "_SUCCESS")):

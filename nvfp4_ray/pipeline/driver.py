@@ -119,7 +119,7 @@ class Execution:
         embeds = self._read_embeddings()  # with the first layers, while the workers start up
         self.flow.pump(None)
         with self.events.stage("setup"):
-            infos = self._get([w.describe.remote() for w in self.workers])
+            infos = self._get(self._wait([w.describe.remote() for w in self.workers]))
             self.events.info("workers ready", startup=[info["startup"] for info in infos])
             first = len(plan.layer_units)
             if self.calibration_workers:
@@ -238,6 +238,22 @@ class Execution:
             busy = self._get([w.busy_seconds.remote() for w in self.workers[: self.calibration_workers]])
             self.calibration.compute_s = round(max(busy), 3)
 
+    def _wait(self, refs: list) -> list:
+        """``refs``, once all are done; meanwhile the flow's finished reads, loads and writes
+        are taken in and the next ones started (the driver is the flow's only clock)."""
+        while ray.wait(refs, num_returns=len(refs), timeout=0.05, fetch_local=False)[1]:
+            self._poll(block=False)
+            self.flow.pump(self._current)
+        return refs
+
+    @property
+    def _current(self) -> int | None:
+        """The layer being calibrated, if calibration has started."""
+        calibration = self.calibration
+        if calibration is None or not self.flow.workers or calibration.done_through + 1 >= len(calibration.keys):
+            return None
+        return calibration.done_through + 1
+
     def _poll(self, block: bool) -> int:
         while True:
             try:
@@ -254,8 +270,9 @@ class Execution:
     def _calibrate_layer(self, index: int) -> None:
         calibration = self.calibration
         snapshot = self._wants_snapshot(index)
-        calls = [self._submit_layer(i, index, snapshot) for i in range(self.calibration_workers)]
-        results = [self._layer_result(i, index, snapshot, call) for i, call in enumerate(calls)]
+        calls = [(self.workers[i], self._submit_layer(i, index, snapshot)) for i in range(self.calibration_workers)]
+        self._wait([call for _, call in calls])
+        results = [self._layer_result(i, index, snapshot, *call) for i, call in enumerate(calls)]
         reduced = {}
         for local in self.plan.record_sets()[index]:
             values = [result["amax"][local] for result in results if local in result["amax"]]
@@ -273,8 +290,9 @@ class Execution:
         attention = [a.local for a in unit.spec.attention]
         return self.workers[i].run_layer.remote(index, list(unit.spec.recorded), attention, snapshot, self.config.dest)
 
-    def _layer_result(self, i: int, index: int, snapshot: str | None, call) -> dict:
-        """Worker ``i``'s result for layer ``index``; a lost worker is replaced and caught up."""
+    def _layer_result(self, i: int, index: int, snapshot: str | None, actor, call) -> dict:
+        """Worker ``i``'s result for layer ``index``; a lost worker is replaced (unless that
+        happened meanwhile) and caught up, and the layer is run again."""
         while True:
             try:
                 return ray.get(call)
@@ -282,9 +300,12 @@ class Execution:
                 if not lost_worker_error(exc):
                     cause = unwrap(exc)
                     raise (cause if cause is not exc else JobError(_task_failure(exc))) from None
-                self._replace_worker(i, exc)
+                if self.workers[i] is actor:
+                    self._replace_worker(i, exc)
             except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError) as exc:
-                self._replace_worker(i, exc)
+                if self.workers[i] is actor:
+                    self._replace_worker(i, exc)
+            actor = self.workers[i]
             call = self._submit_layer(i, index, snapshot)
 
     def _replace_worker(self, i: int, error: Exception) -> None:

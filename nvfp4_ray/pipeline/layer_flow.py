@@ -26,6 +26,10 @@ from nvfp4_ray.pipeline.plan import Plan
 from nvfp4_ray.pipeline.workers import read_tensors_task, write_unit_task
 
 AHEAD = 2  # calibrated layers on a worker's device beyond the one it computes
+# Layers being read at once: each read already keeps many requests in flight, and every
+# concurrent task is a worker process that Ray may have to start (seconds of CPU on a
+# small node, taken from the workers' own start-up)
+READING = 2
 LOST = (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError)
 
 
@@ -46,6 +50,7 @@ class _Layer:
     quantize: bool  # its unit still has to be written: the owner quantizes it
     calibrating: bool = False  # held on the calibration workers' devices until calibrated
     reads: dict = field(default_factory=dict)  # node -> bundle ref, until every load finished
+    reading: int = 0  # reads in flight
     loads: dict = field(default_factory=dict)  # worker -> load ref, while in flight
     loaded: bool = False  # its loads were submitted
     write: object = None  # the write's ref, while in flight
@@ -71,7 +76,7 @@ class LayerFlow:
         self.layers: dict[int, _Layer] = {}  # read and not finished
         self.next = 0  # position in todo of the next layer to read
         self.reads_per_node: Counter = Counter()
-        self.pending: dict = {}  # ref -> (kind "load" or "write", layer, worker)
+        self.pending: dict = {}  # ref -> (kind "read", "load" or "write", layer, worker or node)
 
     def start(self, workers: list, calibrate_from: int) -> None:
         """The workers are up; layers before ``calibrate_from`` already have statistics."""
@@ -99,7 +104,9 @@ class LayerFlow:
         while self.next < len(self.todo):
             index = self.todo[self.next]
             held = self.held()
-            if (current is None or index > current) and held and held + self.units[index].nbytes > self.budget:
+            full = held and held + self.units[index].nbytes > self.budget
+            reading = sum(1 for layer in self.layers.values() if layer.reading)
+            if (current is None or index > current) and (full or reading >= READING):
                 break
             self._read(index)
             self.next += 1
@@ -121,7 +128,10 @@ class LayerFlow:
 
     def _read_on(self, layer: _Layer, node: str) -> None:
         unit = self.units[layer.index]
-        layer.reads[node] = read_tensors_task.options(**Placement.on_node(node)).remote(self.plan.config.source, unit.tensors)
+        ref = read_tensors_task.options(**Placement.on_node(node)).remote(self.plan.config.source, unit.tensors)
+        layer.reads[node] = ref
+        layer.reading += 1
+        self.pending[ref] = ("read", layer, node)
         self.reads_per_node[node] += 1
 
     def _loaders(self, layer: _Layer) -> list[int]:
@@ -164,6 +174,9 @@ class LayerFlow:
         written = []
         for ref in ready:
             kind, layer, worker = self.pending.pop(ref)
+            if kind == "read":
+                layer.reading -= 1
+                continue
             if kind == "load":
                 del layer.loads[worker]
                 if not layer.loads:
