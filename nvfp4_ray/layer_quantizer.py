@@ -7,24 +7,46 @@ passed through as the exact bytes it had in the source.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from nvfp4_ray.architecture import LayerSpec
 from nvfp4_ray.errors import InputError
 from nvfp4_ray.formats import linear as formats
-from nvfp4_ray.io.tensors import FLOAT_DTYPES, TensorBundle, bundle_entry, torch_entry
+from nvfp4_ray.io.tensors import FLOAT_DTYPES, TensorBundle, bundle_entry, torch_dtype, torch_entry
 
 
-def to_device_checked(bundle: TensorBundle, device: torch.device, check: bool = True) -> dict[str, torch.Tensor]:
-    """Every tensor of the unit on ``device``, each copied once; with ``check``, a NaN or Inf
-    in any floating-point one fails the unit (one host sync for all of them)."""
-    tensors = {name: bundle.tensor(name).to(device, non_blocking=True) for name in bundle.names()}
+def to_device_checked(
+    bundle: TensorBundle, device: torch.device, check: bool = True, staging: torch.Tensor | None = None
+) -> dict[str, torch.Tensor]:
+    """Every tensor of the unit on ``device``; with ``check``, a NaN or Inf in any
+    floating-point one fails the unit (one host sync for all of them). ``staging``: a
+    pinned byte buffer at least as large as the bundle, through which the bundle crosses
+    to the GPU in one asynchronous copy (the tensors are views into it there)."""
+    if device.type == "cuda" and staging is not None:
+        host = staging[: bundle.buffer.size]
+        host.copy_(bundle.as_tensor())
+        whole = host.to(device, non_blocking=True)
+        tensors = {name: _view(whole, bundle, name) for name in bundle.names()}
+    else:
+        tensors = {name: bundle.tensor(name).to(device, non_blocking=True) for name in bundle.names()}
     floats = [name for name in tensors if bundle.entries[name][1] in FLOAT_DTYPES] if check else []
     finite = torch.stack([torch.isfinite(tensors[name]).all() for name in floats]).tolist() if floats else []
     for name, ok in zip(floats, finite):
         if not ok:
             raise InputError(f"tensor {name!r} contains NaN or Inf; the source checkpoint is broken")
     return tensors
+
+
+def _view(whole: torch.Tensor, bundle: TensorBundle, name: str) -> torch.Tensor:
+    offset, dtype, shape = bundle.entries[name]
+    dtype = torch_dtype(dtype)
+    size = math.prod(shape) * dtype.itemsize
+    part = whole[offset : offset + size]
+    if offset % dtype.itemsize:  # a view needs aligned elements
+        part = part.clone()
+    return part.view(dtype).view(shape)
 
 
 def quantize_layer(spec: LayerSpec, bundle: TensorBundle, on_device: dict[str, torch.Tensor]) -> list[tuple]:

@@ -69,6 +69,14 @@ class TensorBundle:
             warnings.filterwarnings("ignore", message="The given buffer is not writable")
             return torch.frombuffer(data, dtype=torch_dtype(dtype)).view(shape)
 
+    def as_tensor(self):
+        """The whole buffer as a zero-copy torch uint8 tensor; treat it as read-only."""
+        import torch
+
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="The given buffer is not writable")
+            return torch.frombuffer(self.buffer, dtype=torch.uint8) if self.buffer.size else torch.empty(0, dtype=torch.uint8)
+
     def all_finite(self, name: str) -> bool:
         """No NaN or Inf in a float tensor, checked on its bits (no torch, bounded memory)."""
         _, dtype, _ = self.entries[name]

@@ -16,6 +16,7 @@ A layer's reads are released once all its loads have finished.
 
 from __future__ import annotations
 
+import os
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -148,7 +149,8 @@ class LayerFlow:
                 self._read_on(layer, node)
             keep = self.calibrated(layer.index) and worker < self.calibration_workers
             owner = layer.quantize and worker == self.owner(layer.index)
-            ref = self.workers[worker].load.remote(
+            method = self.workers[worker].load_inline if os.environ.get("NVFP4_RAY_LOAD") == "inline" else self.workers[worker].load
+            ref = method.remote(
                 layer.index, layer.reads[node], dict(unit.spec.tensors), keep, unit.spec if owner else None
             )
             layer.loads[worker] = ref

@@ -16,6 +16,7 @@ per GPU, so nothing else competes for it (separate processes would be time-slice
 from __future__ import annotations
 
 import errno
+import os
 import socket
 import threading
 import time
@@ -103,6 +104,10 @@ class LayerWorker:
         import torch
 
         self.startup = {"import_torch_s": lap()}
+        if os.environ.get("NVFP4_RAY_SWITCH"):
+            import sys
+
+            sys.setswitchinterval(float(os.environ["NVFP4_RAY_SWITCH"]))
         import nvfp4_ray.layer_quantizer  # noqa: F401  (compressed-tensors)
 
         self.startup["import_quantizer_s"] = lap()
@@ -122,6 +127,7 @@ class LayerWorker:
             self.runner = DecoderRunner(model_config, str(self.device), batched, drop_causal_mask)
             self.startup["build_model_s"] = lap()
         self.loaded: dict[int, _Loaded] = {}
+        self.staging = None
         self.lock = threading.Lock()
         self.busy_s = 0.0  # seconds spent running layers: the compute side of calibration
         self.snapshot_writer = ThreadPoolExecutor(1, thread_name_prefix="snapshot")
@@ -152,8 +158,7 @@ class LayerWorker:
         with self.lock:
             return self.loaded.setdefault(index, _Loaded())
 
-    @ray.method(concurrency_group="load")
-    def load(self, index: int, bundle: TensorBundle, tensor_names: dict, keep: bool, spec=None) -> list | None:
+    def _load(self, index: int, bundle: TensorBundle, tensor_names: dict, keep: bool, spec=None) -> list | None:
         """Copy layer ``index`` to the device once; keep it for run_layer (``keep``), and
         quantize it from there when given its ``spec``: returns the unit's output entries."""
         import torch
@@ -163,21 +168,41 @@ class LayerWorker:
         slot = self._slot(index) if keep else None
         try:
             with torch.cuda.stream(self.load_stream) if self.device.type == "cuda" else nullcontext():
-                on_device = to_device_checked(bundle, self.device, check=spec is not None)
+                on_device = to_device_checked(bundle, self.device, check=spec is not None, staging=self._staging(bundle))
                 if slot is not None:
                     slot.tensors = {local: on_device[name] for name, local in tensor_names.items()}
                     if self.device.type == "cuda":
                         slot.event = torch.cuda.Event()
                         slot.event.record(self.load_stream)
                     slot.ready.set()
-                if spec is None:
-                    return None
-                return [(name, dtype, shape, np.asarray(raw)) for name, dtype, shape, raw in quantize_layer(spec, bundle, on_device)]
+                entries = None
+                if spec is not None:
+                    entries = [(n, dtype, shape, np.asarray(raw)) for n, dtype, shape, raw in quantize_layer(spec, bundle, on_device)]
+                if self.device.type == "cuda":
+                    self.load_stream.synchronize()  # the staging buffer is free again
+                return entries
         except BaseException as exc:
             if slot is not None and not slot.ready.is_set():
                 slot.error = exc
                 slot.ready.set()
             raise
+
+    def _staging(self, bundle: TensorBundle):
+        """The pinned buffer a layer crosses to the GPU through (grown to the largest layer)."""
+        import torch
+
+        if self.device.type != "cuda" or os.environ.get("NVFP4_RAY_STAGING") == "0":
+            return None
+        if self.staging is None or self.staging.numel() < bundle.buffer.size:
+            self.staging = torch.empty(bundle.buffer.size, dtype=torch.uint8, pin_memory=True)
+        return self.staging
+
+    @ray.method(concurrency_group="load")
+    def load(self, *args, **kwargs):
+        return self._load(*args, **kwargs)
+
+    def load_inline(self, *args, **kwargs):
+        return self._load(*args, **kwargs)
 
     def _take(self, index: int) -> dict:
         """The tensors of layer ``index``, once its load has copied them (on the load stream)."""

@@ -1,0 +1,176 @@
+"""What a layer worker's load thread costs its compute thread, on this GPU.
+
+Times DecoderRunner.run_layer on an 8B-shaped Llama layer (weights resident on the GPU,
+128 x 1024 tokens, one sample per forward) alone, and while a second thread of the same
+process keeps doing one kind of load work:
+
+  pageable_h2d   a layer's weights copied from plain CPU memory on a side stream
+  pinned_h2d     the same through a pinned buffer (CPU copy, then an asynchronous copy)
+  quantize       quantize a resident layer's Linears on a side stream, results to the CPU
+  load           what LayerWorker.load does: H2D, finite check, quantize, entries
+  python         pure-Python work (holds the GIL), for scale
+
+and ``load`` again with a shorter GIL switch interval.
+
+    python bench/load_probe.py [--out FILE.json] [--small --device cpu]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import threading
+import time
+
+sys.path.insert(0, __file__.rsplit("/bench/", 1)[0])
+
+from bench.layer_probe import CONFIG, RECORD, layer_weights, make_runner  # noqa: E402
+
+
+def layer_bundle(weights: dict):
+    """The layer's tensors as a TensorBundle, as a read task hands them over."""
+    import numpy as np
+
+    from nvfp4_ray.io.tensors import TensorBundle, safetensors_dtype
+
+    entries, parts, offset = {}, [], 0
+    for name, tensor in weights.items():
+        raw = tensor.contiguous().view(-1).view(__import__("torch").uint8).numpy()
+        entries[f"model.layers.0.{name}"] = (offset, safetensors_dtype(tensor.dtype), tuple(tensor.shape))
+        parts.append(raw)
+        offset += raw.size
+    return TensorBundle(np.concatenate(parts), entries)
+
+
+def layer_spec(weights: dict):
+    from nvfp4_ray.architecture import LayerSpec, LinearSpec
+    from nvfp4_ray.formats.linear import preset
+
+    scheme = preset("NVFP4")
+    linears = {
+        name: LinearSpec(f"model.layers.0.{name}", f"model.layers.0.{name}", name, weights[f"{name}.weight"].shape[1],
+                         weights[f"{name}.weight"].shape[0], scheme)
+        for name in RECORD
+    }  # fmt: skip
+    groups = [[linears[n] for n in ("mlp.gate_proj", "mlp.up_proj")], [linears["mlp.down_proj"]],
+              [linears[n] for n in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")], [linears["self_attn.o_proj"]]]  # fmt: skip
+    tensors = {f"model.layers.0.{name}": name for name in weights}
+    return LayerSpec(0, "model.layers.0", tensors, groups)
+
+
+def background(work, stop: threading.Event, counter: list) -> threading.Thread:
+    def loop():
+        while not stop.is_set():
+            work()
+            counter[0] += 1
+
+    thread = threading.Thread(target=loop, daemon=True)
+    thread.start()
+    return thread
+
+
+def timed(runner, resident: dict, repeats: int, device: str) -> list[float]:
+    import torch
+
+    out = []
+    for _ in range(repeats):
+        if device == "cuda":
+            torch.cuda.synchronize()
+        began = time.perf_counter()
+        runner.run_layer(0, resident, RECORD)
+        out.append(round(time.perf_counter() - began, 4))
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--samples", type=int, default=128)
+    parser.add_argument("--seq-len", type=int, default=1024)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--out")
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--small", action="store_true")
+    args = parser.parse_args()
+    import torch
+
+    import bench.layer_probe as probe
+    from nvfp4_ray.layer_quantizer import quantize_layer, to_device_checked
+
+    probe.DEVICE = args.device
+    if args.small:
+        CONFIG.update(hidden_size=256, intermediate_size=512, num_attention_heads=4, num_key_value_heads=2, vocab_size=1000)
+    device = torch.device(args.device)
+    runner = make_runner(args.samples, args.seq_len, seed=0)
+    host = layer_weights(runner)
+    resident = {k: v.to(device) for k, v in host.items()}
+    bundle, spec = layer_bundle(host), layer_spec(host)
+    stream = torch.cuda.Stream() if args.device == "cuda" else None
+    pinned = {k: torch.empty_like(v).pin_memory() for k, v in host.items()} if args.device == "cuda" else {}
+
+    def on_stream(function):
+        def run():
+            with torch.cuda.stream(stream) if stream is not None else torch.no_grad():
+                function()
+                if stream is not None:
+                    stream.synchronize()
+
+        return run
+
+    def pageable_h2d():
+        for v in host.values():
+            v.to(device, non_blocking=True)
+
+    def pinned_h2d():
+        for k, v in host.items():
+            buffer = pinned.get(k, v)
+            buffer.copy_(v)
+            buffer.to(device, non_blocking=True)
+
+    def quantize():
+        from nvfp4_ray.formats.linear import quantize_group
+
+        for group in spec.groups:
+            outputs = quantize_group([resident[f"{linear.local}.weight"] for linear in group], group[0].scheme)
+            for tensors in outputs:
+                for t in tensors.values():
+                    t.cpu()
+
+    def load():
+        on_device = to_device_checked(bundle, device, check=True)
+        [(n, d, s, __import__("numpy").asarray(r)) for n, d, s, r in quantize_layer(spec, bundle, on_device)]
+
+    def python():
+        total = 0
+        for i in range(200_000):
+            total += i
+
+    timed(runner, resident, 1, args.device)  # warm-up
+    result = {"device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu", "samples": args.samples,
+              "seq_len": args.seq_len, "alone_s": timed(runner, resident, args.repeats, args.device)}  # fmt: skip
+    for name, work in (("pageable_h2d", pageable_h2d), ("pinned_h2d", pinned_h2d), ("quantize", quantize),
+                       ("load", load), ("python", python)):  # fmt: skip
+        run = on_stream(work)
+        began = time.perf_counter()
+        run()
+        alone = time.perf_counter() - began
+        stop, counter = threading.Event(), [0]
+        thread = background(run, stop, counter)
+        seconds = timed(runner, resident, args.repeats, args.device)
+        stop.set()
+        thread.join()
+        result[name] = {"work_alone_s": round(alone, 4), "layer_s": seconds, "work_done": counter[0]}
+    sys.setswitchinterval(0.0002)
+    stop, counter = threading.Event(), [0]
+    thread = background(on_stream(load), stop, counter)
+    result["load_switch_0.2ms"] = {"layer_s": timed(runner, resident, args.repeats, args.device), "work_done": counter[0]}
+    stop.set()
+    thread.join()
+    print(json.dumps(result, indent=1))
+    if args.out:
+        with open(args.out, "w") as handle:
+            json.dump(result, handle, indent=1)
+
+
+if __name__ == "__main__":
+    main()
