@@ -156,3 +156,27 @@ def test_fast_nvfp4_encoder_equals_compressed_tensors(rows, groups, seed, style)
     for name in theirs:
         assert ours[name].dtype == theirs[name].dtype and torch.equal(ours[name].view(torch.uint8) if ours[name].dtype == torch.float8_e4m3fn else ours[name],
                                                                        theirs[name].view(torch.uint8) if theirs[name].dtype == torch.float8_e4m3fn else theirs[name]), name
+
+
+def test_a_layer_crossing_whole_gives_every_tensor_back():
+    """What a worker puts on the GPU in one copy is viewed back as each tensor, also where
+    a tensor's bytes are not aligned to its element size."""
+    import numpy as np
+
+    from nvfp4_ray.io.tensors import TensorBundle, safetensors_dtype
+    from nvfp4_ray.layer_quantizer import _view
+
+    tensors = {"a": torch.randn(3).bfloat16(), "b": torch.randn(2, 3), "c": torch.arange(5, dtype=torch.uint8),
+               "d": torch.randn(4).half()}  # fmt: skip
+    parts, entries, offset = [], {}, 0
+    for name, tensor in tensors.items():
+        raw = tensor.contiguous().view(-1).view(torch.uint8).numpy()
+        entries[name] = (offset, safetensors_dtype(tensor.dtype), tuple(tensor.shape))
+        parts.append(raw)
+        offset += raw.size
+    bundle = TensorBundle(np.concatenate(parts), entries)
+    assert entries["b"][0] % 4  # "b" (float32) starts 6 bytes in: the unaligned case is covered
+    whole = bundle.as_tensor().clone()
+    for name, tensor in tensors.items():
+        assert torch.equal(_view(whole, bundle, name), tensor)
+        assert _view(whole, bundle, name).dtype == tensor.dtype

@@ -17,6 +17,7 @@ import json
 import math
 import time
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 
 import ray
@@ -91,6 +92,8 @@ class Execution:
         self.calibration: Calibration | None = None
         self.calibration_workers = calibration_worker_count(placement, self.config, plan.samples)
         self.scales: WrittenFile | None = None
+        self.persisting = ThreadPoolExecutor(1, thread_name_prefix="persist")
+        self.persisted: list = []
 
     # ---- top level ---------------------------------------------------------------
     def run(self) -> None:
@@ -278,7 +281,7 @@ class Execution:
             values = [result["amax"][local] for result in results if local in result["amax"]]
             reduced[local] = math.nan if any(math.isnan(v) for v in values) else max(values)
         self.layer_amax[index] = reduced
-        self.dest.write_text(f"{CALIBRATION_DIR}/{calibration.keys[index]}.json", json.dumps(reduced, sort_keys=True))
+        self._persist(self.dest.write_text, f"{CALIBRATION_DIR}/{calibration.keys[index]}.json", json.dumps(reduced, sort_keys=True))
         calibration.done_through = index
         if snapshot is not None:
             calibration.writing[index] = self.calibration_workers
@@ -353,16 +356,28 @@ class Execution:
             if calibration.writing[layer]:
                 continue
             del calibration.writing[layer]
-            self.dest.write_bytes(f"{folder}/_COMPLETE", b"")
+            self._persist(self.dest.write_bytes, f"{folder}/_COMPLETE", b"")
             previous = calibration.checkpoint
             if previous is None or layer > previous:
                 calibration.checkpoint = layer
                 if previous is not None and previous not in calibration.kept:
-                    self.dest.delete(self._folder(previous))
+                    self._persist(self.dest.delete, self._folder(previous))
 
     def _finish_snapshots(self) -> None:
         folders = self._get([w.flush_snapshots.remote() for w in self.workers[: self.calibration_workers]])
         self._snapshots_done([folder for done in folders for folder in done])
+        self.persisting.shutdown(wait=True)
+        self._persist(None)
+
+    def _persist(self, write, *args) -> None:
+        """Calibration state goes to DEST from a thread of its own, in order: a layer's
+        statistics before any snapshot marker after it (what resume relies on), and never
+        between two layers (a local write is fsynced). A failed write fails the job here."""
+        for future in [f for f in self.persisted if f.done()]:
+            self.persisted.remove(future)
+            future.result()
+        if write is not None:
+            self.persisted.append(self.persisting.submit(write, *args))
 
     # ---- input scales -----------------------------------------------------------
     def _write_scales(self) -> None:

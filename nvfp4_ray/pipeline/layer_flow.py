@@ -16,7 +16,6 @@ A layer's reads are released once all its loads have finished.
 
 from __future__ import annotations
 
-import os
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -97,7 +96,8 @@ class LayerFlow:
 
     # ---- the flow ------------------------------------------------------------------------
     def held(self) -> int:
-        return sum(self.units[index].nbytes for index, layer in self.layers.items() if layer.reads)
+        """Bytes read and waiting for their loads (reads in flight are bounded by READING)."""
+        return sum(self.units[i].nbytes for i, layer in self.layers.items() if layer.reads and not layer.reading)
 
     def pump(self, current: int | None) -> None:
         """Start reads within the budget (always one, and always through layer ``current``,
@@ -149,8 +149,7 @@ class LayerFlow:
                 self._read_on(layer, node)
             keep = self.calibrated(layer.index) and worker < self.calibration_workers
             owner = layer.quantize and worker == self.owner(layer.index)
-            method = self.workers[worker].load_inline if os.environ.get("NVFP4_RAY_LOAD") == "inline" else self.workers[worker].load
-            ref = method.remote(
+            ref = self.workers[worker].load.remote(
                 layer.index, layer.reads[node], dict(unit.spec.tensors), keep, unit.spec if owner else None
             )
             layer.loads[worker] = ref

@@ -16,7 +16,6 @@ per GPU, so nothing else competes for it (separate processes would be time-slice
 from __future__ import annotations
 
 import errno
-import os
 import socket
 import threading
 import time
@@ -104,10 +103,6 @@ class LayerWorker:
         import torch
 
         self.startup = {"import_torch_s": lap()}
-        if os.environ.get("NVFP4_RAY_SWITCH"):
-            import sys
-
-            sys.setswitchinterval(float(os.environ["NVFP4_RAY_SWITCH"]))
         import nvfp4_ray.layer_quantizer  # noqa: F401  (compressed-tensors)
 
         self.startup["import_quantizer_s"] = lap()
@@ -158,7 +153,8 @@ class LayerWorker:
         with self.lock:
             return self.loaded.setdefault(index, _Loaded())
 
-    def _load(self, index: int, bundle: TensorBundle, tensor_names: dict, keep: bool, spec=None) -> list | None:
+    @ray.method(concurrency_group="load")
+    def load(self, index: int, bundle: TensorBundle, tensor_names: dict, keep: bool, spec=None) -> list | None:
         """Copy layer ``index`` to the device once; keep it for run_layer (``keep``), and
         quantize it from there when given its ``spec``: returns the unit's output entries."""
         import torch
@@ -191,18 +187,11 @@ class LayerWorker:
         """The pinned buffer a layer crosses to the GPU through (grown to the largest layer)."""
         import torch
 
-        if self.device.type != "cuda" or os.environ.get("NVFP4_RAY_STAGING") == "0":
+        if self.device.type != "cuda":
             return None
         if self.staging is None or self.staging.numel() < bundle.buffer.size:
             self.staging = torch.empty(bundle.buffer.size, dtype=torch.uint8, pin_memory=True)
         return self.staging
-
-    @ray.method(concurrency_group="load")
-    def load(self, *args, **kwargs):
-        return self._load(*args, **kwargs)
-
-    def load_inline(self, *args, **kwargs):
-        return self._load(*args, **kwargs)
 
     def _take(self, index: int) -> dict:
         """The tensors of layer ``index``, once its load has copied them (on the load stream)."""
