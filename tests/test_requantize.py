@@ -32,8 +32,8 @@ def index_files(dest: str) -> list[str]:
     return sorted(set(json.load(open(os.path.join(dest, "model.safetensors.index.json")))["weight_map"].values()))
 
 
-def assert_same_as_fresh(dest: str, source_dir: str, calibration: str, fresh: str) -> None:
-    quantize(source_dir, fresh, calibration)
+def assert_same_as_fresh(dest: str, source_dir: str, calibration: str, fresh: str, **options) -> None:
+    quantize(source_dir, fresh, calibration, **options)
     assert index_files(dest) == index_files(fresh)
     assert load_tensors(dest) == load_tensors(fresh)
     for name in ("config.json", "recipe.yaml", "model.safetensors.index.json"):
@@ -103,6 +103,19 @@ def test_calibration_restarts_at_the_first_changed_layer(source, tmp_path, snaps
     assert_same_as_fresh(dest, source_dir, calibration, str(tmp_path / "fresh"))
 
 
+def test_an_ignore_list_change_redoes_the_layer_it_touches(source, tmp_path):
+    source_dir, calibration = source
+    dest = str(tmp_path / "dest")
+    run(source_dir, dest, calibration)
+    ignore = ["lm_head", "model.layers.1.mlp.down_proj"]
+    summary = run(source_dir, dest, calibration, ignore=ignore)
+    assert summary["status"] == "succeeded"
+    assert summary["units_computed"] == 2  # layer 1 (its down_proj stays bf16) and the input scales
+    assert summary["calibration_first_layer"] == 1  # layer 1 records one Linear fewer; layer 0 is reused
+    assert "model.layers.1.mlp.down_proj" in json.load(open(os.path.join(dest, "config.json")))["quantization_config"]["ignore"]
+    assert_same_as_fresh(dest, source_dir, calibration, str(tmp_path / "fresh"), ignore=ignore)
+
+
 def test_metadata_only_config_change_rewrites_config_only(source, tmp_path):
     source_dir, calibration = source
     dest = str(tmp_path / "dest")
@@ -168,8 +181,10 @@ def test_rollback_restores_the_previous_version_and_retention_bounds_history(sou
     v1 = run(source_dir, dest, calibration)
     v1_tensors, v1_config = load_tensors(dest), open(os.path.join(dest, "config.json")).read()
     change_tensor(source_dir, "model.layers.0.self_attn.q_proj.weight")
+    with open(os.path.join(source_dir, "special_tokens_map.json"), "w") as handle:  # a file v1 did not have
+        json.dump({"max_new_tokens": 64}, handle)
     v2 = run(source_dir, dest, calibration, retention=1)
-    assert load_tensors(dest) != v1_tensors
+    assert load_tensors(dest) != v1_tensors and os.path.exists(os.path.join(dest, "special_tokens_map.json"))
 
     code, stdout, stderr = run_cli("rollback", dest)
     assert code == 0, stderr
@@ -177,6 +192,7 @@ def test_rollback_restores_the_previous_version_and_retention_bounds_history(sou
         "status": "rolled_back", "dest": dest, "version": v1["version"], "previous": v2["version"]
     }  # fmt: skip
     assert load_tensors(dest) == v1_tensors and open(os.path.join(dest, "config.json")).read() == v1_config
+    assert not os.path.exists(os.path.join(dest, "special_tokens_map.json"))  # v1 had none
     assert json.load(open(os.path.join(dest, "manifest.json")))["version"] == v1["version"]
 
     # with retention 0 a new commit keeps nothing else; rolling back is then refused

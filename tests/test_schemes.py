@@ -135,6 +135,16 @@ def test_config_override_with_a_missing_parent_is_refused(family_case, tmp_path)
     assert code == 2 and "config.json has no object at text_config" in stderr
 
 
+def test_config_override_of_a_key_config_json_lacks_is_named_in_a_warning(family_case, tmp_path):
+    case = family_case("llama")
+    code, _, stderr = run_cli("quantize", case.source, str(tmp_path / "out"), "--calibration", case.calibration,
+                              "--num-samples", "6", "--max-seq-len", "64",
+                              "--config-override", "rope_parameters.rope_thetta=20000.0")  # fmt: skip
+    assert code == 0, stderr
+    assert "adds 'rope_parameters.rope_thetta', which config.json does not have" in stderr
+    assert "(did you mean 'rope_parameters.rope_theta'?)" in stderr
+
+
 def test_preprocessor_config_written_from_processor_config(family_case, tmp_path):
     import shutil
 

@@ -10,6 +10,7 @@ any work starts.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import json
 import posixpath
 import re
@@ -87,12 +88,14 @@ def open_checkpoint(url: str) -> SourceCheckpoint:
     return SourceCheckpoint(store, config, config_bytes, infos, tensors, copied)
 
 
-def with_config_overrides(source: SourceCheckpoint, overrides: list[str]) -> SourceCheckpoint:
+def with_config_overrides(source: SourceCheckpoint, overrides: list[str]) -> tuple[SourceCheckpoint, list[str]]:
     """The checkpoint as if its config.json had the given KEY=VALUE edits (dotted keys into
-    nested objects; VALUE is JSON, or else a plain string). Parents must exist."""
+    nested objects; VALUE is JSON, or else a plain string). Parents must exist; a key that
+    config.json lacks is added, and named in the returned notes (a typo adds one too)."""
     if not overrides:
-        return source
+        return source, []
     config = json.loads(source.config_bytes)
+    notes = []
     for override in overrides:
         key, _, raw = override.partition("=")
         try:
@@ -105,9 +108,13 @@ def with_config_overrides(source: SourceCheckpoint, overrides: list[str]) -> Sou
             target = target.get(part) if isinstance(target, dict) else None
             if not isinstance(target, dict):
                 raise InputError(f"config override {override!r}: config.json has no object at {'.'.join(parents)}")
+        if leaf not in target:
+            close = difflib.get_close_matches(leaf, [k for k in target if isinstance(k, str)], n=1)
+            hint = f" (did you mean {'.'.join([*parents, close[0]])!r}?)" if close else ""
+            notes.append(f"config override {override!r} adds {key!r}, which config.json does not have{hint}")
         target[leaf] = value
     data = (json.dumps(config, indent=2) + "\n").encode("utf-8")
-    return dataclasses.replace(source, config=_parse_config(data, source.store), config_bytes=data)
+    return dataclasses.replace(source, config=_parse_config(data, source.store), config_bytes=data), notes
 
 
 def _parse_config(data: bytes, store: Store) -> dict:

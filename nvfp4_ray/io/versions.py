@@ -119,7 +119,12 @@ def rollback(dest: Store, version: str | None = None) -> dict:
                 raise InputError(f"version {version} cannot be restored: its file {name} is no longer at DEST")
         else:
             small[name] = dest.read_bytes(f"{VERSIONS}/{version}/{name}")
+    leftovers = [
+        name for name in load_manifest(dest, current).get("files", {}) if not UNIT_FILE.match(name) and name not in small
+    ]  # small files of the current version that the restored one does not have (written by nvfp4-ray)
     dest.delete(destination.SUCCESS)  # no checkpoint while the small files change
+    for name in leftovers:
+        dest.delete(name)
     for name, data in small.items():
         if name != destination.INDEX:
             dest.write_bytes(name, data)

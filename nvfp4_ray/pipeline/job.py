@@ -50,7 +50,7 @@ def run_quantize(config: QuantizeConfig, events: Events) -> dict:
         version = inputs.previous["version"]
         return {"status": "unchanged", "dest": _display(config.dest), "version": version,
                 "total_s": round(time.monotonic() - started, 3)}  # fmt: skip
-    for note in inputs.recipe.notes:
+    for note in inputs.notes:
         events.warning(note)
     if text_model_type(inputs.source.config) in REFERENCE_DROPS_CAUSAL_MASK:
         events.warning(

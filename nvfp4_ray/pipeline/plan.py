@@ -118,6 +118,7 @@ class Inputs:
     samples: list[list[int]] | None
     fingerprint: dict
     previous: dict | None  # manifest of the checkpoint committed at DEST, if any
+    notes: list[str]  # warnings for the log: options applied in a way the user may not expect
 
     @property
     def unchanged(self) -> bool:
@@ -126,7 +127,7 @@ class Inputs:
 
 @as_input_errors()  # unreachable store, wrong credentials, missing bucket: found before any work
 def read_inputs(config: QuantizeConfig) -> Inputs:
-    source = with_config_overrides(open_checkpoint(config.source), config.config_override or [])
+    source, notes = with_config_overrides(open_checkpoint(config.source), config.config_override or [])
     _check_preprocessor_option(config, source)
     model_type = source.config.get("model_type")
     recipe = load_recipe(config.recipe, config.scheme, config.ignore_patterns, ALWAYS_IGNORED.get(model_type, []))
@@ -154,7 +155,7 @@ def read_inputs(config: QuantizeConfig) -> Inputs:
         # calibration numerics follow torch and transformers: an upgrade is a change
         "software": {"torch": torch.__version__, "transformers": transformers.__version__},
     }
-    inputs = Inputs(source, recipe, spec, quantized_model, samples, fingerprint, previous)
+    inputs = Inputs(source, recipe, spec, quantized_model, samples, fingerprint, previous, [*notes, *recipe.notes])
     if previous is not None and not inputs.unchanged and not (config.overwrite or config.if_changed):
         raise InputError(
             f"DEST {dest.display()} already holds a checkpoint made from other inputs; "
