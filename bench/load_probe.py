@@ -8,9 +8,10 @@ process keeps doing one kind of load work:
   pinned_h2d     the same through a pinned buffer (CPU copy, then an asynchronous copy)
   quantize       quantize a resident layer's Linears on a side stream, results to the CPU
   load           what LayerWorker.load does: H2D, finite check, quantize, entries
-  python         pure-Python work (holds the GIL), for scale
 
-and ``load`` again with a shorter GIL switch interval.
+and ``load`` again with a shorter GIL switch interval. Each result is printed as soon as
+it is measured. (Pure-Python work in the second thread is left out: on a GPU every kernel
+launch of the layer step then waits for the GIL, and one step lasts tens of seconds.)
 
     python bench/load_probe.py [--out FILE.json] [--small --device cpu]
 """
@@ -25,7 +26,7 @@ import time
 
 sys.path.insert(0, __file__.rsplit("/bench/", 1)[0])
 
-from bench.layer_probe import CONFIG, RECORD, layer_weights, make_runner  # noqa: E402
+from bench.layer_probe import CONFIG, RECORD, layer_weights, make_runner, time_layers  # noqa: E402
 
 
 def layer_bundle(weights: dict):
@@ -68,19 +69,6 @@ def background(work, stop: threading.Event, counter: list) -> threading.Thread:
     thread = threading.Thread(target=loop, daemon=True)
     thread.start()
     return thread
-
-
-def timed(runner, resident: dict, repeats: int, device: str) -> list[float]:
-    import torch
-
-    out = []
-    for _ in range(repeats):
-        if device == "cuda":
-            torch.cuda.synchronize()
-        began = time.perf_counter()
-        runner.run_layer(0, resident, RECORD)
-        out.append(round(time.perf_counter() - began, 4))
-    return out
 
 
 def main() -> None:
@@ -140,30 +128,26 @@ def main() -> None:
         on_device = to_device_checked(bundle, device, check=True)
         [(n, d, s, __import__("numpy").asarray(r)) for n, d, s, r in quantize_layer(spec, bundle, on_device)]
 
-    def python():
-        total = 0
-        for i in range(200_000):
-            total += i
-
-    timed(runner, resident, 1, args.device)  # warm-up
+    time_layers(runner, resident, 1)  # warm-up
     result = {"device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu", "samples": args.samples,
-              "seq_len": args.seq_len, "alone_s": timed(runner, resident, args.repeats, args.device)}  # fmt: skip
-    for name, work in (("pageable_h2d", pageable_h2d), ("pinned_h2d", pinned_h2d), ("quantize", quantize),
-                       ("load", load), ("python", python)):  # fmt: skip
+              "seq_len": args.seq_len, "alone_s": time_layers(runner, resident, args.repeats)}  # fmt: skip
+    print(json.dumps({"alone_s": result["alone_s"]}), flush=True)
+    for name, work in (("pageable_h2d", pageable_h2d), ("pinned_h2d", pinned_h2d), ("quantize", quantize), ("load", load)):
         run = on_stream(work)
         began = time.perf_counter()
         run()
         alone = time.perf_counter() - began
         stop, counter = threading.Event(), [0]
         thread = background(run, stop, counter)
-        seconds = timed(runner, resident, args.repeats, args.device)
+        seconds = time_layers(runner, resident, args.repeats)
         stop.set()
         thread.join()
         result[name] = {"work_alone_s": round(alone, 4), "layer_s": seconds, "work_done": counter[0]}
+        print(json.dumps({name: result[name]}), flush=True)
     sys.setswitchinterval(0.0002)
     stop, counter = threading.Event(), [0]
     thread = background(on_stream(load), stop, counter)
-    result["load_switch_0.2ms"] = {"layer_s": timed(runner, resident, args.repeats, args.device), "work_done": counter[0]}
+    result["load_switch_0.2ms"] = {"layer_s": time_layers(runner, resident, args.repeats), "work_done": counter[0]}
     stop.set()
     thread.join()
     print(json.dumps(result, indent=1))

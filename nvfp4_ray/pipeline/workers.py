@@ -226,8 +226,14 @@ class LayerWorker:
         weights = self._take(index)
         amax = self.runner.run_layer(index, weights, record, attention)
         if snapshot is not None:
+            import torch
+
             hidden = {state.batch.index: state.hidden for state in self.runner.states}  # later layers make new tensors
-            self.snapshots[snapshot] = self.snapshot_writer.submit(_write_hidden, Store(dest_url), snapshot, hidden)
+            done = None
+            if self.device.type == "cuda":  # the snapshot's copies wait for this layer's last kernel
+                done = torch.cuda.Event()
+                done.record()
+            self.snapshots[snapshot] = self.snapshot_writer.submit(_write_hidden, Store(dest_url), snapshot, hidden, done)
         self.busy_s += time.monotonic() - began
         return {"amax": amax, "snapshots": self._finished_snapshots(block=False)}
 
@@ -256,12 +262,14 @@ class LayerWorker:
         self.runner.restore_hidden_states(hidden)
 
 
-def _write_hidden(dest: Store, folder: str, hidden: dict) -> None:
+def _write_hidden(dest: Store, folder: str, hidden: dict, done=None) -> None:
+    """``done``: a CUDA event after the kernels that produced ``hidden``."""
     import torch
 
-    on_gpu = any(tensor.is_cuda for tensor in hidden.values())
     # copied out on a stream of its own: the compute stream goes on with the next layers
-    with torch.cuda.stream(torch.cuda.Stream()) if on_gpu else nullcontext():
+    with torch.cuda.stream(torch.cuda.Stream()) if done is not None else nullcontext():
+        if done is not None:
+            torch.cuda.current_stream().wait_event(done)
         for index, tensor in hidden.items():
             write_shard(dest, f"{folder}/batch-{index:05d}.safetensors", [torch_entry("hidden", tensor)])
 
