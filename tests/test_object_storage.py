@@ -95,8 +95,10 @@ def test_a_layer_is_read_with_concurrent_range_requests_not_the_whole_file(bucke
         assert bundle.raw(tensor.name).tobytes() == raw[tensor.name]
     # The layer's bytes (a quarter of the file) plus HTTP headers crossed the wire ...
     assert layer_bytes <= proxy.bytes_down < layer_bytes + 64 * 1024
-    # ... in pieces requested at once: each piece needed a connection of its own.
-    assert proxy.connections == layer_bytes // read_piece_size(layer_bytes) > 1
+    # ... in pieces requested at once: one connection per piece in flight (a piece done
+    # before the last one starts lends its connection on: seen once on a loaded machine)
+    pieces = layer_bytes // read_piece_size(layer_bytes)
+    assert pieces > 1 and pieces // 2 < proxy.connections <= pieces
 
 
 def test_reads_and_writes_ride_out_throttling_and_resets(bucket, proxy):

@@ -62,6 +62,37 @@ def test_quantize_evaluate_stores_the_report_before_committing(evaluated):
     assert "Quality of QUANT against BASE" in stderr and "worst Linears" in stderr
 
 
+def test_a_replace_keeps_the_old_checkpoint_in_place_while_it_is_evaluated(evaluated, tmp_path, monkeypatch):
+    """--evaluate runs on the new small files beside DEST's unit files, before the old
+    checkpoint is withdrawn: consumers of DEST see it until the commit's few writes."""
+    from conftest import quantize
+
+    from nvfp4_ray.quality import evaluate as evaluate_module
+
+    import shutil
+
+    source, evaluated_dest, first, _ = evaluated
+    dest = str(tmp_path / "dest")  # a copy: the fixture's checkpoint serves the other tests
+    shutil.copytree(evaluated_dest, dest)
+    calibration = os.path.join(os.path.dirname(source), "calibration.parquet")
+    seen = {}
+    original = evaluate_module.evaluate
+
+    def watching(options, events=None):
+        seen["version"] = json.load(open(os.path.join(dest, "_SUCCESS")))["version"]
+        seen["config"] = open(os.path.join(dest, "config.json")).read()
+        return original(options, events)
+
+    old_config = open(os.path.join(dest, "config.json")).read()
+    monkeypatch.setattr(evaluate_module, "evaluate", watching)
+    second = quantize(source, dest, calibration, num_samples=4, max_seq_len=64, evaluate=True, overwrite=True,
+                      ignore=["lm_head", "model.layers.1.mlp.down_proj"])  # fmt: skip
+    assert seen == {"version": first["version"], "config": old_config}  # the old checkpoint throughout
+    assert json.load(open(os.path.join(dest, "_SUCCESS")))["version"] == second["version"] != first["version"]
+    assert json.load(open(os.path.join(dest, "manifest.json")))["quality"] == second["quality"]
+    assert second["quality"]["weight_sqnr_db"]["linears"] == 13  # the report is the new checkpoint's
+
+
 def test_weight_sqnr_measures_the_weights_transformers_serves(evaluated):
     from safetensors import safe_open
 

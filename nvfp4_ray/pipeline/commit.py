@@ -1,11 +1,13 @@
 """Commit: the small files that make DEST a checkpoint, written after every unit file.
 
-Order: ``_SUCCESS`` of a checkpoint being replaced is deleted first, so that DEST reads as
+Order: the small files are prepared first (checkpoint_files), and the optional quality
+evaluation runs on them beside DEST's unit files, so that an old checkpoint stays in place
+meanwhile. Then ``_SUCCESS`` of a checkpoint being replaced is deleted, so that DEST reads as
 "no checkpoint" while its small files change (several files cannot be swapped at once on
-an object store); then config.json, recipe.yaml and the copied tokenizer/processor files;
-then the index: write_checkpoint. Then, after the optional quality evaluation of that
-checkpoint, commit: manifest.json (with the quality report) and its copy under
-.nvfp4/versions; then ``_SUCCESS``, created exclusively. Files that no retained version
+an object store: the window lasts a few writes); then config.json, recipe.yaml and the
+copied tokenizer/processor files; then the index: write_checkpoint. Then commit:
+manifest.json (with the quality report) and its copy under .nvfp4/versions; then
+``_SUCCESS``, created exclusively. Files that no retained version
 uses are deleted last (io/versions.py); files that nvfp4-ray did not write are never touched.
 """
 
@@ -23,9 +25,8 @@ from nvfp4_ray.io.tensors import WrittenFile
 from nvfp4_ray.pipeline.plan import Plan, digest
 
 
-def write_checkpoint(plan: Plan, files: list[WrittenFile]) -> dict[str, bytes]:
-    """Everything a loader needs, index last; returns the small files written (name -> bytes)."""
-    dest = Store(plan.config.dest)
+def checkpoint_files(plan: Plan, files: list[WrittenFile]) -> dict[str, bytes]:
+    """Every small file a loader needs besides the unit files (name -> bytes), the index among them."""
     small: dict[str, bytes] = {
         "config.json": plan.config_json,
         "recipe.yaml": plan.recipe.yaml_text.encode("utf-8"),
@@ -45,14 +46,17 @@ def write_checkpoint(plan: Plan, files: list[WrittenFile]) -> dict[str, bytes]:
             weight_map[tensor] = written.name
             total += size
     index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
-    index_bytes = (json.dumps(index, indent=2, sort_keys=False) + "\n").encode("utf-8")
+    small[destination.INDEX] = (json.dumps(index, indent=2, sort_keys=False) + "\n").encode("utf-8")
+    return small
 
+
+def write_checkpoint(plan: Plan, small: dict[str, bytes]) -> None:
+    """The small files at DEST, index last, once the old ``_SUCCESS`` is withdrawn."""
+    dest = Store(plan.config.dest)
     dest.delete(destination.SUCCESS)  # a replace (checked at planning): withdraw the old one first
     with ThreadPoolExecutor(8) as pool:
-        list(pool.map(lambda item: dest.write_bytes(*item), small.items()))
-    dest.write_bytes(destination.INDEX, index_bytes)
-    small[destination.INDEX] = index_bytes
-    return small
+        list(pool.map(lambda item: dest.write_bytes(*item), [item for item in small.items() if item[0] != destination.INDEX]))
+    dest.write_bytes(destination.INDEX, small[destination.INDEX])
 
 
 def commit(

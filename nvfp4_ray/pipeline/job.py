@@ -63,7 +63,7 @@ def run_quantize(config: QuantizeConfig, events: Events) -> dict:
             )
         )
     with ray_session(config.ray_address):
-        from nvfp4_ray.pipeline.commit import commit, write_checkpoint
+        from nvfp4_ray.pipeline.commit import checkpoint_files, commit, write_checkpoint
         from nvfp4_ray.pipeline.driver import Execution, start_workers
         from nvfp4_ray.pipeline.placement import Placement
 
@@ -86,13 +86,14 @@ def run_quantize(config: QuantizeConfig, events: Events) -> dict:
             placement.release()
         report = _report(plan, execution, events, started)
         with events.stage("commit"):
-            small = write_checkpoint(plan, execution.files())
+            small = checkpoint_files(plan, execution.files())
         quality = None
-        if config.evaluate:  # before the manifest: a finished DEST always has its quality report
+        if config.evaluate:  # before the commit: a finished DEST always has its quality report
             from nvfp4_ray.quality.evaluate import evaluate_checkpoint
 
-            quality = evaluate_checkpoint(config.source, config.dest, events)
+            quality = evaluate_checkpoint(config.source, config.dest, small, [f.name for f in execution.files()], events)
         with events.stage("commit"):
+            write_checkpoint(plan, small)
             manifest = commit(plan, execution.files(), small, execution.calibration_record(), report, quality)
     report["timings_s"] = {name: round(seconds, 3) for name, seconds in events.timings.items()}
     report["total_s"] = round(time.monotonic() - started, 3)

@@ -50,10 +50,19 @@ def run_evaluate(options: EvaluateOptions, events) -> dict:
     return {"status": "succeeded", "base": options.base, "quant": options.quant, **report}
 
 
-def evaluate_checkpoint(base: str, quant: str, events) -> dict:
-    """``quantize --evaluate``: the default report for the checkpoint just written."""
-    with events.stage("evaluate"):
-        return evaluate(EvaluateOptions(base=base, quant=quant), events)
+def evaluate_checkpoint(base: str, dest: str, small: dict[str, bytes], unit_files: list[str], events) -> dict:
+    """``quantize --evaluate``: the default report for the checkpoint about to be committed,
+    its small files and DEST's unit files put together in a temporary folder, so that the
+    checkpoint DEST holds now stays in place while the evaluation runs."""
+    import tempfile
+
+    with events.stage("evaluate"), tempfile.TemporaryDirectory(prefix="nvfp4-evaluate-") as folder:
+        for name in unit_files:
+            os.symlink(os.path.abspath(os.path.join(dest, name)), os.path.join(folder, name))
+        for name, data in small.items():
+            with open(os.path.join(folder, name), "wb") as handle:
+                handle.write(data)
+        return evaluate(EvaluateOptions(base=base, quant=folder), events)
 
 
 def check_base(base: str) -> None:
