@@ -29,7 +29,7 @@ from nvfp4_ray.io.storage import Store
 from nvfp4_ray.io.tensors import WrittenFile, encode_shard, torch_dtype
 from nvfp4_ray.layer_quantizer import scale_entries
 from nvfp4_ray.pipeline.events import Events
-from nvfp4_ray.pipeline.layer_flow import LayerFlow, WorkerLost, lost_worker_error
+from nvfp4_ray.pipeline.layer_flow import LOST, LayerFlow, WorkerLost, lost_worker_error
 from nvfp4_ray.pipeline.placement import Placement
 from nvfp4_ray.pipeline.plan import Plan, calibration_keys, reference_drops_causal_mask, snapshot_layers
 from nvfp4_ray.pipeline.workers import LayerWorker, copy_unit_task, read_tensors_task, unwrap, write_unit
@@ -299,13 +299,10 @@ class Execution:
         while True:
             try:
                 return ray.get(call)
-            except ray.exceptions.RayTaskError as exc:
+            except (ray.exceptions.RayTaskError, *LOST) as exc:
                 if not lost_worker_error(exc):
                     cause = unwrap(exc)
                     raise (cause if cause is not exc else JobError(_task_failure(exc))) from None
-                if self.workers[i] is actor:
-                    self._replace_worker(i, exc)
-            except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError) as exc:
                 if self.workers[i] is actor:
                     self._replace_worker(i, exc)
             actor = self.workers[i]

@@ -118,7 +118,7 @@ class LayerWorker:
         if model_config is not None:
             from nvfp4_ray.calibration.runner import DecoderRunner
 
-            self.startup["import_transformers_s"] = lap()
+            self.startup["import_runner_s"] = lap()  # transformers came with compressed-tensors
             self.runner = DecoderRunner(model_config, str(self.device), batched, drop_causal_mask)
             self.startup["build_model_s"] = lap()
         self.loaded: dict[int, _Loaded] = {}
