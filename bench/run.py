@@ -272,6 +272,8 @@ def nvfp4_ray_run(source, calibration, work, samples, seq_len, gpus, timed_input
         "calibration_s": round(stages.get("setup", 0.0) + stages.get("layers", 0.0), 3),
         # the busiest actor's seconds inside run_layer: calibration compute without start-up and reads
         "calibration_compute_s": summary["calibration_compute_s"],
+        "calibration_load_wait_s": summary["calibration_load_wait_s"],
+        "snapshot_write_s": summary["snapshot_write_s"],
         "page_cache": page_cache,
         "summary": {key: summary[key] for key in (
             "layers", "linears_quantized", "bytes_in", "bytes_out", "calibration_tokens", "calibration_workers",
@@ -357,6 +359,8 @@ def make_record(*, command, device, gpus, machine_gpus, spec, source, samples, s
             round(baseline["calibration_compute_s"] / run["calibration_compute_s"], 3)
             if baseline and baseline.get("calibration_compute_s") and run["calibration_compute_s"] else None
         ),
+        "calibration_load_wait_s": run["calibration_load_wait_s"],
+        "snapshot_write_s": run["snapshot_write_s"],
         # what the figures above are made of
         "model_shape": shape,
         "model_seed": spec["seed"],
@@ -488,6 +492,8 @@ def print_table(record: dict) -> None:
         ("calibration_tokens_per_s", show(record["calibration_tokens_per_s"], digits=0)),
         ("weight_gb_per_s", show(record["weight_gb_per_s"], digits=3)),
         ("calibration_compute_s", show(record["calibration_compute_s"], "s", 2) + " (inside run_layer, busiest actor)"),
+        ("  waiting for loads", show(record["calibration_load_wait_s"], "s", 2) + " (of it: reads and copies behind)"),
+        ("snapshot_write_s", show(record["snapshot_write_s"], "s", 2) + " (hidden-state snapshots, beside the layers)"),
         ("calibration_speedup_vs_1gpu", show(record["calibration_speedup_vs_1gpu"], "x", 2)
             + ("" if baseline is None else f" (1 GPU: calibration {baseline['calibration_s']:.1f}s, "
                f"job {baseline['nvfp4_ray_s']:.1f}s)")),

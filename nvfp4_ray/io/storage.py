@@ -248,21 +248,31 @@ class Store:
     # ---- writing -------------------------------------------------------------------
     def write_bytes(self, relative: str, data: bytes | bytearray | memoryview) -> None:
         """Write a whole file so that it is either complete or absent."""
+        self.write_parts(relative, [data])
+
+    def write_parts(self, relative: str, parts: list, durable: bool = True) -> None:
+        """Write buffers back to back as one file, complete or absent. A local file is
+        fsynced before it is renamed into place; ``durable=False`` leaves that to a later
+        ``sync`` (many files written, then one wait for the disk), for files that nothing
+        trusts before a marker written after that sync."""
         path = self.path(relative)
         if self.local:
             os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
             tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
             try:
                 with open(tmp, "wb") as handle:
-                    handle.write(data)
+                    for part in parts:
+                        handle.write(part)
                     handle.flush()
-                    os.fsync(handle.fileno())
+                    if durable:
+                        os.fsync(handle.fileno())
                 os.replace(tmp, path)
             finally:
                 if os.path.exists(tmp):
                     os.unlink(tmp)
             return
-        body = bytes(data) if isinstance(data, memoryview) else data
+        # an object store takes one body (a put, or a multipart upload of slices of it)
+        body = parts[0] if len(parts) == 1 and isinstance(parts[0], (bytes, bytearray)) else b"".join(parts)
         with self._requests(relative):
             if self._is_s3:
                 # Bodies of two parts or more go up as a multipart upload with concurrent
@@ -272,6 +282,18 @@ class Store:
                 self.fs.pipe_file(path, body, chunksize=part, max_concurrency=_PARTS_IN_FLIGHT)
             else:
                 self.fs.pipe_file(path, body)
+
+    def sync(self, relatives: list[str]) -> None:
+        """Wait until files written with ``durable=False`` are on disk (local only: an
+        object store's write is durable when it returns)."""
+        if not self.local:
+            return
+        for relative in relatives:
+            fd = os.open(self.path(relative), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
 
     @property
     def _is_s3(self) -> bool:

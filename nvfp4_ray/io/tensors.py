@@ -148,23 +148,23 @@ class WrittenFile:
     tensors: dict[str, int]  # tensor name -> byte size, for the index
 
 
-def encode_shard(name: str, tensors: list[tuple[str, str, tuple[int, ...], object]]) -> tuple[bytearray, WrittenFile]:
-    """Serialize (name, dtype, shape, bytes) tuples as one safetensors file, in memory."""
+def encode_shard(name: str, tensors: list[tuple[str, str, tuple[int, ...], object]]) -> tuple[list, WrittenFile]:
+    """Serialize (name, dtype, shape, bytes) tuples as one safetensors file: the parts to
+    write back to back (the header, then views of the tensors' own bytes: nothing large is
+    copied) and what the file is."""
     ordered = sorted(tensors, key=lambda t: t[0])
-    buffers, size = build_file(ordered, {"format": "pt"})
-    data = bytearray(size)
-    offset = 0
-    for part in buffers:
-        data[offset : offset + len(part)] = part
-        offset += len(part)
+    parts, size = build_file(ordered, {"format": "pt"})
+    digest = hashlib.sha256()
+    for part in parts:
+        digest.update(part)
     sizes = {tensor: len(memoryview(raw).cast("B")) for tensor, _, _, raw in ordered}
-    return data, WrittenFile(name=name, size=size, sha256=hashlib.sha256(data).hexdigest(), tensors=sizes)
+    return parts, WrittenFile(name=name, size=size, sha256=digest.hexdigest(), tensors=sizes)
 
 
 def write_shard(store: Store, file_name: str, tensors: list[tuple[str, str, tuple[int, ...], object]]) -> WrittenFile:
     """Write (name, dtype, shape, bytes) tuples as one safetensors file, atomically."""
-    data, written = encode_shard(file_name, tensors)
-    store.write_bytes(file_name, data)
+    parts, written = encode_shard(file_name, tensors)
+    store.write_parts(file_name, parts)
     return written
 
 

@@ -48,6 +48,8 @@ class Calibration:
     kept: set[int]  # layers whose hidden states are kept after the commit
     tokens: int = 0
     compute_s: float = 0.0  # the busiest worker's seconds inside run_layer
+    load_wait_s: float = 0.0  # of compute_s, the longest wait for a layer's load (read and copy)
+    snapshot_write_s: float = 0.0  # the slowest worker's seconds writing snapshots (beside the layers)
     last_checkpoint_time: float = field(default_factory=time.monotonic)
     writing: dict[int, int] = field(default_factory=dict)  # snapshot layer -> workers still writing it
     done_through: int = -1  # the last layer calibrated
@@ -111,7 +113,7 @@ class Execution:
             self.events.info(f"reusing {len(self.reused)} unit files already at DEST", reused=len(self.reused))
         copies = [
             copy_unit_task.options(**Placement.on_node(self.placement.nodes[i % self.placement.size])).remote(
-                unit, self.config.source, self.config.dest
+                unit.file, unit.key, unit.tensors, self.config.source, self.config.dest
             )
             for i, unit in enumerate(plan.copy_units)
             if unit.key not in self.written
@@ -238,8 +240,10 @@ class Execution:
                 self.events.advance("layers", done)
         if layers:
             self._finish_snapshots()
-            busy = self._get([w.busy_seconds.remote() for w in self.workers[: self.calibration_workers]])
-            self.calibration.compute_s = round(max(busy), 3)
+            seconds = self._get([w.seconds.remote() for w in self.workers[: self.calibration_workers]])
+            self.calibration.compute_s = round(max(s["run_layer_s"] for s in seconds), 3)
+            self.calibration.load_wait_s = round(max(s["load_wait_s"] for s in seconds), 3)
+            self.calibration.snapshot_write_s = round(max(s["snapshot_write_s"] for s in seconds), 3)
 
     def _wait(self, refs: list) -> list:
         """``refs``, once all are done; meanwhile the flow's finished reads, loads and writes
@@ -383,12 +387,12 @@ class Execution:
         plan = self.plan
         layers = [unit.spec for unit in plan.layer_units]
         entries = scale_entries(layers, self.layer_amax, plan.spec.kv_args, torch_dtype(plan.spec.dtype))
-        data, written = encode_shard("", entries)
+        parts, written = encode_shard("", entries)
         key = written.sha256[:16]
         file_name = f"model-input-scales-{key}.safetensors"
         done = destination.load_done(self.dest, key, file_name)
         if done is None:
-            done = write_unit(self.dest, file_name, key, entries, (data, replace(written, name=file_name)))
+            done = write_unit(self.dest, file_name, key, entries, (parts, replace(written, name=file_name)))
             self.computed.append(file_name)
         else:
             self.reused.append(file_name)

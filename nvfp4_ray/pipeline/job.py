@@ -127,6 +127,8 @@ def _report(plan, execution, events: Events, started: float) -> dict:
         "calibration_first_layer": calibration.first if calibration else None,
         "calibration_devices": sorted(set(calibration.devices)) if calibration else [],
         "calibration_compute_s": calibration.compute_s if calibration else 0.0,
+        "calibration_load_wait_s": calibration.load_wait_s if calibration else 0.0,
+        "snapshot_write_s": calibration.snapshot_write_s if calibration else 0.0,
         "worker_replacements": execution.replacements,
         "layer_reads_per_node": dict(sorted(execution.reads.items())),
         "timings_s": {name: round(seconds, 3) for name, seconds in events.timings.items()},  # commit's comes after

@@ -28,7 +28,8 @@ import ray
 from nvfp4_ray.errors import InputError, JobError
 from nvfp4_ray.io import destination
 from nvfp4_ray.io.storage import Store
-from nvfp4_ray.io.tensors import TensorBundle, encode_shard, read_file, read_tensors, torch_entry, write_shard
+from nvfp4_ray.io.safetensors_format import build_file
+from nvfp4_ray.io.tensors import TensorBundle, encode_shard, read_file, read_tensors, torch_entry
 
 # torch, transformers and compressed-tensors are imported inside the worker and the tasks
 # that use them: a process that only reads or writes bytes starts in a fraction of a second.
@@ -47,8 +48,8 @@ def write_unit(dest: Store, file_name: str, key: str, entries: list, encoded=Non
     """Write a unit's file and its completion record; storage errors that a retry cannot
     fix (full disk, read-only or forbidden DEST) fail the job at once."""
     try:
-        data, written = encoded or encode_shard(file_name, entries)
-        dest.write_bytes(file_name, data)
+        parts, written = encoded or encode_shard(file_name, entries)
+        dest.write_parts(file_name, parts)
         destination.save_done(dest, key, written)
     except OSError as exc:
         if exc.errno in _HOPELESS:
@@ -70,13 +71,15 @@ def write_unit_task(file_name: str, key: str, entries: list, dest_url: str):
 
 
 @ray.remote(num_cpus=0, **RETRY)
-def copy_unit_task(unit, source_url: str, dest_url: str):
-    bundle = read_tensors(Store(source_url), unit.tensors)
+def copy_unit_task(file_name: str, key: str, tensors: list, source_url: str, dest_url: str):
+    """Plain arguments, not the plan's CopyUnit: unpickling that would import the planner,
+    and with it torch and transformers (seconds of a cold start, in a process that copies bytes)."""
+    bundle = read_tensors(Store(source_url), tensors)
     for name in bundle.names():
         if not bundle.all_finite(name):
             raise InputError(f"tensor {name!r} contains NaN or Inf; the source checkpoint is broken")
     entries = [(name, *bundle.entries[name][1:], memoryview(bundle.raw(name)).cast("B")) for name in bundle.names()]
-    return write_unit(Store(dest_url), unit.file, unit.key, entries)
+    return write_unit(Store(dest_url), file_name, key, entries)
 
 
 class _Loaded:
@@ -125,6 +128,8 @@ class LayerWorker:
         self.staging = None
         self.lock = threading.Lock()
         self.busy_s = 0.0  # seconds spent running layers: the compute side of calibration
+        self.load_wait_s = 0.0  # of those, waiting for the load thread (the layer's read and copy)
+        self.snapshot_s = 0.0  # seconds spent writing hidden-state snapshots (in the background)
         self.snapshot_writer = ThreadPoolExecutor(1, thread_name_prefix="snapshot")
         self.snapshots: dict[str, Future] = {}  # folder -> hidden-state write in progress or done
 
@@ -224,6 +229,7 @@ class LayerWorker:
         self._compute_threads()
         began = time.monotonic()
         weights = self._take(index)
+        self.load_wait_s += time.monotonic() - began
         amax = self.runner.run_layer(index, weights, record, attention)
         if snapshot is not None:
             import torch
@@ -241,7 +247,7 @@ class LayerWorker:
         done = []
         for folder, future in list(self.snapshots.items()):
             if block or future.done():
-                future.result()  # a failed write fails the call
+                self.snapshot_s += future.result()  # a failed write fails the call
                 done.append(folder)
                 del self.snapshots[folder]
         return done
@@ -250,8 +256,8 @@ class LayerWorker:
         """Wait for every hidden-state write; the folders finished since the last call."""
         return self._finished_snapshots(block=True)
 
-    def busy_seconds(self) -> float:
-        return self.busy_s
+    def seconds(self) -> dict:
+        return {"run_layer_s": self.busy_s, "load_wait_s": self.load_wait_s, "snapshot_write_s": self.snapshot_s}
 
     def load_hidden(self, dest_url: str, folder: str) -> None:
         dest = Store(dest_url)
@@ -262,16 +268,26 @@ class LayerWorker:
         self.runner.restore_hidden_states(hidden)
 
 
-def _write_hidden(dest: Store, folder: str, hidden: dict, done=None) -> None:
-    """``done``: a CUDA event after the kernels that produced ``hidden``."""
+def _write_hidden(dest: Store, folder: str, hidden: dict, done=None) -> float:
+    """Write one snapshot, a file per batch; its seconds. ``done``: a CUDA event after the
+    kernels that produced ``hidden``."""
     import torch
 
+    began = time.monotonic()
+    names = []
     # copied out on a stream of its own: the compute stream goes on with the next layers
     with torch.cuda.stream(torch.cuda.Stream()) if done is not None else nullcontext():
         if done is not None:
             torch.cuda.current_stream().wait_event(done)
         for index, tensor in hidden.items():
-            write_shard(dest, f"{folder}/batch-{index:05d}.safetensors", [torch_entry("hidden", tensor)])
+            names.append(f"{folder}/batch-{index:05d}.safetensors")
+            parts, _ = build_file([torch_entry("hidden", tensor)], {"format": "pt"})  # no hash: nothing lists it
+            dest.write_parts(names[-1], parts, durable=False)
+    # One wait for the disk per snapshot: an fsync per file, behind the unit files' writes,
+    # took up to seconds each on a busy disk. The folder counts only once the driver's
+    # _COMPLETE marker is written, after this returns.
+    dest.sync(names)
+    return time.monotonic() - began
 
 
 def unwrap(error: Exception) -> Exception:
