@@ -57,6 +57,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="do not run llm-compressor; compare with (and take the timings of) the reference of an earlier run "
         "in --work if it was made from the same model and rows",
     )
+    parser.add_argument("--hidden-snapshots", type=int, help="nvfp4-ray's --hidden-snapshots (default: the job's default)")
     parser.add_argument("--prefetch-gib", type=float, help="nvfp4-ray's read-ahead budget (default: the job's default)")
     parser.add_argument("--baseline", metavar="RECORD", help="a 1-GPU record of the same model, instead of a 1-GPU run")
     parser.add_argument(
@@ -99,16 +100,18 @@ def main(argv: list[str] | None = None) -> dict:
     inputs_key = [[os.path.relpath(p, work), os.path.getsize(p), os.stat(p).st_mtime_ns] for p in timed_inputs]
     reference = run_reference(source, calibration, work, samples, seq_len, timed_inputs, inputs_key, args.skip_reference)
 
-    baseline, prefetch = None, args.prefetch_gib
+    baseline = None
+    # job options the command line sets (the rest: the job's defaults)
+    options = {k: v for k, v in (("prefetch_gib", args.prefetch_gib), ("hidden_snapshots", args.hidden_snapshots)) if v is not None}
     if gpus > 1:
         if args.baseline:
             baseline = load_baseline(args.baseline, model_name(shape), samples, seq_len)
         else:
-            baseline = nvfp4_ray_run(source, calibration, work, samples, seq_len, 1, timed_inputs, reference, prefetch)
-    run = nvfp4_ray_run(source, calibration, work, samples, seq_len, gpus, timed_inputs, reference, prefetch)
+            baseline = nvfp4_ray_run(source, calibration, work, samples, seq_len, 1, timed_inputs, reference, options)
+    run = nvfp4_ray_run(source, calibration, work, samples, seq_len, gpus, timed_inputs, reference, options)
     preloaded = None
     if args.preloaded_workers:
-        preloaded = nvfp4_ray_run(source, calibration, work, samples, seq_len, gpus, timed_inputs, None, prefetch, True)
+        preloaded = nvfp4_ray_run(source, calibration, work, samples, seq_len, gpus, timed_inputs, None, options, True)
         preloaded["same_files_as_plain_run"] = manifest_files(preloaded["dest"]) == manifest_files(run["dest"])
         log(f"preloaded workers: same files as the plain run: {preloaded['same_files_as_plain_run']}")
     if baseline is not None and "dest" in baseline:
@@ -224,7 +227,7 @@ class _LogStream:
         pass
 
 
-def nvfp4_ray_run(source, calibration, work, samples, seq_len, gpus, timed_inputs, reference, prefetch,
+def nvfp4_ray_run(source, calibration, work, samples, seq_len, gpus, timed_inputs, reference, options: dict,
                   preload: bool = False) -> dict:  # fmt: skip
     """One timed job, run_quantize called to returned (_SUCCESS written), on a fresh local Ray
     instance started before the clock (a running Ray instance is assumed, as on a cluster).
@@ -240,7 +243,7 @@ def nvfp4_ray_run(source, calibration, work, samples, seq_len, gpus, timed_input
     shutil.rmtree(dest, ignore_errors=True)  # units already at DEST would be reused, not computed
     config = QuantizeConfig(
         source=source, dest=dest, calibration=calibration, num_samples=samples, max_seq_len=seq_len, num_workers=gpus or None,
-        **({"prefetch_gib": prefetch} if prefetch else {}),
+        **options,
     )
     system_config = {"preload_python_modules": list(PRELOAD_MODULES)} if preload else {}
     ray.init(address="local", include_dashboard=False, log_to_driver=False, _system_config=system_config)
@@ -266,6 +269,7 @@ def nvfp4_ray_run(source, calibration, work, samples, seq_len, gpus, timed_input
         "gpus": gpus,
         "preloaded_workers": preload,
         "prefetch_gib": config.prefetch_gib,
+        "hidden_snapshots": config.hidden_snapshots,
         "nvfp4_ray_s": round(seconds, 3),
         "stages_s": stages,
         # calibration runs inside the layer loop, beside the weight quantization: both stages count
@@ -354,6 +358,7 @@ def make_record(*, command, device, gpus, machine_gpus, spec, source, samples, s
         "calibration_speedup_vs_1gpu": round(baseline["calibration_s"] / run["calibration_s"], 3) if baseline else None,
         "same_files_as_1gpu": run.get("same_files_as_1gpu"),
         "prefetch_gib": run["prefetch_gib"],
+        "hidden_snapshots": run["hidden_snapshots"],
         "calibration_compute_s": run["calibration_compute_s"],
         "calibration_compute_speedup_vs_1gpu": (
             round(baseline["calibration_compute_s"] / run["calibration_compute_s"], 3)
