@@ -77,6 +77,27 @@ def test_a_changed_shard_redoes_only_what_depends_on_it(source, tmp_path):
     assert_same_as_fresh(dest, source_dir, calibration, str(tmp_path / "fresh"))
 
 
+def test_a_unit_file_altered_at_dest_is_written_again(source, tmp_path):
+    """A unit file whose bytes changed after its completion record (same size) is not
+    reused by the next run."""
+    source_dir, calibration = source
+    dest = str(tmp_path / "dest")
+    run(source_dir, dest, calibration)
+    changed = change_tensor(source_dir, "model.layers.1.mlp.down_proj.weight")
+    changed_layers = {int(name.split(".")[2]) for name in changed if name.startswith("model.layers.")}
+    (other,) = [layer for layer in range(3) if layer not in changed_layers][:1]
+    weight_map = json.load(open(os.path.join(dest, "model.safetensors.index.json")))["weight_map"]
+    altered = os.path.join(dest, weight_map[f"model.layers.{other}.mlp.down_proj.weight_packed"])
+    with open(altered, "r+b") as handle:  # the last byte of the file, inside tensor data
+        handle.seek(-1, os.SEEK_END)
+        last = handle.read(1)
+        handle.seek(-1, os.SEEK_END)
+        handle.write(bytes([last[0] ^ 0xFF]))
+    summary = run(source_dir, dest, calibration)
+    assert summary["units_computed"] == len(changed_layers) + 1 + 1  # + the input scales + the altered unit
+    assert_same_as_fresh(dest, source_dir, calibration, str(tmp_path / "fresh"))
+
+
 def snapshot_folders(dest: str) -> set[str]:
     folder = os.path.join(dest, ".nvfp4", "calibration")
     return {name for name in os.listdir(folder) if os.path.isdir(os.path.join(folder, name))}

@@ -4,12 +4,12 @@
   DEST/model.safetensors.index.json  tensor -> file; only files it names are the checkpoint
   DEST/config.json, recipe.yaml, tokenizer & co, manifest.json
   DEST/_SUCCESS                      written last: without it DEST holds no checkpoint
-  DEST/.nvfp4/units/<key>.json       completion record of a unit file (size, sha256, tensors)
+  DEST/.nvfp4/units/<key>.json       completion record of a unit file (size, sha256, identity, tensors)
   DEST/.nvfp4/calibration/...        calibration state persisted for resume
   DEST/.nvfp4/versions/<id>.json     manifests of committed versions (rollback, retention)
 
 Each file appears whole or not at all (Store.write_bytes). A unit counts as done only
-when its completion record exists and its file has the recorded size.
+when its completion record exists and its file is unchanged since (load_done).
 """
 
 from __future__ import annotations
@@ -91,21 +91,27 @@ def abort_stale_uploads(dest: Store) -> int:
 
 
 def load_done(dest: Store, key: str, file_name: str) -> WrittenFile | None:
-    """The completion record of a unit, if its file is really there."""
+    """The completion record of a unit, if its file is still the one written then: same
+    identity (size and mtime locally, ETag on an object store; records of older versions:
+    the size). A file rewritten or altered since is computed again. Re-hashing every file
+    would catch bit rot too, at the price of reading all of DEST on every re-run."""
     try:
         record = json.loads(dest.read_text(unit_record(key)))
+        identity = record.pop("identity", None)
         written = WrittenFile(**record)
     except (FileNotFoundError, ValueError, TypeError):
         return None
     if written.name != file_name:
         return None
     try:
-        if dest.info(file_name).size != written.size:
-            return None
+        info = dest.info(file_name)
     except FileNotFoundError:
+        return None
+    if info.size != written.size or (identity is not None and info.identity != identity):
         return None
     return written
 
 
 def save_done(dest: Store, key: str, written: WrittenFile) -> None:
-    dest.write_text(unit_record(key), json.dumps(asdict(written), sort_keys=True))
+    record = {**asdict(written), "identity": dest.info(written.name).identity}
+    dest.write_text(unit_record(key), json.dumps(record, sort_keys=True))
