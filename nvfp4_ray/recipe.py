@@ -91,8 +91,12 @@ def load_recipe(recipe_path: str | None, scheme: str, ignore: list[str], always_
         notes = (
             f"kv_cache_scheme observer {kv.observer or 'minmax (the default)'}: llm-compressor would average "
             "k/v ranges over its randomly shuffled samples, which it cannot reproduce either; nvfp4-ray uses "
-            "the running max (observer: static_minmax), exact and independent of sample order",
+            "the running max (observer: static_minmax), exact and independent of sample order, and "
+            "recipe.yaml and config.json say so",
         )
+        # what was done, in the recipe and quantization_config written to DEST
+        for args in {id(a): a for a in (kv, modifier.kv_cache_scheme) if a is not None}.values():
+            args.observer = "static_minmax"
     return Recipe(
         modifier=modifier,
         quantization_config=resolved,

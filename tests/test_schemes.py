@@ -37,6 +37,36 @@ default_stage:
 """
 
 
+KV_RECIPE = """
+default_stage:
+  default_modifiers:
+    QuantizationModifier:
+      ignore: [lm_head]
+      targets: [Linear]
+      scheme: NVFP4
+      kv_cache_scheme: {num_bits: 8, type: float, strategy: tensor, dynamic: false, symmetric: true%s}
+"""
+
+
+def test_a_kv_observer_other_than_static_minmax_runs_and_is_recorded_as_static_minmax(family_case, tmp_path):
+    """The default KV observer (minmax: an average over shuffled samples) cannot be
+    reproduced; the job warns, uses the running max, and DEST says so: the checkpoint is
+    the one the static_minmax recipe gives, recipe.yaml and config.json included."""
+    case = family_case("llama")
+    outputs = {}
+    for name, observer in (("default", ""), ("static", ", observer: static_minmax")):
+        recipe = tmp_path / f"{name}.yaml"
+        recipe.write_text(KV_RECIPE % observer)
+        outputs[name] = str(tmp_path / name)
+        code, _, stderr = run_cli("quantize", case.source, outputs[name], "--calibration", case.calibration,
+                                  "--recipe", str(recipe), "--num-samples", "6", "--max-seq-len", "64")  # fmt: skip
+        assert code == 0, stderr[-2000:]
+        assert ("kv_cache_scheme observer minmax (the default)" in stderr) == (name == "default")
+    assert_identical(outputs["default"], outputs["static"])
+    config = json.load(open(os.path.join(outputs["default"], "config.json")))["quantization_config"]
+    assert config["kv_cache_scheme"]["observer"] == "static_minmax"
+
+
 def assert_identical(out: str, ref: str) -> None:
     ours, theirs = load_tensors(out), load_tensors(ref)
     assert sorted(ours) == sorted(theirs)
