@@ -460,9 +460,13 @@ def versions() -> dict:
         except PackageNotFoundError:
             found[package] = None
     try:
-        found["git_commit"] = subprocess.run(
-            ["git", "-C", REPO, "rev-parse", "HEAD"], capture_output=True, text=True, check=True
-        ).stdout.strip()
+        def git(*args: str) -> str:
+            return subprocess.run(["git", "-C", REPO, *args], capture_output=True, text=True, check=True).stdout
+
+        # a tree whose tracked files differ from HEAD did not run HEAD (the GPU machine's copy
+        # of a working tree sits on the session's first commit): say so in the record
+        changed = git("status", "--porcelain", "--untracked-files=no").strip()
+        found["git_commit"] = git("rev-parse", "HEAD").strip() + ("+uncommitted-changes" if changed else "")
     except (OSError, subprocess.CalledProcessError):
         found["git_commit"] = None
     return found
