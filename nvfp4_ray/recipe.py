@@ -95,8 +95,9 @@ def load_recipe(recipe_path: str | None, scheme: str, ignore: list[str], always_
             "recipe.yaml and config.json say so",
         )
         # what was done, in the recipe and quantization_config written to DEST
-        for args in {id(a): a for a in (kv, modifier.kv_cache_scheme) if a is not None}.values():
-            args.observer = "static_minmax"
+        for args in (kv, modifier.kv_cache_scheme):  # the resolved config's and the recipe's
+            if args is not None:
+                args.observer = "static_minmax"
     return Recipe(
         modifier=modifier,
         quantization_config=resolved,

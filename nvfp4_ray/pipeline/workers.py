@@ -283,9 +283,9 @@ def _write_hidden(dest: Store, folder: str, hidden: dict, done=None) -> float:
             names.append(f"{folder}/batch-{index:05d}.safetensors")
             parts, _ = build_file([torch_entry("hidden", tensor)], {"format": "pt"})  # no hash: nothing lists it
             dest.write_parts(names[-1], parts, durable=False)
-    # One wait for the disk per snapshot: an fsync per file, behind the unit files' writes,
-    # took up to seconds each on a busy disk. The folder counts only once the driver's
-    # _COMPLETE marker is written, after this returns.
+    # One wait for the disk per snapshot, not one per file: each fsync also waits behind the
+    # unit files being written. The folder counts only once the driver's _COMPLETE marker
+    # is written, after this returns.
     dest.sync(names)
     return time.monotonic() - began
 
