@@ -143,9 +143,14 @@ def main() -> None:
     if DEVICE == "cuda":
         torch.cuda.empty_cache()
     result[f"{args.processes}_processes_s"] = shared_gpu(args.processes, args.samples, args.seq_len, args.repeats)
+    report(result, args.out)
+
+
+def report(result: dict, out: str | None) -> None:
+    """Print a probe's result and write it as JSON to ``out``."""
     print(json.dumps(result, indent=1))
-    if args.out:
-        with open(args.out, "w") as handle:
+    if out:
+        with open(out, "w") as handle:
             json.dump(result, handle, indent=1)
 
 

@@ -26,7 +26,7 @@ import time
 
 sys.path.insert(0, __file__.rsplit("/bench/", 1)[0])
 
-from bench.layer_probe import CONFIG, RECORD, layer_weights, make_runner, time_layers  # noqa: E402
+from bench.layer_probe import CONFIG, RECORD, layer_weights, make_runner, report, time_layers  # noqa: E402
 
 
 def layer_bundle(weights: dict):
@@ -150,10 +150,7 @@ def main() -> None:
     result["load_switch_0.2ms"] = {"layer_s": time_layers(runner, resident, args.repeats), "work_done": counter[0]}
     stop.set()
     thread.join()
-    print(json.dumps(result, indent=1))
-    if args.out:
-        with open(args.out, "w") as handle:
-            json.dump(result, handle, indent=1)
+    report(result, args.out)
 
 
 if __name__ == "__main__":
