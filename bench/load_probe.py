@@ -9,8 +9,10 @@ process keeps doing one kind of load work:
   quantize       quantize a resident layer's Linears on a side stream, results to the CPU
   load           what LayerWorker.load does: H2D, finite check, quantize, entries
 
-and ``load`` again with a shorter GIL switch interval. Each result is printed as soon as
-it is measured. (Pure-Python work in the second thread is left out: on a GPU every kernel
+and ``load`` again with a shorter GIL switch interval; then the same step replayed as CUDA
+graphs (``DecoderRunner(graphs=True)``), alone and beside ``load``, and whether its hidden
+states and amax equal the eager step's bit for bit. Each result is printed as soon as it
+is measured. (Pure-Python work in the second thread is left out: on a GPU every kernel
 launch of the layer step then waits for the GIL, and one step lasts tens of seconds.)
 
     python bench/load_probe.py [--out FILE.json] [--small --device cpu]
@@ -144,6 +146,19 @@ def main() -> None:
         thread.join()
         result[name] = {"work_alone_s": round(alone, 4), "layer_s": seconds, "work_done": counter[0]}
         print(json.dumps({name: result[name]}), flush=True)
+    if args.device == "cuda":
+        graphed = make_runner(args.samples, args.seq_len, seed=0, graphs=True)
+        result["graphs_equal_eager"] = same_step(runner, graphed, resident)
+        print(json.dumps({"graphs_equal_eager": result["graphs_equal_eager"]}), flush=True)
+        result["graphs_alone_s"] = time_layers(graphed, resident, args.repeats)
+        stop, counter = threading.Event(), [0]
+        thread = background(on_stream(load), stop, counter)
+        result["graphs_load"] = {"layer_s": time_layers(graphed, resident, args.repeats), "work_done": counter[0]}
+        stop.set()
+        thread.join()
+        result["graphs_notes"] = graphed.notes
+        print(json.dumps({k: result[k] for k in ("graphs_alone_s", "graphs_load", "graphs_notes")}), flush=True)
+        del graphed
     sys.setswitchinterval(0.0002)
     stop, counter = threading.Event(), [0]
     thread = background(on_stream(load), stop, counter)
@@ -151,6 +166,18 @@ def main() -> None:
     stop.set()
     thread.join()
     report(result, args.out)
+
+
+def same_step(eager, graphed, weights: dict) -> dict:
+    """One step of each runner from the same hidden states: equal outputs and amax?"""
+    import torch
+
+    for state, other in zip(eager.states, graphed.states):
+        other.hidden = state.hidden.clone()
+    amax_eager = eager.run_layer(0, weights, RECORD)
+    amax_graphed = graphed.run_layer(0, weights, RECORD)
+    hidden = all(torch.equal(a.hidden, b.hidden) for a, b in zip(eager.states, graphed.states))
+    return {"hidden_states": hidden, "amax": amax_eager == amax_graphed, "graphs_still_on": graphed.graphs}
 
 
 if __name__ == "__main__":

@@ -278,6 +278,7 @@ def nvfp4_ray_run(source, calibration, work, samples, seq_len, gpus, timed_input
         "calibration_compute_s": summary["calibration_compute_s"],
         "calibration_load_wait_s": summary["calibration_load_wait_s"],
         "snapshot_write_s": summary["snapshot_write_s"],
+        "calibration_cuda_graphs": summary["calibration_cuda_graphs"],
         "page_cache": page_cache,
         "summary": {key: summary[key] for key in (
             "layers", "linears_quantized", "bytes_in", "bytes_out", "calibration_tokens", "calibration_workers",
@@ -366,6 +367,7 @@ def make_record(*, command, device, gpus, machine_gpus, spec, source, samples, s
         ),
         "calibration_load_wait_s": run["calibration_load_wait_s"],
         "snapshot_write_s": run["snapshot_write_s"],
+        "calibration_cuda_graphs": run["calibration_cuda_graphs"],
         # what the figures above are made of
         "model_shape": shape,
         "model_seed": spec["seed"],
@@ -503,6 +505,7 @@ def print_table(record: dict) -> None:
         ("calibration_compute_s", show(record["calibration_compute_s"], "s", 2) + " (inside run_layer, busiest actor)"),
         ("  waiting for loads", show(record["calibration_load_wait_s"], "s", 2) + " (of it: reads and copies behind)"),
         ("snapshot_write_s", show(record["snapshot_write_s"], "s", 2) + " (hidden-state snapshots, beside the layers)"),
+        ("calibration_cuda_graphs", str(record["calibration_cuda_graphs"])),
         ("calibration_speedup_vs_1gpu", show(record["calibration_speedup_vs_1gpu"], "x", 2)
             + ("" if baseline is None else f" (1 GPU: calibration {baseline['calibration_s']:.1f}s, "
                f"job {baseline['nvfp4_ray_s']:.1f}s)")),

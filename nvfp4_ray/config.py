@@ -57,6 +57,10 @@ class QuantizeConfig(BaseModel):
     batch_tokens: int | None = Field(
         None, ge=1, description="pack samples into padded SDPA batches of this many tokens (input scales drift a little)"
     )
+    no_cuda_graphs: bool = Field(
+        False, description="on GPUs, launch each layer's kernels one by one instead of replaying the forward as CUDA "
+        "graphs (every graph is checked bit for bit against an eager forward first)",
+    )
     prefetch_gib: float = Field(
         4.0, gt=0, description="read layers ahead while less than this (GiB per node) waits in memory; at least one"
     )

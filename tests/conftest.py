@@ -8,6 +8,7 @@ import contextlib
 import io
 import os
 import secrets
+import subprocess
 import sys
 
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # Ray 2.60 enables token auth for local instances
@@ -161,3 +162,21 @@ def run_cli(*args: str) -> tuple[int, str, str]:
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
         code = main(list(args))
     return code, out.getvalue(), err.getvalue()
+
+
+def session_processes(title_prefix: str) -> list[int]:
+    """PIDs of this test session's Ray workers whose process title starts with the prefix
+    (Ray titles a worker "ray::<task or actor>"); other Ray instances on the machine are ignored."""
+    import ray
+
+    raylet = ray._private.worker._global_node.all_processes["raylet"][0].process.pid
+    children = subprocess.run(["pgrep", "-P", str(raylet)], capture_output=True, text=True).stdout.split()
+    found = []
+    for pid in children:
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as handle:
+                if handle.read().startswith(title_prefix.encode()):
+                    found.append(int(pid))
+        except FileNotFoundError:
+            continue
+    return found

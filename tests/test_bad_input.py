@@ -7,9 +7,10 @@ import json
 import os
 import shutil
 import struct
+import time
 
 import pytest
-from conftest import NUM_ROWS, run_cli
+from conftest import NUM_ROWS, run_cli, session_processes
 from models import build_model, save_model, write_rows
 
 pytestmark = pytest.mark.usefixtures("ray_instance")
@@ -120,6 +121,21 @@ def test_nan_in_a_weight_names_the_tensor(tmp_path, family_case, value):
     assert "NaN or Inf" in result[2]
 
 
+def test_nan_in_a_copied_tensor_names_it_and_leaves_no_copy_at_dest(tmp_path, family_case):
+    """Tensors outside the layers are checked chunk by chunk as they are copied."""
+    import torch
+
+    case = family_case("llama")
+    model = build_model("llama")
+    with torch.no_grad():
+        model.model.norm.weight[5] = float("nan")
+    source = save_model(model, str(tmp_path / "source"), case.source)
+    dest = str(tmp_path / "dest")
+    result = run_cli(*quantize_args(source, dest, case.calibration))
+    assert_input_error(result, "tensor 'model.norm.weight' contains NaN or Inf", dest, untouched=False)
+    assert [name for name in os.listdir(dest) if name.startswith("model-other-")] == []
+
+
 def test_in_features_not_divisible_by_16(tmp_path, family_case):
     import transformers
 
@@ -157,6 +173,23 @@ def test_calibration_file_missing(tmp_path, checkpoint):
     dest = str(tmp_path / "dest")
     result = run_cli(*quantize_args(checkpoint[0], dest, str(tmp_path / "none.parquet")))
     assert_input_error(result, "does not exist", dest)
+
+
+def test_workers_started_before_a_bad_input_was_found_are_stopped(tmp_path, checkpoint):
+    """On a running Ray instance the workers are asked for while the inputs are read: a bad
+    input removes their placement group, and no worker process outlives the job."""
+    from ray.util import placement_group_table
+
+    groups_before = set(placement_group_table())
+    dest = str(tmp_path / "dest")
+    result = run_cli(*quantize_args(checkpoint[0], dest, str(tmp_path / "none.parquet")))
+    assert_input_error(result, "does not exist", dest)
+    groups = {key: value["state"] for key, value in placement_group_table().items() if key not in groups_before}
+    assert list(groups.values()) == ["REMOVED"], "one placement group was asked for before the check, then removed"
+    deadline = time.monotonic() + 30
+    while session_processes("ray::LayerWorker") and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert session_processes("ray::LayerWorker") == []
 
 
 def test_calibration_file_empty(tmp_path, checkpoint):

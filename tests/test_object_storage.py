@@ -77,6 +77,42 @@ def write_layers_file(store: Store, name: str, layers: int, layer_bytes: int) ->
     return raw
 
 
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_a_copied_tensor_is_streamed_in_chunks_into_the_same_bytes_as_a_whole_write(where, bucket, tmp_path, monkeypatch):
+    """CopiedShard writes the file write_shard would, holding one chunk at a time; a NaN in
+    a later chunk leaves no file at DEST, and the error names the tensor."""
+    import nvfp4_ray.io.tensors as tensors
+    from nvfp4_ray.errors import InputError
+
+    monkeypatch.setattr(tensors, "_COPY_CHUNK", 4096)
+    source = Store(str(tmp_path / "source"))
+    rng = np.random.default_rng(0)
+    values = {"lm_head.weight": rng.standard_normal((64, 200)), "model.norm.weight": rng.standard_normal(300)}
+    raw = {name: value.astype(np.float32).tobytes() for name, value in values.items()}
+    tensors.write_shard(source, "in.safetensors", [(n, "F32", values[n].shape, memoryview(b)) for n, b in raw.items()])
+    entries = read_header(source, "in.safetensors", source.info("in.safetensors").size)
+    dest = Store(str(tmp_path / "dest") if where == "local" else f"s3://{bucket}/dest")
+    expected = tensors.write_shard(dest, "whole.safetensors", [(n, "F32", values[n].shape, memoryview(b)) for n, b in raw.items()])
+
+    shard = tensors.CopiedShard("copy.safetensors", source, [SourceTensor("in.safetensors", e) for e in entries.values()])
+    parts = list(shard.parts())
+    assert max(len(part) for part in parts[1:]) == 4096 and len(parts) > 2 * len(raw)
+    dest.write_parts("copy.safetensors", parts)
+    assert dest.read_bytes("copy.safetensors") == dest.read_bytes("whole.safetensors")
+    assert (shard.written.size, shard.written.sha256, shard.written.tensors) == (expected.size, expected.sha256, expected.tensors)
+
+    broken = values["lm_head.weight"].astype(np.float32)
+    broken[60, 3] = np.nan  # in the last of its chunks
+    tensors.write_shard(source, "in.safetensors", [("lm_head.weight", "F32", broken.shape, memoryview(broken.tobytes()))])
+    entries = read_header(source, "in.safetensors", source.info("in.safetensors").size)
+    shard = tensors.CopiedShard("broken.safetensors", source, [SourceTensor("in.safetensors", e) for e in entries.values()])
+    with pytest.raises(InputError, match="tensor 'lm_head.weight' contains NaN or Inf"):
+        dest.write_parts("broken.safetensors", shard.parts())
+    assert not dest.exists("broken.safetensors") and shard.written is None
+    if where == "local":  # no temporary file left behind either
+        assert sorted(os.listdir(tmp_path / "dest")) == ["copy.safetensors", "whole.safetensors"]
+
+
 def test_a_layer_is_read_with_concurrent_range_requests_not_the_whole_file(bucket, proxy):
     layer_bytes = 32 * MiB
     raw = write_layers_file(Store(f"s3://{bucket}/model"), "shard.safetensors", layers=4, layer_bytes=layer_bytes)

@@ -12,7 +12,7 @@ import threading
 import time
 
 import pytest
-from conftest import quantize, run_cli
+from conftest import quantize, run_cli, session_processes
 from reference import load_tensors
 
 pytestmark = [pytest.mark.usefixtures("ray_instance"), pytest.mark.slow]
@@ -53,24 +53,6 @@ def wait_for(predicate, timeout: float = 300, what: str = "condition"):
 def calibrated_layers(dest: str) -> int:
     folder = os.path.join(dest, ".nvfp4", "calibration")
     return len([n for n in os.listdir(folder) if n.endswith(".json")]) if os.path.isdir(folder) else 0
-
-
-def session_processes(title_prefix: str) -> list[int]:
-    """PIDs of this test session's Ray workers whose process title starts with the prefix
-    (Ray titles a worker "ray::<task or actor>"); other Ray instances on the machine are ignored."""
-    import ray
-
-    raylet = ray._private.worker._global_node.all_processes["raylet"][0].process.pid
-    children = subprocess.run(["pgrep", "-P", str(raylet)], capture_output=True, text=True).stdout.split()
-    found = []
-    for pid in children:
-        try:
-            with open(f"/proc/{pid}/cmdline", "rb") as handle:
-                if handle.read().startswith(title_prefix.encode()):
-                    found.append(int(pid))
-        except FileNotFoundError:
-            continue
-    return found
 
 
 def run_in_background(**kwargs) -> tuple[threading.Thread, dict]:

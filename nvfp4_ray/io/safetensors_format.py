@@ -126,23 +126,29 @@ def _check_no_overlap(entries: dict[str, TensorEntry], where: str) -> None:
         previous = entry
 
 
-def build_file(tensors: list[tuple[str, str, tuple[int, ...], bytes | memoryview]], metadata: dict[str, str] | None = None):
-    """Serialize tensors (name, dtype, shape, raw bytes) as one safetensors file.
-
-    Returns the list of buffers to write back to back (header first) and the total size,
-    so large tensors are never copied just to concatenate them.
-    """
+def build_header(layout: list[tuple[str, str, tuple[int, ...], int]], metadata: dict[str, str] | None = None):
+    """The header of a safetensors file of tensors (name, dtype, shape, byte size) stored
+    back to back in that order: its bytes (with the length prefix) and the file's size."""
     header: dict[str, object] = {}
     if metadata:
         header["__metadata__"] = dict(metadata)
     offset = 0
-    for name, dtype, shape, data in tensors:
-        size = len(memoryview(data).cast("B"))
+    for name, dtype, shape, size in layout:
         if size != math.prod(shape) * DTYPE_SIZES[dtype]:
             raise ValueError(f"tensor {name!r}: {size} bytes do not match shape {shape} {dtype}")
         header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + size]}
         offset += size
     text = json.dumps(header, separators=(",", ":")).encode("utf-8")
     text += b" " * (-len(text) % _ALIGN)
-    buffers = [struct.pack("<Q", len(text)) + text] + [memoryview(data).cast("B") for _, _, _, data in tensors]
-    return buffers, 8 + len(text) + offset
+    return struct.pack("<Q", len(text)) + text, 8 + len(text) + offset
+
+
+def build_file(tensors: list[tuple[str, str, tuple[int, ...], bytes | memoryview]], metadata: dict[str, str] | None = None):
+    """Serialize tensors (name, dtype, shape, raw bytes) as one safetensors file.
+
+    Returns the list of buffers to write back to back (header first) and the total size,
+    so large tensors are never copied just to concatenate them.
+    """
+    views = [memoryview(data).cast("B") for _, _, _, data in tensors]
+    header, size = build_header([(name, dtype, shape, len(view)) for (name, dtype, shape, _), view in zip(tensors, views)], metadata)
+    return [header, *views], size

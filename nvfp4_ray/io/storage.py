@@ -19,7 +19,7 @@ import posixpath
 import re
 import uuid
 from concurrent.futures import ThreadPoolExecutor
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -250,11 +250,12 @@ class Store:
         """Write a whole file so that it is either complete or absent."""
         self.write_parts(relative, [data])
 
-    def write_parts(self, relative: str, parts: list, durable: bool = True) -> None:
-        """Write buffers back to back as one file, complete or absent. A local file is
-        fsynced before it is renamed into place; ``durable=False`` leaves that to a later
-        ``sync`` (many files written, then one wait for the disk), for files that nothing
-        trusts before a marker written after that sync."""
+    def write_parts(self, relative: str, parts: Iterable, durable: bool = True) -> None:
+        """Write buffers back to back as one file, complete or absent. A local file takes
+        them one at a time (an iterator of chunks stays bounded in memory); an upload, all
+        at once. A local file is fsynced before it is renamed into place; ``durable=False``
+        leaves that to a later ``sync`` (many files written, then one wait for the disk),
+        for files that nothing trusts before a marker written after that sync."""
         path = self.path(relative)
         if self.local:
             os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
@@ -272,6 +273,7 @@ class Store:
                     os.unlink(tmp)
             return
         # an object store takes one body (a put, or a multipart upload of slices of it)
+        parts = list(parts)
         body = parts[0] if len(parts) == 1 and isinstance(parts[0], (bytes, bytearray)) else b"".join(parts)
         with self._requests(relative):
             if self._is_s3:

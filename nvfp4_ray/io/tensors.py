@@ -18,11 +18,13 @@ from functools import cache
 import numpy as np
 
 from nvfp4_ray.io.checkpoint import SourceTensor, read_header
-from nvfp4_ray.io.safetensors_format import DTYPE_SIZES, build_file
+from nvfp4_ray.errors import InputError
+from nvfp4_ray.io.safetensors_format import DTYPE_SIZES, build_file, build_header
 from nvfp4_ray.io.storage import Store
 
 FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")
 _MERGE_GAP = 1 << 20  # read across gaps up to 1 MiB rather than issue another request
+_COPY_CHUNK = 128 << 20  # bytes of a copied tensor in memory at once
 
 
 @cache
@@ -80,21 +82,21 @@ class TensorBundle:
     def all_finite(self, name: str) -> bool:
         """No NaN or Inf in a float tensor, checked on its bits (no torch, bounded memory)."""
         _, dtype, _ = self.entries[name]
-        if dtype not in FLOAT_DTYPES:
-            return True
         raw = self.raw(name)
         step = 64 << 20
-        for start in range(0, raw.size, step):
-            chunk = raw[start : start + step]
-            if dtype == "BF16":  # exponent bits all ones: Inf or NaN
-                if np.any((chunk.view(np.uint16) & 0x7F80) == 0x7F80):
-                    return False
-            elif not np.isfinite(chunk.view({"F16": np.float16, "F32": np.float32, "F64": np.float64}[dtype])).all():
-                return False
-        return True
+        return all(finite(dtype, raw[start : start + step]) for start in range(0, raw.size, step))
 
     def names(self) -> list[str]:
         return list(self.entries)
+
+
+def finite(dtype: str, raw: np.ndarray) -> bool:
+    """No NaN or Inf among the values of a float tensor's raw bytes (uint8, whole values)."""
+    if dtype not in FLOAT_DTYPES:
+        return True
+    if dtype == "BF16":  # exponent bits all ones: Inf or NaN
+        return not np.any((raw.view(np.uint16) & 0x7F80) == 0x7F80)
+    return bool(np.isfinite(raw.view({"F16": np.float16, "F32": np.float32, "F64": np.float64}[dtype])).all())
 
 
 def read_tensors(store: Store, tensors: list[SourceTensor]) -> TensorBundle:
@@ -159,6 +161,38 @@ def encode_shard(name: str, tensors: list[tuple[str, str, tuple[int, ...], objec
         digest.update(part)
     sizes = {tensor: len(memoryview(raw).cast("B")) for tensor, _, _, raw in ordered}
     return parts, WrittenFile(name=name, size=size, sha256=digest.hexdigest(), tensors=sizes)
+
+
+class CopiedShard:
+    """Tensors copied byte for byte from a checkpoint into one safetensors file, a chunk at
+    a time, so that a local write holds one chunk in memory whatever the tensors' size.
+    ``parts()`` reads each chunk, checks it (no NaN or Inf in a float tensor) and yields it;
+    ``written`` says what the file is once every part has been taken."""
+
+    def __init__(self, name: str, source: Store, tensors: list[SourceTensor]):
+        self.name, self.source = name, source
+        self.tensors = sorted(tensors, key=lambda t: t.name)  # the order encode_shard writes
+        self.written: WrittenFile | None = None
+
+    def parts(self):
+        layout = [(t.name, t.entry.dtype, t.entry.shape, t.entry.nbytes) for t in self.tensors]
+        header, size = build_header(layout, {"format": "pt"})
+        digest = hashlib.sha256(header)
+        yield header
+        for tensor in self.tensors:
+            entry = tensor.entry
+            for start in range(entry.start, entry.end, _COPY_CHUNK):
+                # a new buffer per chunk: a writer may hold on to the parts (an upload joins them)
+                chunk = np.empty(min(_COPY_CHUNK, entry.end - start), dtype=np.uint8)
+                try:
+                    self.source.read_many([(tensor.file, start, start + chunk.size)], memoryview(chunk))
+                except OSError as exc:  # no errno: never taken for DEST's full disk or permissions
+                    raise OSError(f"reading {self.source.display(tensor.file)}: {exc}") from exc
+                if not finite(entry.dtype, chunk):
+                    raise InputError(f"tensor {tensor.name!r} contains NaN or Inf; the source checkpoint is broken")
+                digest.update(chunk)
+                yield memoryview(chunk)
+        self.written = WrittenFile(self.name, size, digest.hexdigest(), {t.name: t.entry.nbytes for t in self.tensors})
 
 
 def write_shard(store: Store, file_name: str, tensors: list[tuple[str, str, tuple[int, ...], object]]) -> WrittenFile:

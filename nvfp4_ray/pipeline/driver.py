@@ -50,33 +50,43 @@ class Calibration:
     compute_s: float = 0.0  # the busiest worker's seconds inside run_layer
     load_wait_s: float = 0.0  # of compute_s, the longest wait for a layer's load (read and copy)
     snapshot_write_s: float = 0.0  # the slowest worker's seconds writing snapshots (beside the layers)
+    cuda_graphs: bool = False  # every worker replayed its layers as CUDA graphs to the end
     last_checkpoint_time: float = field(default_factory=time.monotonic)
     writing: dict[int, int] = field(default_factory=dict)  # snapshot layer -> workers still writing it
     done_through: int = -1  # the last layer calibrated
 
 
-def calibration_worker_count(placement: Placement, config, samples) -> int:
+def calibration_worker_count(workers: int, config, samples) -> int:
     if samples is None:
         return 0
-    return min(placement.size, len(make_batches(samples, config.batch_tokens)))
+    return min(workers, len(make_batches(samples, config.batch_tokens)))
 
 
-def start_workers(placement: Placement, config, inputs) -> list:
-    """One worker per bundle, created before the plan is finished: the seconds a process
-    takes to import torch and transformers and create a CUDA context pass while the plan
-    completes and the first layers are read."""
-    count = calibration_worker_count(placement, config, inputs.samples)
-    return [_new_worker(placement, i, config, inputs.source.config if i < count else None) for i in range(placement.size)]
+def start_workers(placement: Placement) -> list:
+    """One worker per bundle, asked for before the inputs are read: the seconds a process
+    takes to import torch and transformers and create a CUDA context pass meanwhile."""
+    return [_new_worker(placement, i) for i in range(placement.size)]
 
 
-def _new_worker(placement: Placement, bundle: int, config, model_config: dict | None):
+def configure_workers(workers: list, config, inputs) -> None:
+    """The first workers calibrate (one per batch at most); the others only quantize."""
+    count = calibration_worker_count(len(workers), config, inputs.samples)
+    for worker in workers[:count]:
+        _configure(worker, config, inputs.source.config)
+
+
+def _new_worker(placement: Placement, bundle: int):
     import torch
 
-    drop_mask = bool(model_config) and reference_drops_causal_mask(config, model_config)
-    batched = config.batch_tokens is not None
     # the driver is a plain process: its thread count is what llm-compressor would use here
     threads = torch.get_num_threads()
-    return LayerWorker.options(**placement.worker_options(bundle)).remote(model_config, batched, drop_mask, threads)
+    return LayerWorker.options(**placement.worker_options(bundle)).remote(threads)
+
+
+def _configure(worker, config, model_config: dict) -> None:
+    drop_mask = reference_drops_causal_mask(config, model_config)
+    batched, graphs = config.batch_tokens is not None, not config.no_cuda_graphs
+    worker.configure.remote(model_config, batched, drop_mask, graphs)  # runs before any later call
 
 
 class Execution:
@@ -92,7 +102,7 @@ class Execution:
         self.computed: list[str] = []
         self.replacements = 0
         self.calibration: Calibration | None = None
-        self.calibration_workers = calibration_worker_count(placement, self.config, plan.samples)
+        self.calibration_workers = calibration_worker_count(placement.size, self.config, plan.samples)
         self.scales: WrittenFile | None = None
         self.persisting = ThreadPoolExecutor(1, thread_name_prefix="persist")
         self.persisted: list = []
@@ -247,6 +257,9 @@ class Execution:
             self.calibration.compute_s = round(max(s["run_layer_s"] for s in seconds), 3)
             self.calibration.load_wait_s = round(max(s["load_wait_s"] for s in seconds), 3)
             self.calibration.snapshot_write_s = round(max(s["snapshot_write_s"] for s in seconds), 3)
+            self.calibration.cuda_graphs = all(s["cuda_graphs"] for s in seconds)
+            for note in dict.fromkeys(note for s in seconds for note in s["notes"]):
+                self.events.warning(note)
 
     def _wait(self, refs: list) -> list:
         """``refs``, once all are done; meanwhile the flow's finished reads, loads and writes
@@ -325,7 +338,9 @@ class Execution:
         current = calibration.done_through + 1 if calibration is not None else None
         self.events.warning(f"worker {i} was lost; starting another", worker=i, calibrating_layer=current)
         calibrates = i < self.calibration_workers
-        worker = self.workers[i] = _new_worker(self.placement, i, self.config, self.plan.source.config if calibrates else None)
+        worker = self.workers[i] = _new_worker(self.placement, i)
+        if calibrates:
+            _configure(worker, self.config, self.plan.source.config)
         node = self.placement.nodes[i] = self._get([worker.describe.remote()])[0]["node_id"]
         if calibrates and calibration is not None and current < len(calibration.keys):
             calibration.writing.clear()  # the lost worker's snapshots never finish

@@ -43,36 +43,31 @@ def run_quantize(config: QuantizeConfig, events: Events) -> dict:
         from nvfp4_ray.quality.evaluate import check_base
 
         check_base(config.source)
-    with events.stage("plan"):
-        inputs = read_inputs(config)
-    if inputs.unchanged and config.if_changed:
-        events.info("DEST already holds a checkpoint of exactly these inputs: nothing to do")
-        version = inputs.previous["version"]
-        return {"status": "unchanged", "dest": _display(config.dest), "version": version,
-                "total_s": round(time.monotonic() - started, 3)}  # fmt: skip
-    for note in inputs.notes:
-        events.warning(note)
-    if text_model_type(inputs.source.config) in REFERENCE_DROPS_CAUSAL_MASK:
-        events.warning(
-            "llm-compressor 0.14 calibrates this model type without a causal mask (bidirectional attention); "
-            + (
-                "--exact reproduces that, byte for byte"
-                if config.exact
-                else "this run uses the causal mask vLLM uses, so input scales differ from llm-compressor's "
-                "(--exact reproduces them)"
-            )
-        )
+    # On a running Ray instance the workers are asked for first, and start up (imports and a
+    # CUDA context: the largest fixed cost of a job) while the inputs are read and checked; a
+    # bad input still fails before any data is read or written, and its workers are stopped.
+    # A local instance is started, and an autoscaler asked for GPU nodes, only for good input.
+    inputs = None if _ray_running(config.ray_address) else _read_inputs(config, events)
+    if inputs is not None and inputs.unchanged and config.if_changed:
+        return _unchanged(config, inputs, started, events)
     with ray_session(config.ray_address):
         from nvfp4_ray.pipeline.commit import checkpoint_files, commit, write_checkpoint
-        from nvfp4_ray.pipeline.driver import Execution, start_workers
+        from nvfp4_ray.pipeline.driver import Execution, configure_workers, start_workers
         from nvfp4_ray.pipeline.placement import Placement
 
-        with events.stage("placement"):
-            placement = Placement.create(
-                config.num_workers, config.worker_device, config.placement_timeout_minutes * 60
-            )
+        if inputs is None and not Placement.fits_now(config.num_workers, config.worker_device):
+            inputs = _read_inputs(config, events)
+        placement = Placement.request(config.num_workers, config.worker_device)
         try:
-            workers = start_workers(placement, config, inputs)  # they start up while the plan finishes
+            workers = start_workers(placement)
+            if inputs is None:
+                inputs = _read_inputs(config, events)
+            if inputs.unchanged and config.if_changed:
+                return _unchanged(config, inputs, started, events)
+            _warn(config, inputs, events)
+            with events.stage("placement"):
+                placement.wait(config.placement_timeout_minutes * 60)
+            configure_workers(workers, config, inputs)
             with events.stage("plan"):
                 plan = build_plan(config, inputs)
             events.info(
@@ -99,6 +94,38 @@ def run_quantize(config: QuantizeConfig, events: Events) -> dict:
     report["total_s"] = round(time.monotonic() - started, 3)
     summary = {"status": "succeeded", "dest": _display(config.dest), "version": manifest["version"], **report}
     return {**summary, "quality": quality}
+
+
+def _ray_running(address: str | None) -> bool:
+    import ray
+
+    return ray.is_initialized() or bool(address or os.environ.get("RAY_ADDRESS"))
+
+
+def _read_inputs(config: QuantizeConfig, events: Events):
+    with events.stage("plan"):
+        return read_inputs(config)
+
+
+def _warn(config: QuantizeConfig, inputs, events: Events) -> None:
+    for note in inputs.notes:
+        events.warning(note)
+    if text_model_type(inputs.source.config) in REFERENCE_DROPS_CAUSAL_MASK:
+        events.warning(
+            "llm-compressor 0.14 calibrates this model type without a causal mask (bidirectional attention); "
+            + (
+                "--exact reproduces that, byte for byte"
+                if config.exact
+                else "this run uses the causal mask vLLM uses, so input scales differ from llm-compressor's "
+                "(--exact reproduces them)"
+            )
+        )
+
+
+def _unchanged(config: QuantizeConfig, inputs, started: float, events: Events) -> dict:
+    events.info("DEST already holds a checkpoint of exactly these inputs: nothing to do")
+    return {"status": "unchanged", "dest": _display(config.dest), "version": inputs.previous["version"],
+            "total_s": round(time.monotonic() - started, 3)}  # fmt: skip
 
 
 def _display(url: str) -> str:
@@ -129,6 +156,7 @@ def _report(plan, execution, events: Events, started: float) -> dict:
         "calibration_compute_s": calibration.compute_s if calibration else 0.0,
         "calibration_load_wait_s": calibration.load_wait_s if calibration else 0.0,
         "snapshot_write_s": calibration.snapshot_write_s if calibration else 0.0,
+        "calibration_cuda_graphs": calibration.cuda_graphs if calibration else False,
         "worker_replacements": execution.replacements,
         "layer_reads_per_node": dict(sorted(execution.reads.items())),
         "timings_s": {name: round(seconds, 3) for name, seconds in events.timings.items()},  # commit's comes after

@@ -6,7 +6,7 @@ the worker takes all of it. Reads and writes are zero-CPU tasks pinned to a node
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import ray
 from ray.util.placement_group import placement_group, placement_group_table, remove_placement_group
@@ -18,16 +18,20 @@ from nvfp4_ray.errors import InputError, JobError
 @dataclass
 class Placement:
     group: object
-    nodes: list[str]  # node id of each bundle
+    count: int  # bundles, one worker each
     gpu: bool
     worker_cpus: float
-    object_store_bytes: float  # the smallest object store among the bundles' nodes
+    bundle: dict
+    cluster: str  # what the cluster had when the bundles were asked for (for errors)
+    nodes: list[str] = field(default_factory=list)  # node id of each bundle, once placed
+    object_store_bytes: float = 0  # the smallest object store among the bundles' nodes
 
     @classmethod
-    def create(cls, num_workers: int | None, device: str = "auto", timeout_s: float = 900) -> "Placement":
-        """``device``: "gpu" asks for GPU bundles even if no GPU node is up yet (the
-        autoscaler adds them while the placement group waits); "auto" sizes to the GPUs
-        present now, falling back to CPU workers on a cluster without GPUs."""
+    def request(cls, num_workers: int | None, device: str = "auto") -> "Placement":
+        """Ask for the bundles; ``wait`` until they are placed. ``device``: "gpu" asks for
+        GPU bundles even if no GPU node is up yet (the autoscaler adds them while the
+        placement group waits); "auto" sizes to the GPUs present now, falling back to CPU
+        workers on a cluster without GPUs."""
         alive = [node for node in ray.nodes() if node.get("Alive")]
         gpus = sum(int(node["Resources"].get("GPU", 0)) for node in alive)
         cpus = [node["Resources"].get("CPU", 0) for node in alive]
@@ -47,22 +51,31 @@ class Placement:
             per_bundle = max(2, int(sum(cpus) // count))
             bundle = {"CPU": per_bundle}
         group = placement_group([dict(bundle) for _ in range(count)], strategy="PACK")
-        ready, _ = ray.wait([group.ready()], timeout=timeout_s)
+        return cls(group, count, use_gpu, bundle["CPU"], bundle, f"{gpus} GPUs, CPUs per node {cpus}")
+
+    @staticmethod
+    def fits_now(num_workers: int | None, device: str) -> bool:
+        """Whether the bundles ``request`` would ask for exist now: no autoscaling needed."""
+        if device != "gpu":
+            return True  # "auto" sizes to what is there; CPU bundles never wait for new nodes
+        gpus = sum(int(node["Resources"].get("GPU", 0)) for node in ray.nodes() if node.get("Alive"))
+        return 0 < (num_workers or gpus) <= gpus
+
+    def wait(self, timeout_s: float) -> None:
+        ready, _ = ray.wait([self.group.ready()], timeout=timeout_s)
         if not ready:
-            remove_placement_group(group)
             raise JobError(
-                f"the cluster could not place {count} workers of {bundle} each within "
-                f"{timeout_s:.0f}s (cluster now: {gpus} GPUs, CPUs per node {cpus})"
+                f"the cluster could not place {self.count} workers of {self.bundle} each within "
+                f"{timeout_s:.0f}s (cluster then: {self.cluster})"
             )
-        table = placement_group_table(group)["bundles_to_node_id"]
-        nodes = [table[i] for i in range(count)]
+        table = placement_group_table(self.group)["bundles_to_node_id"]
+        self.nodes = [table[i] for i in range(self.count)]
         stores = {node["NodeID"]: node["Resources"].get("object_store_memory", 0) for node in ray.nodes()}
-        store = min(stores.get(node, 0) for node in nodes)
-        return cls(group=group, nodes=nodes, gpu=use_gpu, worker_cpus=bundle["CPU"], object_store_bytes=store)
+        self.object_store_bytes = min(stores.get(node, 0) for node in self.nodes)
 
     @property
     def size(self) -> int:
-        return len(self.nodes)
+        return self.count
 
     def _in_bundle(self, index: int) -> dict:
         return {"scheduling_strategy": PlacementGroupSchedulingStrategy(self.group, placement_group_bundle_index=index)}

@@ -20,7 +20,7 @@ import socket
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 
 import numpy as np
 import ray
@@ -29,7 +29,7 @@ from nvfp4_ray.errors import InputError, JobError
 from nvfp4_ray.io import destination
 from nvfp4_ray.io.storage import Store
 from nvfp4_ray.io.safetensors_format import build_file
-from nvfp4_ray.io.tensors import TensorBundle, encode_shard, read_file, read_tensors, torch_entry
+from nvfp4_ray.io.tensors import CopiedShard, TensorBundle, encode_shard, read_file, read_tensors, torch_entry
 
 # torch, transformers and compressed-tensors are imported inside the worker and the tasks
 # that use them: a process that only reads or writes bytes starts in a fraction of a second.
@@ -45,19 +45,26 @@ _HOPELESS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
 
 
 def write_unit(dest: Store, file_name: str, key: str, entries: list, encoded=None):
-    """Write a unit's file and its completion record; storage errors that a retry cannot
-    fix (full disk, read-only or forbidden DEST) fail the job at once."""
-    try:
+    """Write a unit's file and its completion record."""
+    with _dest_errors(dest, file_name):
         parts, written = encoded or encode_shard(file_name, entries)
         dest.write_parts(file_name, parts)
         destination.save_done(dest, key, written)
+    return written
+
+
+@contextmanager
+def _dest_errors(dest: Store, file_name: str):
+    """Storage errors that a retry cannot fix (full disk, read-only or forbidden DEST) fail
+    the job at once."""
+    try:
+        yield
     except OSError as exc:
         if exc.errno in _HOPELESS:
             raise JobError(
                 f"cannot write {dest.display(file_name)}: {exc.strerror}; fix DEST and run the same command again to resume"
             ) from None
         raise
-    return written
 
 
 @ray.remote(num_cpus=0, **RETRY)
@@ -74,12 +81,12 @@ def write_unit_task(file_name: str, key: str, entries: list, dest_url: str):
 def copy_unit_task(file_name: str, key: str, tensors: list, source_url: str, dest_url: str):
     """Plain arguments, not the plan's CopyUnit: unpickling that would import the planner,
     and with it torch and transformers (seconds of a cold start, in a process that copies bytes)."""
-    bundle = read_tensors(Store(source_url), tensors)
-    for name in bundle.names():
-        if not bundle.all_finite(name):
-            raise InputError(f"tensor {name!r} contains NaN or Inf; the source checkpoint is broken")
-    entries = [(name, *bundle.entries[name][1:], memoryview(bundle.raw(name)).cast("B")) for name in bundle.names()]
-    return write_unit(Store(dest_url), file_name, key, entries)
+    dest = Store(dest_url)
+    shard = CopiedShard(file_name, Store(source_url), tensors)
+    with _dest_errors(dest, file_name):
+        dest.write_parts(file_name, shard.parts())
+        destination.save_done(dest, key, shard.written)
+    return shard.written
 
 
 class _Loaded:
@@ -94,21 +101,17 @@ class _Loaded:
 
 @ray.remote(max_restarts=0, max_task_retries=0, concurrency_groups={"load": 1})
 class LayerWorker:
-    def __init__(self, model_config: dict | None, batched: bool, drop_causal_mask: bool, cpu_threads: int):
-        """``model_config``: the model to calibrate, or None for a worker that only quantizes."""
+    def __init__(self, cpu_threads: int):
+        """Imports and the device, nothing of the job: a worker is created before the inputs
+        are read, and ``configure`` gives a calibration worker its model."""
         # Start-up is timed step by step: on a GPU machine it is the largest fixed cost of a job.
-        clock = [time.monotonic()]
-
-        def lap() -> float:
-            clock.append(time.monotonic())
-            return round(clock[-1] - clock[-2], 3)
-
+        self.clock = time.monotonic()
         import torch
 
-        self.startup = {"import_torch_s": lap()}
-        import nvfp4_ray.layer_quantizer  # noqa: F401  (compressed-tensors)
+        self.startup = {"import_torch_s": self._lap()}
+        import nvfp4_ray.layer_quantizer  # noqa: F401  (compressed-tensors, and transformers with it)
 
-        self.startup["import_quantizer_s"] = lap()
+        self.startup["import_quantizer_s"] = self._lap()
         self.device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
         # bf16 matmuls on CPUs round differently with different thread counts: use what a
         # plain PyTorch process (llm-compressor) uses on this machine, not Ray's CPU share
@@ -116,14 +119,8 @@ class LayerWorker:
         if self.device.type == "cuda":
             torch.empty(1, device=self.device)  # the CUDA context, now rather than at the first layer
             self.load_stream = torch.cuda.Stream(self.device)
-        self.startup["device_init_s"] = lap()
+        self.startup["device_init_s"] = self._lap()
         self.runner = None
-        if model_config is not None:
-            from nvfp4_ray.calibration.runner import DecoderRunner
-
-            self.startup["import_runner_s"] = lap()  # transformers came with compressed-tensors
-            self.runner = DecoderRunner(model_config, str(self.device), batched, drop_causal_mask)
-            self.startup["build_model_s"] = lap()
         self.loaded: dict[int, _Loaded] = {}
         self.staging = None
         self.lock = threading.Lock()
@@ -132,6 +129,19 @@ class LayerWorker:
         self.snapshot_s = 0.0  # seconds spent writing hidden-state snapshots (in the background)
         self.snapshot_writer = ThreadPoolExecutor(1, thread_name_prefix="snapshot")
         self.snapshots: dict[str, Future] = {}  # folder -> hidden-state write in progress or done
+
+    def _lap(self) -> float:
+        began, self.clock = self.clock, time.monotonic()
+        return round(self.clock - began, 3)
+
+    def configure(self, model_config: dict, batched: bool, drop_causal_mask: bool, graphs: bool) -> None:
+        """Make this a calibration worker of ``model_config``."""
+        self.clock = time.monotonic()
+        from nvfp4_ray.calibration.runner import DecoderRunner
+
+        self.startup["import_runner_s"] = self._lap()
+        self.runner = DecoderRunner(model_config, str(self.device), batched, drop_causal_mask, graphs)
+        self.startup["build_model_s"] = self._lap()
 
     def _compute_threads(self) -> None:
         import torch
@@ -257,7 +267,9 @@ class LayerWorker:
         return self._finished_snapshots(block=True)
 
     def seconds(self) -> dict:
-        return {"run_layer_s": self.busy_s, "load_wait_s": self.load_wait_s, "snapshot_write_s": self.snapshot_s}
+        """Where the calibration time went, and what the runner noted about how it ran."""
+        return {"run_layer_s": self.busy_s, "load_wait_s": self.load_wait_s, "snapshot_write_s": self.snapshot_s,
+                "cuda_graphs": self.runner.graphs, "notes": self.runner.notes}  # fmt: skip
 
     def load_hidden(self, dest_url: str, folder: str) -> None:
         dest = Store(dest_url)
