@@ -51,11 +51,17 @@ def change_tensor(source_dir: str, tensor: str) -> set[str]:
 
 
 def test_unchanged_inputs_are_skipped(source, tmp_path):
+    """...without starting a worker: on a running Ray instance workers usually start while
+    the inputs are read, but not for an --if-changed run over a committed checkpoint."""
+    from ray.util import placement_group_table
+
     source_dir, calibration = source
     dest = str(tmp_path / "dest")
     first = run(source_dir, dest, calibration)
     stamps = {name: os.stat(os.path.join(dest, name)).st_mtime_ns for name in os.listdir(dest)}
+    groups = set(placement_group_table())
     again = run(source_dir, dest, calibration)
+    assert set(placement_group_table()) == groups, "a placement group was asked for"
     assert again["status"] == "unchanged" and again["version"] == first["version"]
     assert {name: os.stat(os.path.join(dest, name)).st_mtime_ns for name in os.listdir(dest)} == stamps
     code, stdout, _ = run_cli("quantize", source_dir, dest, "--calibration", calibration, "--num-samples", "6",

@@ -47,7 +47,7 @@ def run_quantize(config: QuantizeConfig, events: Events) -> dict:
     # CUDA context: the largest fixed cost of a job) while the inputs are read and checked; a
     # bad input still fails before any data is read or written, and its workers are stopped.
     # A local instance is started, and an autoscaler asked for GPU nodes, only for good input.
-    inputs = None if _ray_running(config.ray_address) else _read_inputs(config, events)
+    inputs = None if _workers_first(config) else _read_inputs(config, events)
     if inputs is not None and inputs.unchanged and config.if_changed:
         return _unchanged(config, inputs, started, events)
     with ray_session(config.ray_address):
@@ -96,10 +96,22 @@ def run_quantize(config: QuantizeConfig, events: Events) -> dict:
     return {**summary, "quality": quality}
 
 
-def _ray_running(address: str | None) -> bool:
+def _workers_first(config: QuantizeConfig) -> bool:
+    """On a running Ray instance, unless an --if-changed run finds a committed checkpoint at
+    DEST: then there is most likely nothing to do, and no worker should start for it."""
     import ray
 
-    return ray.is_initialized() or bool(address or os.environ.get("RAY_ADDRESS"))
+    if not (ray.is_initialized() or config.ray_address or os.environ.get("RAY_ADDRESS")):
+        return False
+    if not config.if_changed:
+        return True
+    from nvfp4_ray.io.destination import SUCCESS
+    from nvfp4_ray.io.storage import Store
+
+    try:
+        return not Store(config.dest).exists(SUCCESS)
+    except Exception:  # unreachable or forbidden: reading the inputs reports it properly
+        return False
 
 
 def _read_inputs(config: QuantizeConfig, events: Events):
