@@ -177,7 +177,7 @@ def same_step(eager, graphed, weights: dict) -> dict:
     amax_eager = eager.run_layer(0, weights, RECORD)
     amax_graphed = graphed.run_layer(0, weights, RECORD)
     hidden = all(torch.equal(a.hidden, b.hidden) for a, b in zip(eager.states, graphed.states))
-    return {"hidden_states": hidden, "amax": amax_eager == amax_graphed, "graphs_still_on": graphed.graphs}
+    return {"hidden_states": hidden, "amax": amax_eager == amax_graphed, "graphs_still_on": graphed.graphed}
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ import transformers
 from models import FAMILIES
 
 from nvfp4_ray.calibration.batches import make_batches
+from nvfp4_ray.calibration.graphs import group_batches
 from nvfp4_ray.calibration.runner import DecoderRunner
 
 
@@ -27,13 +28,12 @@ def started_runner(lengths: list[int], graphs: bool) -> DecoderRunner:
 
 def test_graphs_stay_off_on_a_cpu():
     runner = started_runner([8, 8], graphs=True)
-    assert runner.graphs is False
-    assert runner._groups(0) == [runner.states]
+    assert runner.graphs is None and not runner.graphed and runner.notes == []
 
 
 def test_batches_with_equal_layer_inputs_share_a_group():
     runner = started_runner([8, 8, 6, 8, 6], graphs=False)
-    runner.graphs = True  # grouping only: nothing is captured here
+    equal: dict = {}
     for layer in range(runner.num_layers):
-        groups = [[state.batch.index for state in group] for group in runner._groups(layer)]
+        groups = [[state.batch.index for state in group] for group in group_batches(runner.states, layer, equal)]
         assert groups == [[0, 1, 3], [2, 4]]

@@ -269,7 +269,7 @@ class LayerWorker:
     def seconds(self) -> dict:
         """Where the calibration time went, and what the runner noted about how it ran."""
         return {"run_layer_s": self.busy_s, "load_wait_s": self.load_wait_s, "snapshot_write_s": self.snapshot_s,
-                "cuda_graphs": self.runner.graphs, "notes": self.runner.notes}  # fmt: skip
+                "cuda_graphs": self.runner.graphed, "notes": self.runner.notes}  # fmt: skip
 
     def load_hidden(self, dest_url: str, folder: str) -> None:
         dest = Store(dest_url)
