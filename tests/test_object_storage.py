@@ -166,6 +166,41 @@ def test_a_failed_multipart_upload_is_aborted_and_leaves_no_object(bucket, proxy
     assert pending_uploads(bucket) == []  # the abort went through: no invisible parts kept
 
 
+def test_an_upload_sends_parts_while_its_chunks_are_still_coming_and_a_failing_chunk_aborts_it(bucket):
+    """write_parts on S3 does not gather the file first: parts are on the server before the
+    last chunk is produced; an error raised by the chunks comes through unchanged, and the
+    upload is aborted (no object, no parts kept)."""
+    from nvfp4_ray.errors import InputError
+
+    store = Store(f"s3://{bucket}/out")
+    client = s3fs_client()
+    data = np.random.default_rng(2).integers(0, 256, 32 * MiB, dtype=np.uint8).tobytes()
+    seen_before_last = []
+
+    def chunks(fail: bool):
+        for start in range(0, len(data), 4 * MiB):
+            if start == len(data) - 4 * MiB:  # the last chunk: some parts must be up already
+                deadline = time.monotonic() + 10
+                while not seen_before_last and time.monotonic() < deadline:
+                    for upload in client.call_s3("list_multipart_uploads", Bucket=bucket).get("Uploads", []):
+                        parts = client.call_s3("list_parts", Bucket=bucket, Key=upload["Key"], UploadId=upload["UploadId"])
+                        seen_before_last.extend(parts.get("Parts", []))
+                    time.sleep(0.05)
+                if fail:
+                    raise InputError("tensor 'x' contains NaN or Inf; the source checkpoint is broken")
+            yield memoryview(data)[start : start + 4 * MiB]
+
+    store.write_parts("whole.bin", chunks(fail=False), size=len(data))
+    assert seen_before_last, "no part was uploaded before the last chunk"
+    assert store.read_bytes("whole.bin") == data
+
+    seen_before_last.clear()
+    with pytest.raises(InputError, match="contains NaN or Inf"):
+        store.write_parts("broken.bin", chunks(fail=True), size=len(data))
+    assert seen_before_last and not store.exists("broken.bin")
+    assert pending_uploads(bucket) == []
+
+
 def test_an_upload_cut_short_by_a_crash_is_aborted_by_the_next_run(bucket, tmp_path):
     """A writer killed mid-upload cannot abort; the next run's cleanup does."""
     script = tmp_path / "writer.py"

@@ -14,11 +14,12 @@ that names the location, the reason and the fix.
 
 from __future__ import annotations
 
+import itertools
 import os
 import posixpath
 import re
 import uuid
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from collections.abc import Callable, Iterable
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -39,8 +40,9 @@ _LOCAL_READERS = 8
 _REMOTE_PIECE = (2 << 20, 8 << 20)
 _REMOTE_READERS = 32
 # Multipart uploads: up to _PARTS_IN_FLIGHT parts per object at once, each at least S3's
-# minimum part size (5 MiB); bodies under two parts go up in one PUT.
-_PART_SIZE = (5 << 20, 64 << 20)
+# minimum part size (5 MiB); bodies under two parts go up in one PUT. At most 32 MiB a
+# part: an upload holds at most 512 MiB, and S3's 10,000 parts still allow 312 GiB.
+_PART_SIZE = (5 << 20, 32 << 20)
 _PARTS_IN_FLIGHT = 16
 
 
@@ -248,14 +250,15 @@ class Store:
     # ---- writing -------------------------------------------------------------------
     def write_bytes(self, relative: str, data: bytes | bytearray | memoryview) -> None:
         """Write a whole file so that it is either complete or absent."""
-        self.write_parts(relative, [data])
+        self.write_parts(relative, [data], size=len(memoryview(data).cast("B")))
 
-    def write_parts(self, relative: str, parts: Iterable, durable: bool = True) -> None:
-        """Write buffers back to back as one file, complete or absent. A local file takes
-        them one at a time (an iterator of chunks stays bounded in memory); an upload, all
-        at once. A local file is fsynced before it is renamed into place; ``durable=False``
-        leaves that to a later ``sync`` (many files written, then one wait for the disk),
-        for files that nothing trusts before a marker written after that sync."""
+    def write_parts(self, relative: str, parts: Iterable, durable: bool = True, size: int | None = None) -> None:
+        """Write buffers back to back as one file, complete or absent, taking them one at a
+        time: an iterator of chunks stays bounded in memory (on S3: the parts of the upload
+        in flight). ``size``, the file's length if known, sizes the upload's parts. A local
+        file is fsynced before it is renamed into place; ``durable=False`` leaves that to a
+        later ``sync`` (many files written, then one wait for the disk), for files that
+        nothing trusts before a marker written after that sync."""
         path = self.path(relative)
         if self.local:
             os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
@@ -272,18 +275,60 @@ class Store:
                 if os.path.exists(tmp):
                     os.unlink(tmp)
             return
-        # an object store takes one body (a put, or a multipart upload of slices of it)
-        parts = list(parts)
-        body = parts[0] if len(parts) == 1 and isinstance(parts[0], (bytes, bytearray)) else b"".join(parts)
+        if self._is_s3:
+            self._upload(relative, parts, size)
+            return
+        body = b"".join(parts)  # other object stores take one body
         with self._requests(relative):
-            if self._is_s3:
-                # Bodies of two parts or more go up as a multipart upload with concurrent
-                # parts; s3fs aborts the upload if a part or the completion fails, and the
-                # object only becomes visible once the upload completes.
-                part = _clamp_split(len(body), _PARTS_IN_FLIGHT, _PART_SIZE)
-                self.fs.pipe_file(path, body, chunksize=part, max_concurrency=_PARTS_IN_FLIGHT)
-            else:
-                self.fs.pipe_file(path, body)
+            self.fs.pipe_file(path, body)
+
+    def _upload(self, relative: str, parts: Iterable, size: int | None) -> None:
+        """One PUT for a body of one part; otherwise a multipart upload, fed as the parts
+        come, several in flight. The object only becomes visible once the upload completes;
+        a failure aborts it (and what a killed writer leaves, the next run's abort_uploads).
+        Only the requests' failures are storage errors of DEST: an error of ``parts`` (a
+        source read, a NaN found in a copied tensor) goes through as it is."""
+        path = self.path(relative)
+        part_size = _clamp_split(size, _PARTS_IN_FLIGHT, _PART_SIZE) if size else _PART_SIZE[1]
+        pieces = _pieces(parts, part_size)
+        first, second = next(pieces), next(pieces, None)
+        if second is None:
+            with self._requests(relative):
+                self.fs.pipe_file(path, bytes(first))
+            return
+        bucket, key, _ = self.fs.split_path(path)
+        upload = dict(Bucket=bucket, Key=key)
+        with self._requests(relative):
+            upload_id = self.fs.call_s3("create_multipart_upload", **upload)["UploadId"]
+
+        def put(number: int, body: bytearray) -> dict:
+            with self._requests(relative):
+                reply = self.fs.call_s3("upload_part", **upload, UploadId=upload_id, PartNumber=number, Body=body)
+            return {"PartNumber": number, "ETag": reply["ETag"]}
+
+        try:
+            bodies = itertools.chain([first, second], pieces)
+            del first, second  # each piece is held only until its part is sent
+            with ThreadPoolExecutor(_PARTS_IN_FLIGHT) as pool:
+                sent: list = []
+                for number, body in enumerate(bodies, 1):
+                    for future in sent:
+                        if future.done() and future.exception() is not None:
+                            future.result()  # a part failed: stop reading, abort
+                    pending = [future for future in sent if not future.done()]
+                    if len(pending) >= _PARTS_IN_FLIGHT:  # the next piece waits: memory stays bounded
+                        wait(pending, return_when=FIRST_COMPLETED)
+                    sent.append(pool.submit(put, number, body))
+                    del body
+                done = [future.result() for future in sent]
+            with self._requests(relative):
+                self.fs.call_s3("complete_multipart_upload", **upload, UploadId=upload_id, MultipartUpload={"Parts": done})
+        except BaseException:
+            try:
+                self.fs.call_s3("abort_multipart_upload", **upload, UploadId=upload_id)
+            except Exception:  # unreachable now: the next run's abort_uploads removes it
+                pass
+            raise
 
     def sync(self, relatives: list[str]) -> None:
         """Wait until files written with ``durable=False`` are on disk (local only: an
@@ -383,6 +428,23 @@ class Store:
                     os.unlink(os.path.join(folder, name))
                     removed += 1
         return removed
+
+
+def _pieces(parts: Iterable, size: int):
+    """The bytes of ``parts`` back to back, cut into pieces of ``size`` (the last shorter;
+    at least one piece, empty for an empty file)."""
+    buffer, given = bytearray(), False
+    for part in parts:
+        view = memoryview(part).cast("B")
+        while len(view):
+            take = min(len(view), size - len(buffer))
+            buffer += view[:take]
+            view = view[take:]
+            if len(buffer) == size:
+                yield buffer
+                buffer, given = bytearray(), True
+    if buffer or not given:
+        yield buffer
 
 
 _TEMPORARY = re.compile(r"[0-9a-f]{8}")  # the suffix write_bytes gives a file while it is written

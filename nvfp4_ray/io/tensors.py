@@ -172,13 +172,13 @@ class CopiedShard:
     def __init__(self, name: str, source: Store, tensors: list[SourceTensor]):
         self.name, self.source = name, source
         self.tensors = sorted(tensors, key=lambda t: t.name)  # the order encode_shard writes
+        layout = [(t.name, t.entry.dtype, t.entry.shape, t.entry.nbytes) for t in self.tensors]
+        self.header, self.size = build_header(layout, {"format": "pt"})
         self.written: WrittenFile | None = None
 
     def parts(self):
-        layout = [(t.name, t.entry.dtype, t.entry.shape, t.entry.nbytes) for t in self.tensors]
-        header, size = build_header(layout, {"format": "pt"})
-        digest = hashlib.sha256(header)
-        yield header
+        digest = hashlib.sha256(self.header)
+        yield self.header
         for tensor in self.tensors:
             entry = tensor.entry
             for start in range(entry.start, entry.end, _COPY_CHUNK):
@@ -192,13 +192,13 @@ class CopiedShard:
                     raise InputError(f"tensor {tensor.name!r} contains NaN or Inf; the source checkpoint is broken")
                 digest.update(chunk)
                 yield memoryview(chunk)
-        self.written = WrittenFile(self.name, size, digest.hexdigest(), {t.name: t.entry.nbytes for t in self.tensors})
+        self.written = WrittenFile(self.name, self.size, digest.hexdigest(), {t.name: t.entry.nbytes for t in self.tensors})
 
 
 def write_shard(store: Store, file_name: str, tensors: list[tuple[str, str, tuple[int, ...], object]]) -> WrittenFile:
     """Write (name, dtype, shape, bytes) tuples as one safetensors file, atomically."""
     parts, written = encode_shard(file_name, tensors)
-    store.write_parts(file_name, parts)
+    store.write_parts(file_name, parts, size=written.size)
     return written
 
 

@@ -48,7 +48,7 @@ def write_unit(dest: Store, file_name: str, key: str, entries: list, encoded=Non
     """Write a unit's file and its completion record."""
     with _dest_errors(dest, file_name):
         parts, written = encoded or encode_shard(file_name, entries)
-        dest.write_parts(file_name, parts)
+        dest.write_parts(file_name, parts, size=written.size)
         destination.save_done(dest, key, written)
     return written
 
@@ -84,7 +84,7 @@ def copy_unit_task(file_name: str, key: str, tensors: list, source_url: str, des
     dest = Store(dest_url)
     shard = CopiedShard(file_name, Store(source_url), tensors)
     with _dest_errors(dest, file_name):
-        dest.write_parts(file_name, shard.parts())
+        dest.write_parts(file_name, shard.parts(), size=shard.size)
         destination.save_done(dest, key, shard.written)
     return shard.written
 
@@ -293,8 +293,8 @@ def _write_hidden(dest: Store, folder: str, hidden: dict, done=None) -> float:
             torch.cuda.current_stream().wait_event(done)
         for index, tensor in hidden.items():
             names.append(f"{folder}/batch-{index:05d}.safetensors")
-            parts, _ = build_file([torch_entry("hidden", tensor)], {"format": "pt"})  # no hash: nothing lists it
-            dest.write_parts(names[-1], parts, durable=False)
+            parts, size = build_file([torch_entry("hidden", tensor)], {"format": "pt"})  # no hash: nothing lists it
+            dest.write_parts(names[-1], parts, durable=False, size=size)
     # One wait for the disk per snapshot, not one per file: each fsync also waits behind the
     # unit files being written. The folder counts only once the driver's _COMPLETE marker
     # is written, after this returns.
