@@ -426,7 +426,8 @@ def test_store_killed_mid_job_fails_cleanly_and_the_same_command_resumes(model_o
     job = threading.Thread(target=lambda: result.update(run=run_cli(*args)))
     job.start()
     watcher = s3fs_client()
-    while job.is_alive() and not any("model-layer-" in path for path in watcher.find(f"{bucket}/dst-killed")):
+    # a unit counts as done once its completion record follows its file: wait for one
+    while job.is_alive() and not any("/.nvfp4/units/" in path for path in watcher.find(f"{bucket}/dst-killed")):
         time.sleep(0.02)
     s3_server.stop()
     job.join()
