@@ -182,12 +182,16 @@ class CopiedShard:
         for tensor in self.tensors:
             entry = tensor.entry
             for start in range(entry.start, entry.end, _COPY_CHUNK):
-                # a new buffer per chunk: a writer may hold on to the parts (an upload joins them)
+                # a new buffer per chunk: a writer may hold on to the parts (some object stores
+                # take a file as one body)
                 chunk = np.empty(min(_COPY_CHUNK, entry.end - start), dtype=np.uint8)
                 try:
                     self.source.read_many([(tensor.file, start, start + chunk.size)], memoryview(chunk))
-                except OSError as exc:  # no errno: never taken for DEST's full disk or permissions
-                    raise OSError(f"reading {self.source.display(tensor.file)}: {exc}") from exc
+                except OSError as exc:
+                    if exc.errno is None:
+                        raise  # an object store's error, which names SOURCE already
+                    # without the errno: a full disk or a permission of SOURCE is not DEST's
+                    raise OSError(f"{self.source.display(tensor.file)}: {exc.strerror}") from exc
                 if not finite(entry.dtype, chunk):
                     raise InputError(f"tensor {tensor.name!r} contains NaN or Inf; the source checkpoint is broken")
                 digest.update(chunk)
