@@ -56,7 +56,7 @@ class _KVRecorder:
         if self.valid is not None:
             magnitude = torch.where(self.valid[:, None, :, None], magnitude, 0)
         value = magnitude.amax()
-        self.amax[name] = value if name not in self.amax else torch.maximum(self.amax[name], value)
+        merge(self.amax, name, value)
 
     def update(self, key_states, value_states, *args, **kwargs):
         self._observe("k", key_states)
