@@ -79,13 +79,6 @@ class TensorBundle:
             warnings.filterwarnings("ignore", message="The given buffer is not writable")
             return torch.frombuffer(self.buffer, dtype=torch.uint8) if self.buffer.size else torch.empty(0, dtype=torch.uint8)
 
-    def all_finite(self, name: str) -> bool:
-        """No NaN or Inf in a float tensor, checked on its bits (no torch, bounded memory)."""
-        _, dtype, _ = self.entries[name]
-        raw = self.raw(name)
-        step = 64 << 20
-        return all(finite(dtype, raw[start : start + step]) for start in range(0, raw.size, step))
-
     def names(self) -> list[str]:
         return list(self.entries)
 
