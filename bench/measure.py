@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import threading
 import time
 
@@ -55,7 +57,7 @@ class PeakSampler:
         self.gpu_baseline = gpu_used_bytes(self.gpu) if self.gpu else []
         self.gpu_peak = list(self.gpu_baseline)
         self.rss_peak, self.rss_peak_parts, self.rss_peak_top, self.processes_peak = 0, {}, [], 0
-        self.pss_peak, self.process_peak = 0, 0
+        self.pss_peak, self.pss_peak_top, self.process_peak = 0, [], 0
         self.samples = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="peak-sampler", daemon=True)
@@ -76,7 +78,7 @@ class PeakSampler:
 
     def _sample(self) -> None:
         parts = {"main": 0, "ray_workers": 0, "other": 0}
-        pss, sizes = 0, []
+        pss, sizes, shares = 0, [], []
         try:
             processes = [self.root] + self.root.children(recursive=True)
         except psutil.NoSuchProcess:
@@ -92,13 +94,15 @@ class PeakSampler:
             part = "main" if process.pid == self.root.pid else "ray_workers" if name.startswith("ray::") else "other"
             parts[part] += info.rss
             sizes.append((info.rss, name))
+            shares.append((info.pss, info.uss, name))
             pss += info.pss
             self.process_peak = max(self.process_peak, info.rss)
         total = sum(parts.values())
         if total > self.rss_peak:
             self.rss_peak, self.rss_peak_parts, self.processes_peak = total, parts, len(processes)
             self.rss_peak_top = sorted(sizes, reverse=True)[:TOP_PROCESSES]
-        self.pss_peak = max(self.pss_peak, pss)
+        if pss > self.pss_peak:
+            self.pss_peak, self.pss_peak_top = pss, sorted(shares, reverse=True)[:TOP_PROCESSES]
         if self.gpu:
             self.gpu_peak = [max(a, b) for a, b in zip(self.gpu_peak, gpu_used_bytes(self.gpu))]
         self.samples += 1
@@ -112,6 +116,8 @@ class PeakSampler:
             "peak_rss_top_processes_gib": [[name, round(rss / GIB, 3)] for rss, name in self.rss_peak_top],
             "peak_rss_single_process_gib": round(self.process_peak / GIB, 3),
             "peak_pss_gib": round(self.pss_peak / GIB, 3),
+            # at the PSS peak: [name, PSS, USS (pages of that process alone)] of the largest
+            "peak_pss_top_processes_gib": [[name, round(p / GIB, 3), round(u / GIB, 3)] for p, u, name in self.pss_peak_top],
             "peak_gpu_gib": round(max(gpu), 3) if gpu else None,
             "peak_gpu_per_device_gib": [round(g, 3) for g in gpu] if gpu else None,
             "gpu_baseline_gib": [round(b / GIB, 3) for b in self.gpu_baseline] if gpu else None,
@@ -129,9 +135,18 @@ def files_under(folder: str) -> list[str]:
 
 # The Python packages the processes import. After a whole-cache drop they are read back
 # before the clock starts: a node that runs jobs has them cached, and the reference's own
-# imports happen before its timer, so only the model's bytes are cold for both.
+# imports happen before its timer, so only the model's bytes are cold for both. "nvidia"
+# holds the CUDA libraries torch loads (cuBLAS, cuDNN, NCCL...).
 WARM_PACKAGES = ("torch", "transformers", "ray", "compressed_tensors", "llmcompressor", "triton", "numpy",
-                 "safetensors", "pyarrow", "tokenizers", "fsspec", "pydantic", "pydantic_core", "nvfp4_ray")  # fmt: skip
+                 "safetensors", "pyarrow", "tokenizers", "fsspec", "pydantic", "pydantic_core", "nvfp4_ray",
+                 "nvidia")  # fmt: skip
+# What a layer worker does before its first layer, run once in a child process after the
+# packages are read back: the bytecode cache (PYTHONPYCACHEPREFIX), the standard library
+# and the CUDA driver's libraries come back with it.
+_WORKER_WARM_UP = (
+    "import torch, nvfp4_ray.layer_quantizer, nvfp4_ray.calibration.runner\n"
+    "torch.empty(1, device='cuda') if torch.cuda.is_available() else None"
+)
 
 
 def warm_python_packages() -> None:
@@ -155,6 +170,7 @@ def warm_python_packages() -> None:
 
     with ThreadPoolExecutor(16) as pool:
         list(pool.map(read, files))
+    subprocess.run([sys.executable, "-c", _WORKER_WARM_UP], check=False, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
 def drop_page_cache(paths: list[str]) -> str:

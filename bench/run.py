@@ -59,6 +59,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--hidden-snapshots", type=int, help="nvfp4-ray's --hidden-snapshots (default: the job's default)")
     parser.add_argument("--prefetch-gib", type=float, help="nvfp4-ray's read-ahead budget (default: the job's default)")
+    parser.add_argument("--readahead-gib", type=float, help="nvfp4-ray's page-cache read-ahead (default: the job's default)")
     parser.add_argument("--baseline", metavar="RECORD", help="a 1-GPU record of the same model, instead of a 1-GPU run")
     parser.add_argument(
         "--preloaded-workers",
@@ -102,7 +103,8 @@ def main(argv: list[str] | None = None) -> dict:
 
     baseline = None
     # job options the command line sets (the rest: the job's defaults)
-    options = {k: v for k, v in (("prefetch_gib", args.prefetch_gib), ("hidden_snapshots", args.hidden_snapshots)) if v is not None}
+    chosen = (("prefetch_gib", args.prefetch_gib), ("readahead_gib", args.readahead_gib), ("hidden_snapshots", args.hidden_snapshots))
+    options = {k: v for k, v in chosen if v is not None}
     if gpus > 1:
         if args.baseline:
             baseline = load_baseline(args.baseline, model_name(shape), samples, seq_len)
@@ -268,7 +270,8 @@ def nvfp4_ray_run(source, calibration, work, samples, seq_len, gpus, timed_input
     run = {
         "gpus": gpus,
         "preloaded_workers": preload,
-        "prefetch_gib": config.prefetch_gib,
+        "prefetch_gib": round(config.prefetch_bytes / GIB, 3),
+        "readahead_gib": config.readahead_gib,
         "hidden_snapshots": config.hidden_snapshots,
         "nvfp4_ray_s": round(seconds, 3),
         "stages_s": stages,
@@ -282,7 +285,7 @@ def nvfp4_ray_run(source, calibration, work, samples, seq_len, gpus, timed_input
         "page_cache": page_cache,
         "summary": {key: summary[key] for key in (
             "layers", "linears_quantized", "bytes_in", "bytes_out", "calibration_tokens", "calibration_workers",
-            "calibration_devices", "layer_reads_per_node", "worker_replacements", "total_s",
+            "calibration_devices", "layer_reads_per_node", "worker_startup_s", "worker_replacements", "total_s",
         )},  # fmt: skip
         "dest": dest,
         **sampler.result(),
@@ -359,6 +362,8 @@ def make_record(*, command, device, gpus, machine_gpus, spec, source, samples, s
         "calibration_speedup_vs_1gpu": round(baseline["calibration_s"] / run["calibration_s"], 3) if baseline else None,
         "same_files_as_1gpu": run.get("same_files_as_1gpu"),
         "prefetch_gib": run["prefetch_gib"],
+        "readahead_gib": run["readahead_gib"],
+        "worker_startup_s": run["summary"]["worker_startup_s"],
         "hidden_snapshots": run["hidden_snapshots"],
         "calibration_compute_s": run["calibration_compute_s"],
         "calibration_compute_speedup_vs_1gpu": (
@@ -383,6 +388,7 @@ def make_record(*, command, device, gpus, machine_gpus, spec, source, samples, s
         "peak_rss_top_processes_gib": run["peak_rss_top_processes_gib"],
         "peak_rss_single_process_gib": run["peak_rss_single_process_gib"],
         "peak_pss_gib": run["peak_pss_gib"],
+        "peak_pss_top_processes_gib": run["peak_pss_top_processes_gib"],
         "peak_gpu_per_device_gib": run["peak_gpu_per_device_gib"],
         "gpu_baseline_gib": run["gpu_baseline_gib"],
         "memory_samples": run["memory_samples"],

@@ -61,8 +61,13 @@ class QuantizeConfig(BaseModel):
         False, description="on GPUs, launch each layer's kernels one by one instead of replaying the forward as CUDA "
         "graphs (every graph is checked bit for bit against an eager forward first)",
     )
-    prefetch_gib: float = Field(
-        4.0, gt=0, description="read layers ahead while less than this (GiB per node) waits in memory; at least one"
+    prefetch_gib: float | None = Field(
+        None, gt=0, description="read layers ahead while less than this (GiB per node) waits in memory; at least one "
+        "(default: 1 for a local SOURCE, which also reads ahead through the page cache, 4 for an object store)",
+    )
+    readahead_gib: float = Field(
+        8.0, ge=0, description="local SOURCE: have the kernel read this many GiB of layers past those in memory into "
+        "its page cache, which no process holds and the kernel may reclaim (0: off)",
     )
     hidden_snapshots: int = Field(
         3, ge=0, description="layers whose hidden states stay at DEST, evenly spaced, so that a re-run after a change "
@@ -111,6 +116,12 @@ class QuantizeConfig(BaseModel):
                 "drop --evaluate and run nvfp4-ray evaluate on local copies"
             )
         return self
+
+    @property
+    def prefetch_bytes(self) -> int:
+        if self.prefetch_gib is not None:
+            return int(self.prefetch_gib * 2**30)
+        return (4 if is_remote(self.source) else 1) * 2**30
 
     @property
     def ignore_patterns(self) -> list[str]:

@@ -142,8 +142,9 @@ def reference(tmp_path_factory, family_case):
     return get
 
 
-def quantize(source: str, dest: str, calibration: str | None = None, **options) -> dict:
-    """Run a job in-process on the session's Ray instance (what the CLI does)."""
+def quantize(source: str, dest: str, calibration: str | None = None, events=None, **options) -> dict:
+    """Run a job in-process on the session's Ray instance (what the CLI does); its JSON
+    events go to ``events`` (a text stream) if given."""
     from nvfp4_ray.config import QuantizeConfig
     from nvfp4_ray.pipeline.events import Events
     from nvfp4_ray.pipeline.job import run_quantize
@@ -151,7 +152,7 @@ def quantize(source: str, dest: str, calibration: str | None = None, **options) 
     options.setdefault("num_samples", NUM_ROWS)
     options.setdefault("max_seq_len", 64)
     config = QuantizeConfig(source=source, dest=dest, calibration=calibration, **options)
-    return run_quantize(config, Events("json", stream=io.StringIO()))
+    return run_quantize(config, Events("json", stream=events if events is not None else io.StringIO()))
 
 
 def run_cli(*args: str) -> tuple[int, str, str]:

@@ -4,6 +4,7 @@ earlier versions stay restorable."""
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import shutil
@@ -107,6 +108,30 @@ def test_a_unit_file_altered_at_dest_is_written_again(source, tmp_path):
 def snapshot_folders(dest: str) -> set[str]:
     folder = os.path.join(dest, ".nvfp4", "calibration")
     return {name for name in os.listdir(folder) if os.path.isdir(os.path.join(folder, name))}
+
+
+def test_a_damaged_snapshot_is_not_used(source, tmp_path):
+    """Snapshot files are not fsynced; the marker holds each file's sha256. A file that
+    differs (as after a power loss) makes the re-run calibrate from layer 0, with a warning,
+    and the result is still the fresh run's."""
+    source_dir, calibration = source
+    dest = str(tmp_path / "dest")
+    run(source_dir, dest, calibration, hidden_snapshots=3)
+    kept = json.load(open(os.path.join(dest, "manifest.json")))["calibration"]["snapshots"]
+    folder = os.path.join(dest, ".nvfp4", "calibration", kept[-1])
+    digests = json.load(open(os.path.join(folder, "_COMPLETE")))
+    batches = sorted(name for name in os.listdir(folder) if name.endswith(".safetensors"))
+    assert sorted(digests) == batches and len(batches) > 1
+    with open(os.path.join(folder, batches[-1]), "r+b") as handle:
+        handle.seek(-2, os.SEEK_END)
+        handle.write(b"\x00\x7f")
+    change_tensor(source_dir, "model.layers.2.mlp.down_proj.weight")
+    events = io.StringIO()
+    summary = run(source_dir, dest, calibration, events=events, hidden_snapshots=3)
+    warnings = [e["message"] for e in map(json.loads, events.getvalue().splitlines()) if e["event"] == "warning"]
+    assert summary["calibration_first_layer"] == 0
+    assert any(f"{kept[-1]} are damaged" in message and "calibrating from layer 0" in message for message in warnings), warnings
+    assert_same_as_fresh(dest, source_dir, calibration, str(tmp_path / "fresh"))
 
 
 @pytest.mark.parametrize("snapshots", [3, 0])

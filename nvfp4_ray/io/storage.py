@@ -18,9 +18,10 @@ import itertools
 import os
 import posixpath
 import re
+import threading
 import uuid
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -37,6 +38,7 @@ _SECRET_ENV = ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_ACCESS_KEY_ID"
 # dominate its transfer.
 _LOCAL_CHUNK = 64 << 20
 _LOCAL_READERS = 8
+_AHEAD_PIECE = 8 << 20
 _REMOTE_PIECE = (2 << 20, 8 << 20)
 _REMOTE_READERS = 32
 # Multipart uploads: up to _PARTS_IN_FLIGHT parts per object at once, each at least S3's
@@ -217,12 +219,21 @@ class Store:
             raise OSError(f"{self.display(relative)}: short read at byte {start} (file truncated or replaced?)")
         out[dst : dst + len(blob)] = blob
 
-    def _read_local(self, pieces: list, out: memoryview) -> None:
+    @contextmanager
+    def _open_local(self, relatives) -> Iterator[dict[str, int]]:
+        """Each of the local files ``relatives`` opened once for reading: name -> fd."""
         fds = {}
         try:
-            for relative, *_ in pieces:
+            for relative in relatives:
                 if relative not in fds:
                     fds[relative] = os.open(self.path(relative), os.O_RDONLY)
+            yield fds
+        finally:
+            for fd in fds.values():
+                os.close(fd)
+
+    def _read_local(self, pieces: list, out: memoryview) -> None:
+        with self._open_local(piece[0] for piece in pieces) as fds:
 
             def read_piece(piece, out):
                 relative, start, end, dst = piece
@@ -235,9 +246,30 @@ class Store:
                     done += n
 
             self._run(read_piece, pieces, out, _LOCAL_READERS)
-        finally:
-            for fd in fds.values():
-                os.close(fd)
+
+    def read_ahead(self, reads: list[tuple[str, int, int]]) -> None:
+        """Read ``(file, start, end)`` ranges of local files into the kernel's page cache,
+        discarding the bytes: no process holds them afterwards, the kernel may evict them
+        under memory pressure, and a later read_many of them is served from memory. Real
+        reads, not posix_fadvise(WILLNEED): Linux reads only a read-ahead window (128 KiB
+        by default) of each range for that. Object stores have no page cache: nothing to do."""
+        if not self.local:
+            return
+        pieces = [
+            (relative, piece, min(end, piece + _AHEAD_PIECE))
+            for relative, start, end in reads
+            for piece in range(start, end, _AHEAD_PIECE)
+        ]
+        scratch = threading.local()  # one buffer per reading thread, reused for every piece
+        with self._open_local(piece[0] for piece in pieces) as fds:
+
+            def read_piece(piece, _out):
+                relative, start, end = piece
+                if not hasattr(scratch, "buffer"):
+                    scratch.buffer = memoryview(bytearray(_AHEAD_PIECE))
+                os.preadv(fds[relative], [scratch.buffer[: end - start]], start)  # a short read is the real read's to report
+
+            self._run(read_piece, pieces, memoryview(b""), _LOCAL_READERS)
 
     @staticmethod
     def _run(read_piece, pieces: list, out: memoryview, workers: int) -> None:
@@ -329,18 +361,6 @@ class Store:
             except Exception:  # unreachable now: the next run's abort_uploads removes it
                 pass
             raise
-
-    def sync(self, relatives: list[str]) -> None:
-        """Wait until files written with ``durable=False`` are on disk (local only: an
-        object store's write is durable when it returns)."""
-        if not self.local:
-            return
-        for relative in relatives:
-            fd = os.open(self.path(relative), os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
 
     @property
     def _is_s3(self) -> bool:

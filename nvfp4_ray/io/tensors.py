@@ -17,9 +17,9 @@ from functools import cache
 
 import numpy as np
 
-from nvfp4_ray.io.checkpoint import SourceTensor, read_header
+from nvfp4_ray.io.checkpoint import SourceTensor
 from nvfp4_ray.errors import InputError
-from nvfp4_ray.io.safetensors_format import DTYPE_SIZES, build_file, build_header
+from nvfp4_ray.io.safetensors_format import DTYPE_SIZES, build_file, build_header, header_length, parse_header
 from nvfp4_ray.io.storage import Store
 
 FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")
@@ -119,10 +119,16 @@ def read_tensors(store: Store, tensors: list[SourceTensor]) -> TensorBundle:
     return TensorBundle(buffer=buffer, entries=entries)
 
 
-def read_file(store: Store, file_name: str) -> TensorBundle:
-    """A whole (small) safetensors file as a bundle."""
-    entries = read_header(store, file_name, store.info(file_name).size)
-    return read_tensors(store, [SourceTensor(file_name, entry) for entry in entries.values()])
+def read_file(store: Store, file_name: str, sha256: str | None = None) -> TensorBundle | None:
+    """A whole (small) safetensors file as a bundle; None if ``sha256`` is given and the
+    file's bytes do not have it."""
+    data = store.read_bytes(file_name)
+    if sha256 is not None and hashlib.sha256(data).hexdigest() != sha256:
+        return None
+    where = store.display(file_name)
+    header = parse_header(data[8 : 8 + header_length(data, len(data), where)], len(data), where)
+    entries = {name: (entry.start, entry.dtype, entry.shape) for name, entry in header.entries.items()}
+    return TensorBundle(buffer=np.frombuffer(bytearray(data), dtype=np.uint8), entries=entries)  # writable, as read_tensors'
 
 
 def tensor_bytes(tensor) -> memoryview:

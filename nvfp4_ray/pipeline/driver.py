@@ -25,7 +25,7 @@ import ray
 from nvfp4_ray.calibration.batches import deal, make_batches
 from nvfp4_ray.errors import JobError
 from nvfp4_ray.io import destination, versions
-from nvfp4_ray.io.storage import Store
+from nvfp4_ray.io.storage import Store, is_remote
 from nvfp4_ray.io.tensors import WrittenFile, encode_shard, torch_dtype
 from nvfp4_ray.layer_quantizer import scale_entries
 from nvfp4_ray.pipeline.events import Events
@@ -53,6 +53,7 @@ class Calibration:
     cuda_graphs: bool = False  # every worker replayed its layers as CUDA graphs to the end
     last_checkpoint_time: float = field(default_factory=time.monotonic)
     writing: dict[int, int] = field(default_factory=dict)  # snapshot layer -> workers still writing it
+    digests: dict[int, dict] = field(default_factory=dict)  # snapshot layer -> file -> sha256, so far
     done_through: int = -1  # the last layer calibrated
 
 
@@ -80,7 +81,7 @@ def _new_worker(placement: Placement, bundle: int):
 
     # the driver is a plain process: its thread count is what llm-compressor would use here
     threads = torch.get_num_threads()
-    return LayerWorker.options(**placement.worker_options(bundle)).remote(threads)
+    return LayerWorker.options(**placement.worker_options(bundle)).remote(threads, time.time())
 
 
 def _configure(worker, config, model_config: dict) -> None:
@@ -102,6 +103,7 @@ class Execution:
         self.computed: list[str] = []
         self.replacements = 0
         self.calibration: Calibration | None = None
+        self.startup: list[dict] = []  # each worker's start-up seconds, step by step
         self.calibration_workers = calibration_worker_count(placement.size, self.config, plan.samples)
         self.scales: WrittenFile | None = None
         self.persisting = ThreadPoolExecutor(1, thread_name_prefix="persist")
@@ -122,18 +124,19 @@ class Execution:
         if self.reused:
             self.events.info(f"reusing {len(self.reused)} unit files already at DEST", reused=len(self.reused))
         # never more than half the object store: the rest is for the tasks' results and spills
-        budget = min(self.config.prefetch_gib * 2**30, self.placement.object_store_bytes / 2)
-        self.flow = LayerFlow(plan, self.placement.nodes, set(self.written), self.calibration_workers, budget)
+        budget = min(self.config.prefetch_bytes, self.placement.object_store_bytes / 2)
+        readahead = 0 if is_remote(self.config.source) else self.config.readahead_gib * 2**30
+        self.flow = LayerFlow(plan, self.placement.nodes, set(self.written), self.calibration_workers, budget, readahead)
         embeds = self._read_embeddings()  # with the first layers, while the workers start up
         self.flow.pump(None)
         with self.events.stage("setup"):
             infos = self._get(self._wait([w.describe.remote() for w in self.workers]))
-            self.events.info("workers ready", startup=[info["startup"] for info in infos])
-            first = len(plan.layer_units)
+            self.startup = [info["startup"] for info in infos]
+            self.events.info("workers ready", startup=self.startup)
             if self.calibration_workers:
                 self.calibration = self._prepare_calibration(infos[: self.calibration_workers], embeds)
-                first = self.calibration.first
-            self.flow.start(self.workers, first)
+            else:
+                self.flow.start(self.workers, len(plan.layer_units))
         # The copy units (embeddings, lm_head: 2.1 GB read and written on the 8B model) start
         # once the workers are up: started with the job, their disk traffic slowed the
         # workers' cold imports and the layer loop (H200: 33.0 s against 27.7 s, probes 1003/1005).
@@ -178,6 +181,8 @@ class Execution:
         return {node: read_tensors_task.options(**Placement.on_node(node)).remote(self.config.source, [embed]) for node in nodes}
 
     def _prepare_calibration(self, infos: list[dict], embeds: dict) -> Calibration:
+        """Where calibration resumes, the samples embedded (or the hidden states of the last
+        snapshot restored) on every calibration worker, and the layer flow started."""
         plan = self.plan
         batches = make_batches(plan.samples, self.config.batch_tokens)
         signature = "+".join(sorted({info["signature"] for info in infos}))
@@ -193,14 +198,23 @@ class Execution:
             kept=set(snapshot_layers(len(keys), self.config.hidden_snapshots)),
         )
         self.calibration = calibration
+        workers = range(self.calibration_workers)
         if first == len(keys):
             self.events.info("calibration statistics for every layer already at DEST: skipping calibration")
+            self.flow.start(self.workers, first)
             return calibration
-        if first:
+        if checkpoint is None:  # the first layers' loads (copies to the device, quantization) go on meanwhile
+            self.flow.start(self.workers, first)
+        else:
             self.events.info(f"resuming calibration at layer {first} from persisted state", layer=first)
         began = time.monotonic()
-        self._start_calibration(calibration, range(self.calibration_workers), embeds)
+        self._start_calibration(calibration, workers, embeds, pump=checkpoint is None)
         self.events.info("calibration batches embedded", seconds=round(time.monotonic() - began, 3))
+        if checkpoint is not None:
+            if not self._restore_snapshot(calibration, workers):
+                calibration.checkpoint, calibration.first, calibration.done_through = None, 0, -1
+                self._start_calibration(calibration, workers, embeds)  # the workers that restored theirs, too
+            self.flow.start(self.workers, calibration.first)
         return calibration
 
     def _resume_point(self, keys: list[str]) -> tuple[int, int | None]:
@@ -218,7 +232,9 @@ class Execution:
             first = 0 if checkpoint is None else checkpoint + 1
         return first, checkpoint
 
-    def _start_calibration(self, calibration: Calibration, indices, embeds: dict) -> None:
+    def _start_calibration(self, calibration: Calibration, indices, embeds: dict, pump: bool = False) -> None:
+        """Embed the batches of calibration workers ``indices``; ``pump``: take in the layer
+        flow's events meanwhile (before any worker can have been replaced)."""
         embed = self.plan.source.tensors[self.plan.spec.embed_tensor]
         starts = []
         for i in indices:
@@ -226,11 +242,21 @@ class Execution:
             if node not in embeds:  # a replaced worker on another node
                 embeds[node] = read_tensors_task.options(**Placement.on_node(node)).remote(self.config.source, [embed])
             starts.append(self.workers[i].start.remote(calibration.shares[i], embeds[node], embed.name))
-        tokens = self._get(starts)
+        tokens = self._get(self._wait(starts) if pump else starts)
         calibration.tokens = max(calibration.tokens, sum(tokens))
-        if calibration.checkpoint is not None:
-            folder = self._folder(calibration.checkpoint)
-            self._get([self.workers[i].load_hidden.remote(self.config.dest, folder) for i in indices])
+
+    def _restore_snapshot(self, calibration: Calibration, indices) -> bool:
+        """Workers ``indices`` take the hidden states after layer calibration.checkpoint from
+        DEST; False (with a warning) if a file of them is damaged: a worker that finds one
+        restores nothing, and the caller calibrates from layer 0."""
+        folder = self._folder(calibration.checkpoint)
+        if all(self._get([self.workers[i].load_hidden.remote(self.config.dest, folder) for i in indices])):
+            return True
+        self.events.warning(
+            f"the hidden states at DEST/{folder} are damaged (a file is missing or differs from the digest in its "
+            "_COMPLETE marker): calibrating from layer 0 instead"
+        )
+        return False
 
     def _folder(self, index: int) -> str:
         return f"{CALIBRATION_DIR}/{self.calibration.keys[index]}"
@@ -306,7 +332,7 @@ class Execution:
         if snapshot is not None:
             calibration.writing[index] = self.calibration_workers
             calibration.last_checkpoint_time = time.monotonic()
-        self._snapshots_done([folder for result in results for folder in result["snapshots"]])
+        self._snapshots_done([done for result in results for done in result["snapshots"]])
 
     def _submit_layer(self, i: int, index: int, snapshot: str | None = None):
         unit = self.plan.layer_units[index]
@@ -344,8 +370,11 @@ class Execution:
         node = self.placement.nodes[i] = self._get([worker.describe.remote()])[0]["node_id"]
         if calibrates and calibration is not None and current < len(calibration.keys):
             calibration.writing.clear()  # the lost worker's snapshots never finish
+            calibration.digests.clear()
             self._start_calibration(calibration, [i], {})
-            start = calibration.first if calibration.checkpoint is None else calibration.checkpoint + 1
+            start = 0
+            if calibration.checkpoint is not None and self._restore_snapshot(calibration, [i]):
+                start = calibration.checkpoint + 1
             for layer in range(start, current):
                 unit = self.plan.layer_units[layer]
                 bundle = read_tensors_task.options(**Placement.on_node(node)).remote(self.config.source, unit.tensors)
@@ -364,18 +393,22 @@ class Execution:
         due = time.monotonic() - calibration.last_checkpoint_time >= self.config.checkpoint_minutes * 60
         return self._folder(index) if index in calibration.kept or due else None
 
-    def _snapshots_done(self, folders: list[str]) -> None:
+    def _snapshots_done(self, done: list) -> None:
+        """``done``: (folder, {file: sha256}) of each worker's finished snapshot writes. The
+        marker goes last, with every file's digest, once all workers have written theirs."""
         calibration = self.calibration
         by_folder = {self._folder(layer): layer for layer in calibration.writing}
-        for folder in folders:
+        for folder, digests in done:
             layer = by_folder.get(folder)
             if layer is None:
                 continue
+            calibration.digests.setdefault(layer, {}).update(digests)
             calibration.writing[layer] -= 1
             if calibration.writing[layer]:
                 continue
             del calibration.writing[layer]
-            self._persist(self.dest.write_bytes, f"{folder}/_COMPLETE", b"")
+            marker = json.dumps(calibration.digests.pop(layer), sort_keys=True).encode()
+            self._persist(self.dest.write_bytes, f"{folder}/_COMPLETE", marker)
             previous = calibration.checkpoint
             if previous is None or layer > previous:
                 calibration.checkpoint = layer
@@ -383,8 +416,8 @@ class Execution:
                     self._persist(self.dest.delete, self._folder(previous))
 
     def _finish_snapshots(self) -> None:
-        folders = self._get([w.flush_snapshots.remote() for w in self.workers[: self.calibration_workers]])
-        self._snapshots_done([folder for done in folders for folder in done])
+        finished = self._get([w.flush_snapshots.remote() for w in self.workers[: self.calibration_workers]])
+        self._snapshots_done([done for worker in finished for done in worker])
         self.persisting.shutdown(wait=True)
         self._persist(None)
 

@@ -169,6 +169,7 @@ def _report(plan, execution, events: Events, started: float) -> dict:
         "calibration_load_wait_s": calibration.load_wait_s if calibration else 0.0,
         "snapshot_write_s": calibration.snapshot_write_s if calibration else 0.0,
         "calibration_cuda_graphs": calibration.cuda_graphs if calibration else False,
+        "worker_startup_s": execution.startup,
         "worker_replacements": execution.replacements,
         "layer_reads_per_node": dict(sorted(execution.reads.items())),
         "timings_s": {name: round(seconds, 3) for name, seconds in events.timings.items()},  # commit's comes after

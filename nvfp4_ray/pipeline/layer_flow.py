@@ -11,7 +11,11 @@ For each layer, in order:
          the device for run_layer; calibrated layers load at most AHEAD layers past the one
          being calibrated (GPU memory), layers that are only quantized as reads allow;
   write  the owner's output entries, by a task on the owner's node.
-A layer's reads are released once all its loads have finished.
+A layer's reads are released once all its loads have finished. Past the object-store
+budget, the next layers of a local source are read into the page cache of each node that
+will read them (up to ``readahead`` bytes, one layer at a time, in order): the disk keeps
+going while the budget is full, as it is while the workers start up, and no process holds
+those bytes.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ import ray
 
 from nvfp4_ray.pipeline.placement import Placement
 from nvfp4_ray.pipeline.plan import Plan
-from nvfp4_ray.pipeline.workers import read_tensors_task, write_unit_task
+from nvfp4_ray.pipeline.workers import read_ahead_task, read_tensors_task, write_unit_task
 
 AHEAD = 2  # calibrated layers on a worker's device beyond the one it computes
 # Layers being read at once: each read already keeps many requests in flight, and every
@@ -61,9 +65,12 @@ class _Layer:
 
 
 class LayerFlow:
-    def __init__(self, plan: Plan, nodes: list[str], done_keys: set, calibration_workers: int, budget: float):
-        """``nodes``: the node of each worker; the first ``calibration_workers`` calibrate."""
-        self.plan, self.budget = plan, budget
+    def __init__(self, plan: Plan, nodes: list[str], done_keys: set, calibration_workers: int, budget: float,
+                 readahead: float = 0.0):  # fmt: skip
+        """``nodes``: the node of each worker; the first ``calibration_workers`` calibrate.
+        ``budget``: bytes read into the object store ahead; ``readahead``: bytes past those
+        that the kernel is asked to read into its page cache (0: none)."""
+        self.plan, self.budget, self.readahead = plan, budget, readahead
         self.units = plan.layer_units
         self.nodes = list(nodes)
         self.done_keys = done_keys
@@ -75,8 +82,10 @@ class LayerFlow:
         self.todo = [i for i, unit in enumerate(self.units) if unit.key not in done_keys or calibration_workers]
         self.layers: dict[int, _Layer] = {}  # read and not finished
         self.next = 0  # position in todo of the next layer to read
+        self.ahead = 0  # position in todo of the next layer to read into the page cache
+        self.reading_ahead = 0  # page-cache reads in flight
         self.reads_per_node: Counter = Counter()
-        self.pending: dict = {}  # ref -> (kind "read", "load" or "write", layer, worker or node)
+        self.pending: dict = {}  # ref -> (kind "read", "ahead", "load" or "write", layer, worker or node)
 
     def start(self, workers: list, calibrate_from: int) -> None:
         """The workers are up; layers before ``calibrate_from`` already have statistics."""
@@ -111,6 +120,7 @@ class LayerFlow:
                 break
             self._read(index)
             self.next += 1
+        self._read_ahead()
         if not self.workers:
             return
         for index, layer in sorted(self.layers.items()):
@@ -119,13 +129,34 @@ class LayerFlow:
             if not layer.loaded:
                 self._load(layer, self._loaders(layer))
 
-    def _read(self, index: int) -> None:
-        layer = self.layers[index] = _Layer(index, quantize=self.units[index].key not in self.done_keys)
-        nodes = {self.nodes[self.owner(index)]} if layer.quantize else set()
+    def _readers(self, index: int) -> list[str]:
+        """The nodes that read layer ``index``: its owner's, to quantize it, and those of the
+        calibration workers."""
+        nodes = {self.nodes[self.owner(index)]} if self.units[index].key not in self.done_keys else set()
         if self.calibrated(index):
             nodes.update(self.nodes[: self.calibration_workers])
-        for node in sorted(nodes):
+        return sorted(nodes)
+
+    def _read(self, index: int) -> None:
+        layer = self.layers[index] = _Layer(index, quantize=self.units[index].key not in self.done_keys)
+        for node in self._readers(index):
             self._read_on(layer, node)
+
+    def _read_ahead(self) -> None:
+        """Start the page-cache read of the next layer past the reads, if it fits in
+        ``readahead``; one at a time, so that the disk delivers the layers in order."""
+        self.ahead = max(self.ahead, self.next)
+        if self.reading_ahead or not self.readahead or self.ahead >= len(self.todo):
+            return
+        if sum(self.units[i].nbytes for i in self.todo[self.next : self.ahead + 1]) > self.readahead:
+            return
+        index = self.todo[self.ahead]
+        reads = [(t.file, t.entry.start, t.entry.end) for t in self.units[index].tensors]
+        for node in self._readers(index):
+            ref = read_ahead_task.options(**Placement.on_node(node)).remote(self.plan.config.source, reads)
+            self.pending[ref] = ("ahead", None, node)
+            self.reading_ahead += 1
+        self.ahead += 1
 
     def _read_on(self, layer: _Layer, node: str) -> None:
         unit = self.units[layer.index]
@@ -175,6 +206,9 @@ class LayerFlow:
         written = []
         for ref in ready:
             kind, layer, worker = self.pending.pop(ref)
+            if kind == "ahead":  # its result is not taken: a failure is the real read's to report
+                self.reading_ahead -= 1
+                continue
             if kind == "read":
                 layer.reading -= 1
                 continue
