@@ -110,3 +110,13 @@ def test_layers_past_the_object_store_budget_are_read_ahead_in_order_within_read
     assert len(far) >= 5
     assert all(fraction(i) < 0.05 for i in far), {i: round(fraction(i), 3) for i in far}
     ray.get([ref for ref, (kind, *_) in flow.pending.items() if kind == "read"])
+
+
+def test_a_failed_read_ahead_is_left_to_the_real_read(tmp_path, ray_instance):
+    """Nobody takes a read-ahead's result: a missing file must not become an error of its
+    own (Ray would log it as unhandled); the layer's real read reports it."""
+    import ray
+
+    from nvfp4_ray.pipeline.workers import read_ahead_task
+
+    assert ray.get(read_ahead_task.remote(str(tmp_path), [("gone.safetensors", 0, 1 << 20)])) is None

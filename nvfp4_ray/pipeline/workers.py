@@ -78,9 +78,12 @@ def read_tensors_task(source_url: str, tensors: list) -> TensorBundle:
 
 @ray.remote(num_cpus=0, max_retries=0)
 def read_ahead_task(source_url: str, reads: list) -> None:
-    """Nobody waits for its result: a failure (say, a file gone) is left to the real read,
-    which names it."""
-    Store(source_url).read_ahead(reads)
+    """Nobody takes its result: a failure (say, a file gone) is left to the real read, which
+    names it, rather than to Ray's log of unhandled task errors."""
+    try:
+        Store(source_url).read_ahead(reads)
+    except OSError:
+        pass
 
 
 @ray.remote(num_cpus=0, **RETRY)
