@@ -233,8 +233,8 @@ class Execution:
         return first, checkpoint
 
     def _start_calibration(self, calibration: Calibration, indices, embeds: dict, pump: bool = False) -> None:
-        """Embed the batches of calibration workers ``indices``; ``pump``: take in the layer
-        flow's events meanwhile (before any worker can have been replaced)."""
+        """Embed the batches of calibration workers ``indices``; ``pump``: drive the layer flow
+        meanwhile, so that the first layers load beside the embedding."""
         embed = self.plan.source.tensors[self.plan.spec.embed_tensor]
         starts = []
         for i in indices:
