@@ -134,6 +134,28 @@ def test_a_damaged_snapshot_is_not_used(source, tmp_path):
     assert_same_as_fresh(dest, source_dir, calibration, str(tmp_path / "fresh"))
 
 
+def test_calibration_resumed_past_the_layers_read_during_setup_still_reads_its_layers(source, tmp_path):
+    """A read-ahead budget below one layer: only layers 0 and 1 are read while the workers
+    start. Calibration then resumes at layer 2 (changed), and the layers left to do are
+    fewer than those first planned: layer 2 must still be read, not skipped (the job hung
+    waiting for it). The run is watched from a thread so that a hang fails the test."""
+    import threading
+
+    source_dir, calibration = source
+    dest = str(tmp_path / "dest")
+    run(source_dir, dest, calibration)
+    change_tensor(source_dir, "model.layers.2.mlp.down_proj.weight")
+    result = {}
+    thread = threading.Thread(
+        target=lambda: result.update(summary=run(source_dir, dest, calibration, prefetch_gib=1e-6)), daemon=True
+    )
+    thread.start()
+    thread.join(timeout=300)
+    assert not thread.is_alive(), "the re-run never finished: a layer to calibrate was never read"
+    assert result["summary"]["calibration_first_layer"] == 2
+    assert_same_as_fresh(dest, source_dir, calibration, str(tmp_path / "fresh"))
+
+
 @pytest.mark.parametrize("snapshots", [3, 0])
 def test_calibration_restarts_at_the_first_changed_layer(source, tmp_path, snapshots):
     """Hidden states kept after layers 0 and 1 (of 3): a change in layer 2 calibrates layer

@@ -91,7 +91,10 @@ class LayerFlow:
         """The workers are up; layers before ``calibrate_from`` already have statistics."""
         self.workers = list(workers)
         self.calibrate_from = calibrate_from if self.calibration_workers else len(self.units)
+        read, cached = set(self.todo[: self.next]), set(self.todo[: self.ahead])
         self.todo = [i for i in self.todo if self.units[i].key not in self.done_keys or i >= self.calibrate_from]
+        # positions in the shorter list: the layers read (or read ahead) so far are still a prefix of it
+        self.next, self.ahead = sum(i in read for i in self.todo), sum(i in cached for i in self.todo)
         for index in list(self.layers):
             if index not in self.todo:  # read for a calibration that resumes later
                 del self.layers[index]
