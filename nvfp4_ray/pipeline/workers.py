@@ -18,7 +18,6 @@ per GPU, so nothing else competes for it (separate processes would be time-slice
 from __future__ import annotations
 
 import errno
-import hashlib
 import json
 import socket
 import threading
@@ -32,7 +31,6 @@ import ray
 from nvfp4_ray.errors import InputError, JobError
 from nvfp4_ray.io import destination
 from nvfp4_ray.io.storage import Store
-from nvfp4_ray.io.safetensors_format import build_file
 from nvfp4_ray.io.tensors import CopiedShard, TensorBundle, encode_shard, read_file, read_tensors, torch_entry
 
 # torch, transformers and compressed-tensors are imported inside the worker and the tasks
@@ -324,12 +322,9 @@ def _write_hidden(dest: Store, folder: str, hidden: dict, done=None) -> tuple[fl
             torch.cuda.current_stream().wait_event(done)
         for index, tensor in hidden.items():
             name = f"batch-{index:05d}.safetensors"
-            parts, size = build_file([torch_entry("hidden", tensor)], {"format": "pt"})
-            digest = hashlib.sha256()
-            for part in parts:
-                digest.update(part)
-            digests[name] = digest.hexdigest()
-            dest.write_parts(f"{folder}/{name}", parts, durable=False, size=size)
+            parts, written = encode_shard(name, [torch_entry("hidden", tensor)])
+            digests[name] = written.sha256
+            dest.write_parts(f"{folder}/{name}", parts, durable=False, size=written.size)
     # Not fsynced: waiting for 1 GiB to reach the disk (8B model) was the job's last 2.8 s,
     # behind the unit files being written. The folder counts once the driver's _COMPLETE
     # marker, which holds these digests, is written after this returns; a resume checks
