@@ -58,6 +58,8 @@ class PeakSampler:
         self.gpu_peak = list(self.gpu_baseline)
         self.rss_peak, self.rss_peak_parts, self.rss_peak_top, self.processes_peak = 0, {}, [], 0
         self.pss_peak, self.pss_peak_top, self.process_peak = 0, [], 0
+        self.pss_peak_kinds: dict[str, int] = {}
+        self.pss_start: int | None = None  # the tree before the work: an idle Ray instance, for a Ray job
         self.samples = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="peak-sampler", daemon=True)
@@ -101,8 +103,11 @@ class PeakSampler:
         if total > self.rss_peak:
             self.rss_peak, self.rss_peak_parts, self.processes_peak = total, parts, len(processes)
             self.rss_peak_top = sorted(sizes, reverse=True)[:TOP_PROCESSES]
+        if self.pss_start is None:
+            self.pss_start = pss
         if pss > self.pss_peak:
             self.pss_peak, self.pss_peak_top = pss, sorted(shares, reverse=True)[:TOP_PROCESSES]
+            self.pss_peak_kinds = pss_by_kind(processes)
         if self.gpu:
             self.gpu_peak = [max(a, b) for a, b in zip(self.gpu_peak, gpu_used_bytes(self.gpu))]
         self.samples += 1
@@ -118,11 +123,49 @@ class PeakSampler:
             "peak_pss_gib": round(self.pss_peak / GIB, 3),
             # at the PSS peak: [name, PSS, USS (pages of that process alone)] of the largest
             "peak_pss_top_processes_gib": [[name, round(p / GIB, 3), round(u / GIB, 3)] for p, u, name in self.pss_peak_top],
+            "peak_pss_by_kind_gib": {k: round(v / GIB, 3) for k, v in sorted(self.pss_peak_kinds.items())},
+            "pss_at_start_gib": round((self.pss_start or 0) / GIB, 3),
             "peak_gpu_gib": round(max(gpu), 3) if gpu else None,
             "peak_gpu_per_device_gib": [round(g, 3) for g in gpu] if gpu else None,
             "gpu_baseline_gib": [round(b / GIB, 3) for b in self.gpu_baseline] if gpu else None,
             "memory_samples": self.samples,
         }
+
+
+def pss_by_kind(processes: list) -> dict[str, int]:
+    """The PSS of these processes by what their pages hold, from /proc/PID/smaps:
+    object_store  Ray's shared-memory object store (/dev/shm, or the plasma file)
+    code          files mapped by the loader (.so libraries, the python binary)
+    files         other mapped files (a safetensors file read through mmap)
+    gpu_driver    mappings of /dev/nvidia* (pinned host memory the driver maps for CUDA)
+    anonymous     heaps, stacks and anonymous mappings (tensors, buffers, Python objects)."""
+    kinds = dict.fromkeys(("object_store", "code", "files", "gpu_driver", "anonymous"), 0)
+    for process in processes:
+        kind = "anonymous"
+        try:
+            with open(f"/proc/{process.pid}/smaps") as handle:
+                for line in handle:
+                    fields = line.split(None, 5)
+                    if line.startswith("Pss:"):
+                        kinds[kind] += int(fields[1]) * 1024
+                    elif not fields[0].endswith(":"):  # a mapping's header: address, perms, offset, dev, inode, path
+                        kind = _mapping_kind(fields[5].strip() if len(fields) == 6 else "")
+        except (OSError, IndexError):
+            continue
+    return kinds
+
+
+def _mapping_kind(path: str) -> str:
+    if not path or path.startswith("["):
+        return "anonymous"
+    if path.startswith("/dev/shm") or "plasma" in path:
+        return "object_store"
+    if path.startswith("/dev/nvidia"):
+        return "gpu_driver"
+    name = path.replace(" (deleted)", "").rsplit("/", 1)[-1]
+    if ".so" in name or os.access(path, os.X_OK) and not os.path.isdir(path):
+        return "code"
+    return "files"
 
 
 def host_memory_gib() -> float:

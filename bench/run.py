@@ -210,7 +210,7 @@ def run_reference(source, calibration, work, samples, seq_len, timed_inputs, inp
         "stages_s": result["stages_s"],
         "process_s": round(time.monotonic() - start, 3),
         "page_cache": page_cache,
-        **{key: memory[key] for key in ("peak_rss_gib", "peak_gpu_gib", "peak_pss_gib")},
+        **{key: memory[key] for key in ("peak_rss_gib", "peak_gpu_gib", "peak_pss_gib", "peak_pss_by_kind_gib")},
     }
     with open(record_path, "w") as handle:
         json.dump(reference, handle, indent=2)
@@ -389,6 +389,8 @@ def make_record(*, command, device, gpus, machine_gpus, spec, source, samples, s
         "peak_rss_single_process_gib": run["peak_rss_single_process_gib"],
         "peak_pss_gib": run["peak_pss_gib"],
         "peak_pss_top_processes_gib": run["peak_pss_top_processes_gib"],
+        "peak_pss_by_kind_gib": run["peak_pss_by_kind_gib"],
+        "pss_at_start_gib": run["pss_at_start_gib"],
         "peak_gpu_per_device_gib": run["peak_gpu_per_device_gib"],
         "gpu_baseline_gib": run["gpu_baseline_gib"],
         "memory_samples": run["memory_samples"],

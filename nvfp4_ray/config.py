@@ -62,12 +62,13 @@ class QuantizeConfig(BaseModel):
         "graphs (every graph is checked bit for bit against an eager forward first)",
     )
     prefetch_gib: float | None = Field(
-        None, gt=0, description="read layers ahead while less than this (GiB per node) waits in memory; at least one "
-        "(default: 1 for a local SOURCE, which also reads ahead through the page cache, 4 for an object store)",
+        None, gt=0, description="object-store SOURCE: read layers into Ray's object store while less than this (GiB "
+        "per node) waits there, at least one; local SOURCE: layers whose loads may wait at the workers (default: 4 "
+        "for an object store, 1 for a local SOURCE)",
     )
     readahead_gib: float = Field(
-        8.0, ge=0, description="local SOURCE: have the kernel read this many GiB of layers past those in memory into "
-        "its page cache, which no process holds and the kernel may reclaim (0: off)",
+        8.0, ge=0, description="local SOURCE: have the kernel read this many GiB of layers past those loaded into "
+        "its page cache, which the workers read them from; no process holds it and the kernel may reclaim it (0: off)",
     )
     hidden_snapshots: int = Field(
         3, ge=0, description="layers whose hidden states stay at DEST, evenly spaced, so that a re-run after a change "

@@ -23,10 +23,12 @@ def to_device_checked(
     """Every tensor of the unit on ``device``; with ``check``, a NaN or Inf in any
     floating-point one fails the unit (one host sync for all of them). ``staging``: a
     pinned byte buffer at least as large as the bundle, through which the bundle crosses
-    to the GPU in one asynchronous copy (the tensors are views into it there)."""
+    to the GPU in one asynchronous copy (the tensors are views into it there); a bundle
+    read into it already is not copied again."""
     if device.type == "cuda" and staging is not None:
         host = staging[: bundle.buffer.size]
-        host.copy_(bundle.as_tensor())
+        if not bundle.buffer.size or host.data_ptr() != bundle.buffer.ctypes.data:  # not read into it already
+            host.copy_(bundle.as_tensor())
         whole = host.to(device, non_blocking=True)
         tensors = {name: _view(whole, bundle, name) for name in bundle.names()}
     else:

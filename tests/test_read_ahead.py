@@ -1,5 +1,5 @@
 """Read-ahead through the page cache: the kernel reads the next layers of a local source
-while the object-store budget is full. Residency is asked of the kernel itself (mincore)."""
+ahead of the loads (and of the object-store budget). Residency is asked of the kernel itself (mincore)."""
 
 import ctypes
 import mmap
@@ -62,10 +62,14 @@ def test_read_ahead_brings_exactly_the_ranges_into_the_page_cache(tmp_path):
     Store("s3://no-such-bucket/prefix").read_ahead([("x", 0, 10)])
 
 
-def test_layers_past_the_object_store_budget_are_read_ahead_in_order_within_readahead(tmp_path, smollm2, ray_instance):
-    """Budget below one layer: the flow reads two layers (READING) into the object store and
-    the next ones into the page cache, one at a time, while they fit in ``readahead`` (2.5
-    layers past the reads: layers 2 and 3); nothing later is read. The model is one file."""
+@pytest.mark.parametrize("local", [False, True], ids=["object-store", "local"])
+def test_layers_are_read_ahead_in_order_within_the_budgets(tmp_path, smollm2, ray_instance, local):
+    """Budget below one layer. ``local`` (the workers read the layers themselves): the flow
+    takes up one layer, reads none into the object store, and reads layers 0 and 1 into
+    the page cache, one at a time, while they fit in ``readahead`` (2.5 layers past the
+    loads, none yet). Object store (as for a remote SOURCE): it reads two layers (READING)
+    into the object store and nothing into the page cache beside them. Nothing later is
+    read. The model is one file."""
     from nvfp4_ray.config import QuantizeConfig
     from nvfp4_ray.pipeline.layer_flow import READING, LayerFlow
     from nvfp4_ray.pipeline.plan import build_plan, read_inputs
@@ -76,10 +80,12 @@ def test_layers_past_the_object_store_budget_are_read_ahead_in_order_within_read
     plan = build_plan(config, read_inputs(config))
     evict([os.path.join(source, name) for name in os.listdir(source) if name.endswith(".safetensors")])
     layer = plan.layer_units[0].nbytes
-    flow = LayerFlow(plan, [ray.get_runtime_context().get_node_id()], set(), 0, budget=1, readahead=2.5 * layer)
+    node = ray.get_runtime_context().get_node_id()
+    flow = LayerFlow(plan, [node], set(), 0, budget=1, readahead=2.5 * layer, local=local)
+    taken, ahead, cached = (1, 2, [0, 1]) if local else (READING, 0, list(range(READING)))
 
     deadline = time.monotonic() + 60
-    while (flow.reading_ahead or flow.ahead < READING + 2) and time.monotonic() < deadline:
+    while (flow.reading_ahead or flow.ahead < ahead) and time.monotonic() < deadline:
         flow.pump(None)
         flow.poll(block=False)
         time.sleep(0.02)
@@ -87,14 +93,20 @@ def test_layers_past_the_object_store_budget_are_read_ahead_in_order_within_read
         flow.pump(None)
         flow.poll(block=False)
         time.sleep(0.02)
-    assert (flow.next, flow.ahead) == (READING, READING + 2)
+    assert (flow.next, flow.ahead) == (taken, ahead)
+    reads = [ref for layer in flow.layers.values() for ref in layer.reads.values()]  # held in the object store
+    assert len(reads) == (0 if local else READING) and len(flow.layers) == taken
+    # local: a layer counts as read on a node once its read-ahead there is asked for
+    assert flow.reads_per_node == ({node: len(cached)} if local else {node: READING})
 
     def fraction(index: int) -> float:
         tensors = plan.layer_units[index].tensors
         cached = sum(resident(os.path.join(source, t.file), t.entry.start, t.entry.end) * t.entry.nbytes for t in tensors)
         return cached / sum(t.entry.nbytes for t in tensors)
 
-    assert fraction(2) == 1.0 and fraction(3) == 1.0  # a read-ahead request returns once its layer is read
+    if not local:
+        ray.get(reads)
+    assert all(fraction(i) == 1.0 for i in cached)  # a read-ahead request returns once its layer is read
 
     # Layers well past every range read (the kernel's own read-ahead after a read takes up
     # to a few windows, 8 MiB each here) are untouched; which ones those are depends on the
@@ -103,13 +115,12 @@ def test_layers_past_the_object_store_budget_are_read_ahead_in_order_within_read
         tensors = plan.layer_units[index].tensors
         return min(t.entry.start for t in tensors), max(t.entry.end for t in tensors)
 
-    ends = [bounds(i)[1] for i in range(READING + 2)]
+    ends = [bounds(i)[1] for i in range(cached[-1] + 1)]
     far = [
-        i for i in range(READING + 2, len(plan.layer_units)) if all(not 0 <= bounds(i)[0] - end < 32 * MIB for end in ends)
+        i for i in range(cached[-1] + 1, len(plan.layer_units)) if all(not 0 <= bounds(i)[0] - end < 32 * MIB for end in ends)
     ]
     assert len(far) >= 5
     assert all(fraction(i) < 0.05 for i in far), {i: round(fraction(i), 3) for i in far}
-    ray.get([ref for ref, (kind, *_) in flow.pending.items() if kind == "read"])
 
 
 def test_a_failed_read_ahead_is_left_to_the_real_read(tmp_path, ray_instance):

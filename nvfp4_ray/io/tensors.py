@@ -92,8 +92,9 @@ def finite(dtype: str, raw: np.ndarray) -> bool:
     return bool(np.isfinite(raw.view({"F16": np.float16, "F32": np.float32, "F64": np.float64}[dtype])).all())
 
 
-def read_tensors(store: Store, tensors: list[SourceTensor]) -> TensorBundle:
-    """Read the given tensors (any files) into one bundle, with every request in flight at once."""
+def read_tensors(store: Store, tensors: list[SourceTensor], allocate=None) -> TensorBundle:
+    """Read the given tensors (any files) into one bundle, with every request in flight at once.
+    ``allocate(size)``: the uint8 buffer to read into (default: a new numpy array)."""
     by_file: dict[str, list[SourceTensor]] = defaultdict(list)
     for tensor in tensors:
         by_file[tensor.file].append(tensor)
@@ -114,9 +115,21 @@ def read_tensors(store: Store, tensors: list[SourceTensor]) -> TensorBundle:
                 spans.append(span)
             offset = span[3] + span[2] - span[1]
             entries[tensor.name] = (span[3] + entry.start - span[1], entry.dtype, entry.shape)
-    buffer = np.empty(offset, dtype=np.uint8)
+    buffer = np.empty(offset, dtype=np.uint8) if allocate is None else allocate(offset)
     store.read_many([(file, start, end) for file, start, end, _ in spans], memoryview(buffer))
     return TensorBundle(buffer=buffer, entries=entries)
+
+
+@dataclass(frozen=True)
+class LocalRead:
+    """Tensors of a local SOURCE that the process using them reads itself, from the page
+    cache the layer flow's read-ahead filled: no reading process, no object-store copy."""
+
+    source_url: str
+    tensors: list[SourceTensor]
+
+    def read(self, allocate=None) -> TensorBundle:
+        return read_tensors(Store(self.source_url), self.tensors, allocate)
 
 
 def read_file(store: Store, file_name: str, sha256: str | None = None) -> TensorBundle | None:

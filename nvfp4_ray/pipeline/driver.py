@@ -32,7 +32,7 @@ from nvfp4_ray.pipeline.events import Events
 from nvfp4_ray.pipeline.layer_flow import LOST, LayerFlow, WorkerLost, lost_worker_error
 from nvfp4_ray.pipeline.placement import Placement
 from nvfp4_ray.pipeline.plan import Plan, calibration_keys, reference_drops_causal_mask, snapshot_layers
-from nvfp4_ray.pipeline.workers import LayerWorker, copy_unit_task, read_tensors_task, unwrap, write_unit
+from nvfp4_ray.pipeline.workers import LayerWorker, unwrap, write_unit
 
 CALIBRATION_DIR = versions.CALIBRATION
 MAX_WORKER_REPLACEMENTS = 3
@@ -125,8 +125,9 @@ class Execution:
             self.events.info(f"reusing {len(self.reused)} unit files already at DEST", reused=len(self.reused))
         # never more than half the object store: the rest is for the tasks' results and spills
         budget = min(self.config.prefetch_bytes, self.placement.object_store_bytes / 2)
-        readahead = 0 if is_remote(self.config.source) else self.config.readahead_gib * 2**30
-        self.flow = LayerFlow(plan, self.placement.nodes, set(self.written), self.calibration_workers, budget, readahead)
+        local = not is_remote(self.config.source)
+        readahead = self.config.readahead_gib * 2**30 if local else 0
+        self.flow = LayerFlow(plan, self.placement.nodes, set(self.written), self.calibration_workers, budget, readahead, local)
         embeds = self._read_embeddings()  # with the first layers, while the workers start up
         self.flow.pump(None)
         with self.events.stage("setup"):
@@ -138,20 +139,15 @@ class Execution:
             else:
                 self.flow.start(self.workers, len(plan.layer_units))
         del embeds  # the samples are embedded: free the embedding's object-store copy (1 GiB on the 8B)
-        # The copy units (embeddings, lm_head: 2.1 GB read and written on the 8B model) start
-        # once the workers are up: started with the job, their disk traffic slowed the
-        # workers' cold imports and the layer loop (H200: 33.0 s against 27.7 s, probes 1003/1005).
-        copies = [
-            copy_unit_task.options(**Placement.on_node(self.placement.nodes[i % self.placement.size])).remote(
-                unit.file, unit.key, unit.tensors, self.config.source, self.config.dest
-            )
-            for i, unit in enumerate(plan.copy_units)
-            if unit.key not in self.written
-        ]
         with self.events.stage("layers"):
             self._layer_loop()
         with self.events.stage("copy"):
-            for written in self._get(copies):
+            # The copy units (embeddings, lm_head: 2.1 GB read and written on the 8B model)
+            # started during the layer loop (LayerFlow); started with the job, their disk
+            # traffic slowed the workers' cold imports and the layers (H200: 33.0 s against
+            # 27.7 s, probes 1003/1005).
+            self.flow.start_copies()
+            for written in self._get(self.flow.copies):
                 self._record([written])
         if self.calibration is not None:
             self._write_scales()
@@ -175,11 +171,15 @@ class Execution:
 
     # ---- calibration setup ---------------------------------------------------------
     def _read_embeddings(self) -> dict:
+        """The embedding, for the calibration workers' nodes: read into their object stores,
+        or (a local SOURCE) into their page caches, before any layer, for the workers to read."""
         if not self.calibration_workers:
             return {}
         embed = self.plan.source.tensors[self.plan.spec.embed_tensor]
         nodes = dict.fromkeys(self.placement.nodes[: self.calibration_workers])
-        return {node: read_tensors_task.options(**Placement.on_node(node)).remote(self.config.source, [embed]) for node in nodes}
+        for node in nodes:
+            self.flow.read_into_page_cache(node, [embed])
+        return {node: self.flow.tensors_on(node, [embed]) for node in nodes}
 
     def _prepare_calibration(self, infos: list[dict], embeds: dict) -> Calibration:
         """Where calibration resumes, the samples embedded (or the hidden states of the last
@@ -241,7 +241,7 @@ class Execution:
         for i in indices:
             node = self.placement.nodes[i]
             if node not in embeds:  # a replaced worker on another node
-                embeds[node] = read_tensors_task.options(**Placement.on_node(node)).remote(self.config.source, [embed])
+                embeds[node] = self.flow.tensors_on(node, [embed])
             starts.append(self.workers[i].start.remote(calibration.shares[i], embeds[node], embed.name))
         tokens = self._get(self._wait(starts) if pump else starts)
         calibration.tokens = max(calibration.tokens, sum(tokens))
@@ -378,9 +378,8 @@ class Execution:
                 start = calibration.checkpoint + 1
             for layer in range(start, current):
                 unit = self.plan.layer_units[layer]
-                bundle = read_tensors_task.options(**Placement.on_node(node)).remote(self.config.source, unit.tensors)
                 self.extra_reads[node] += 1
-                worker.load.remote(layer, bundle, dict(unit.spec.tensors), True)
+                worker.load.remote(layer, self.flow.tensors_on(node, unit.tensors), dict(unit.spec.tensors), True)
                 self._get([self._submit_layer(i, layer)])
         self.flow.replace_worker(i, worker, node)
 

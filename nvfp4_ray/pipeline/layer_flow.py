@@ -1,21 +1,25 @@
 """Reads, device loads and unit writes of the decoder layers, run ahead within budgets.
 
 For each layer, in order:
-  read   once on each node that needs it (the node of the layer's owner, and every node
-         with calibration workers), into that node's object store; reads start with the
-         job, while the workers start up, and run ahead while less than the host budget
-         is waiting in memory;
+  read   from an object store: once on each node that needs it (the node of the layer's
+         owner, and every node with calibration workers), into that node's object store;
+         reads start with the job, while the workers start up, and run ahead while less
+         than the budget is waiting in memory; released once all its loads have finished.
+         From a local SOURCE: into the page cache of each node that needs it, one layer at
+         a time and in order, up to ``readahead`` bytes past the layers loaded, the bytes
+         dropped (no process holds them, the kernel may reclaim them). Each worker then
+         reads its layers itself, from the page cache straight into the pinned buffer they
+         cross to its GPU through: no reading process and no object-store copy. The budget
+         bounds the layers whose loads wait at the workers;
   load   onto each worker that needs it: its owner (worker ``index % workers``), which
          quantizes it from the device copy when its unit is not done yet, and every
          calibration worker when the layer is calibrated in this run, which keeps it on
          the device for run_layer; calibrated layers load at most AHEAD layers past the one
          being calibrated (GPU memory), layers that are only quantized as reads allow;
   write  the owner's output entries, by a task on the owner's node.
-A layer's reads are released once all its loads have finished. Past the object-store
-budget, the next layers of a local source are read into the page cache of each node that
-will read them (up to ``readahead`` bytes, one layer at a time, in order): the disk keeps
-going while the budget is full, as it is while the workers start up, and no process holds
-those bytes.
+The tensors outside the decoder layers (embeddings, lm_head) are copied by tasks started
+once the workers are up and, for a local SOURCE read ahead, once the read-ahead has passed
+the last layer: the disk is free then, while the last layers compute.
 """
 
 from __future__ import annotations
@@ -27,7 +31,8 @@ import ray
 
 from nvfp4_ray.pipeline.placement import Placement
 from nvfp4_ray.pipeline.plan import Plan
-from nvfp4_ray.pipeline.workers import read_ahead_task, read_tensors_task, write_unit_task
+from nvfp4_ray.io.tensors import LocalRead
+from nvfp4_ray.pipeline.workers import copy_unit_task, read_ahead_task, read_tensors_task, write_unit_task
 
 AHEAD = 2  # calibrated layers on a worker's device beyond the one it computes
 # Layers being read at once: each read already keeps many requests in flight, and every
@@ -66,11 +71,14 @@ class _Layer:
 
 class LayerFlow:
     def __init__(self, plan: Plan, nodes: list[str], done_keys: set, calibration_workers: int, budget: float,
-                 readahead: float = 0.0):  # fmt: skip
+                 readahead: float = 0.0, local: bool = False):  # fmt: skip
         """``nodes``: the node of each worker; the first ``calibration_workers`` calibrate.
-        ``budget``: bytes read into the object store ahead; ``readahead``: bytes past those
-        that the kernel is asked to read into its page cache (0: none)."""
-        self.plan, self.budget, self.readahead = plan, budget, readahead
+        ``local``: SOURCE is a local path, which the workers read themselves. ``budget``:
+        bytes read into the object store ahead (local: bytes of layers whose loads wait at
+        the workers); ``readahead`` (local): bytes past the layers loaded that the kernel
+        is asked to read into its page cache (0: none)."""
+        self.plan, self.budget, self.local = plan, budget, local
+        self.readahead = readahead if local else 0
         self.units = plan.layer_units
         self.nodes = list(nodes)
         self.done_keys = done_keys
@@ -81,11 +89,15 @@ class LayerFlow:
         self.calibrate_from: int | None = None if calibration_workers else len(self.units)
         self.todo = [i for i, unit in enumerate(self.units) if unit.key not in done_keys or calibration_workers]
         self.layers: dict[int, _Layer] = {}  # read and not finished
-        self.next = 0  # position in todo of the next layer to read
+        self.next = 0  # position in todo of the next layer to read (local: to take up)
+        self.loading = 0  # position in todo of the next layer to load
         self.ahead = 0  # position in todo of the next layer to read into the page cache
+        self.counted: set = set()  # (layer, node) read on that node, local: counted once
         self.reading_ahead = 0  # page-cache reads in flight
         self.reads_per_node: Counter = Counter()
         self.pending: dict = {}  # ref -> (kind "read", "ahead", "load" or "write", layer, worker or node)
+        self.copy_units = [unit for unit in plan.copy_units if unit.key not in done_keys]
+        self.copies: list = []  # the copy tasks' refs, once started
 
     def start(self, workers: list, calibrate_from: int) -> None:
         """The workers are up; layers before ``calibrate_from`` already have statistics."""
@@ -108,8 +120,26 @@ class LayerFlow:
 
     # ---- the flow ------------------------------------------------------------------------
     def held(self) -> int:
-        """Bytes read and waiting for their loads (reads in flight are bounded by READING)."""
+        """Bytes read and waiting for their loads (reads in flight are bounded by READING);
+        local: bytes of the layers taken up whose loads have not all finished."""
+        if self.local:
+            return sum(self.units[i].nbytes for i, layer in self.layers.items() if not layer.loaded or layer.loads)
         return sum(self.units[i].nbytes for i, layer in self.layers.items() if layer.reads and not layer.reading)
+
+    def tensors_on(self, node: str, tensors: list):
+        """What a worker on ``node`` loads ``tensors`` from: a read into that node's object
+        store, or (local) the tensors to read itself."""
+        if self.local:
+            return LocalRead(self.plan.config.source, tensors)
+        return read_tensors_task.options(**Placement.on_node(node)).remote(self.plan.config.source, tensors)
+
+    def read_into_page_cache(self, node: str, tensors: list) -> None:
+        """Read ``tensors`` into ``node``'s page cache (local, with a read-ahead)."""
+        if self.readahead:
+            reads = [(t.file, t.entry.start, t.entry.end) for t in tensors]
+            ref = read_ahead_task.options(**Placement.on_node(node)).remote(self.plan.config.source, reads)
+            self.pending[ref] = ("ahead", None, node)
+            self.reading_ahead += 1
 
     def pump(self, current: int | None) -> None:
         """Start reads within the budget (always one, and always through layer ``current``,
@@ -126,11 +156,21 @@ class LayerFlow:
         self._read_ahead()
         if not self.workers:
             return
+        if not self.readahead or (self.ahead >= len(self.todo) and not self.reading_ahead):
+            self.start_copies()
         for index, layer in sorted(self.layers.items()):
             if self.calibrated(index) and (current is None or index > current + AHEAD):
                 break
             if not layer.loaded:
                 self._load(layer, self._loaders(layer))
+
+    def start_copies(self) -> None:
+        """Start the copy units' tasks (once), each on a worker's node in turn."""
+        config = self.plan.config
+        for i, unit in enumerate(self.copy_units):
+            task = copy_unit_task.options(**Placement.on_node(self.nodes[i % len(self.nodes)]))
+            self.copies.append(task.remote(unit.file, unit.key, unit.tensors, config.source, config.dest))
+        self.copy_units = []
 
     def _readers(self, index: int) -> list[str]:
         """The nodes that read layer ``index``: its owner's, to quantize it, and those of the
@@ -142,24 +182,30 @@ class LayerFlow:
 
     def _read(self, index: int) -> None:
         layer = self.layers[index] = _Layer(index, quantize=self.units[index].key not in self.done_keys)
-        for node in self._readers(index):
-            self._read_on(layer, node)
+        if not self.local:
+            for node in self._readers(index):
+                self._read_on(layer, node)
 
     def _read_ahead(self) -> None:
-        """Start the page-cache read of the next layer past the reads, if it fits in
+        """Start the page-cache read of the next layer past the loads, if it fits in
         ``readahead``; one at a time, so that the disk delivers the layers in order."""
-        self.ahead = max(self.ahead, self.next)
+        self.ahead = max(self.ahead, self.loading)
         if self.reading_ahead or not self.readahead or self.ahead >= len(self.todo):
             return
-        if sum(self.units[i].nbytes for i in self.todo[self.next : self.ahead + 1]) > self.readahead:
+        if sum(self.units[i].nbytes for i in self.todo[self.loading : self.ahead + 1]) > self.readahead:
             return
         index = self.todo[self.ahead]
-        reads = [(t.file, t.entry.start, t.entry.end) for t in self.units[index].tensors]
         for node in self._readers(index):
-            ref = read_ahead_task.options(**Placement.on_node(node)).remote(self.plan.config.source, reads)
-            self.pending[ref] = ("ahead", None, node)
-            self.reading_ahead += 1
+            self.read_into_page_cache(node, self.units[index].tensors)
+            self._count_read(index, node)
         self.ahead += 1
+
+    def _count_read(self, index: int, node: str) -> None:
+        """Local: a layer counts as read on a node once, by its read-ahead there or else by
+        the first load there (any other load there reads what the page cache holds)."""
+        if (index, node) not in self.counted:
+            self.counted.add((index, node))
+            self.reads_per_node[node] += 1
 
     def _read_on(self, layer: _Layer, node: str) -> None:
         unit = self.units[layer.index]
@@ -179,12 +225,17 @@ class LayerFlow:
         unit = self.units[layer.index]
         for worker in workers:
             node = self.nodes[worker]
-            if node not in layer.reads:
-                self._read_on(layer, node)
+            if self.local:
+                self._count_read(layer.index, node)
+                tensors = LocalRead(self.plan.config.source, unit.tensors)
+            else:
+                if node not in layer.reads:
+                    self._read_on(layer, node)
+                tensors = layer.reads[node]
             keep = self.calibrated(layer.index) and worker < self.calibration_workers
             owner = layer.quantize and worker == self.owner(layer.index)
             ref = self.workers[worker].load.remote(
-                layer.index, layer.reads[node], dict(unit.spec.tensors), keep, unit.spec if owner else None
+                layer.index, tensors, dict(unit.spec.tensors), keep, unit.spec if owner else None
             )
             layer.loads[worker] = ref
             self.pending[ref] = ("load", layer, worker)
@@ -193,6 +244,8 @@ class LayerFlow:
                 task = write_unit_task.options(**Placement.on_node(node))
                 layer.write = task.remote(unit.file, unit.key, ref, self.plan.config.dest)
                 self.pending[layer.write] = ("write", layer, worker)
+        if not layer.loaded:
+            self.loading += 1
         layer.loaded = True
 
     def busy(self) -> bool:

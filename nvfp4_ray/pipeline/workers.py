@@ -31,7 +31,7 @@ import ray
 from nvfp4_ray.errors import InputError, JobError
 from nvfp4_ray.io import destination
 from nvfp4_ray.io.storage import Store
-from nvfp4_ray.io.tensors import CopiedShard, TensorBundle, encode_shard, read_file, read_tensors, torch_entry
+from nvfp4_ray.io.tensors import CopiedShard, LocalRead, TensorBundle, encode_shard, read_file, read_tensors, torch_entry
 
 # torch, transformers and compressed-tensors are imported inside the worker and the tasks
 # that use them: a process that only reads or writes bytes starts in a fraction of a second.
@@ -184,17 +184,23 @@ class LayerWorker:
             return self.loaded.setdefault(index, _Loaded())
 
     @ray.method(concurrency_group="load")
-    def load(self, index: int, bundle: TensorBundle, tensor_names: dict, keep: bool, spec=None) -> list | None:
+    def load(self, index: int, tensors: TensorBundle | LocalRead, tensor_names: dict, keep: bool, spec=None) -> list | None:
         """Copy layer ``index`` to the device once; keep it for run_layer (``keep``), and
-        quantize it from there when given its ``spec``: returns the unit's output entries."""
+        quantize it from there when given its ``spec``: returns the unit's output entries.
+        ``tensors``: the layer read into the object store, or to read here from a local SOURCE
+        (into the pinned buffer it crosses to the GPU through)."""
         import torch
 
         from nvfp4_ray.layer_quantizer import quantize_layer, to_device_checked
 
         slot = self._slot(index) if keep else None
         try:
+            bundle = tensors.read(self._staging_array) if isinstance(tensors, LocalRead) else tensors
+            # tensors passed through unchanged are views of the bundle: copied out of the
+            # pinned buffer, which the next load overwrites
+            staged = self.staging is not None and np.may_share_memory(bundle.buffer, self.staging.numpy())
             with torch.cuda.stream(self.load_stream) if self.device.type == "cuda" else nullcontext():
-                on_device = to_device_checked(bundle, self.device, check=spec is not None, staging=self._staging(bundle))
+                on_device = to_device_checked(bundle, self.device, spec is not None, self._staging(bundle.buffer.size))
                 if slot is not None:
                     slot.tensors = {local: on_device[name] for name, local in tensor_names.items()}
                     if self.device.type == "cuda":
@@ -203,7 +209,8 @@ class LayerWorker:
                     slot.ready.set()
                 entries = None
                 if spec is not None:
-                    entries = [(n, dtype, shape, np.asarray(raw)) for n, dtype, shape, raw in quantize_layer(spec, bundle, on_device)]
+                    keep_bytes = np.array if staged else np.asarray
+                    entries = [(n, dtype, shape, keep_bytes(raw)) for n, dtype, shape, raw in quantize_layer(spec, bundle, on_device)]
                 if self.device.type == "cuda":
                     self.load_stream.synchronize()  # the staging buffer is free again
                 return entries
@@ -213,15 +220,21 @@ class LayerWorker:
                 slot.ready.set()
             raise
 
-    def _staging(self, bundle: TensorBundle):
+    def _staging(self, size: int):
         """The pinned buffer a layer crosses to the GPU through (grown to the largest layer)."""
         import torch
 
         if self.device.type != "cuda":
             return None
-        if self.staging is None or self.staging.numel() < bundle.buffer.size:
-            self.staging = torch.empty(bundle.buffer.size, dtype=torch.uint8, pin_memory=True)
+        if self.staging is None or self.staging.numel() < size:
+            self.staging = None  # the old one is freed before the larger one is pinned
+            self.staging = torch.empty(size, dtype=torch.uint8, pin_memory=True)
         return self.staging
+
+    def _staging_array(self, size: int) -> np.ndarray:
+        """Where a layer of a local SOURCE is read to: the pinned buffer on a GPU, else new memory."""
+        staging = self._staging(size)
+        return np.empty(size, dtype=np.uint8) if staging is None else staging[:size].numpy()
 
     def _take(self, index: int) -> dict:
         """The tensors of layer ``index``, once its load has copied them (on the load stream)."""
@@ -241,8 +254,10 @@ class LayerWorker:
         return slot.tensors
 
     # ---- the compute thread ------------------------------------------------------------
-    def start(self, batches: list, embed: TensorBundle, embed_name: str) -> int:
+    def start(self, batches: list, embed: TensorBundle | LocalRead, embed_name: str) -> int:
         self._compute_threads()
+        if isinstance(embed, LocalRead):
+            embed = embed.read()
         self.runner.start(batches, embed.tensor(embed_name))
         return sum(batch.tokens for batch in batches)
 
