@@ -205,3 +205,29 @@ def test_text_calibration_with_a_remote_code_tokenizer_never_runs_it(tmp_path, f
     code, _, stderr = run_cli("quantize", str(source), str(tmp_path / "dest"), "--calibration", calibration)
     assert not marker.exists()
     assert code in (0, 2), stderr  # refused, or loaded without running the repository's code
+
+
+@pytest.mark.parametrize("dtype", ["BF16", "F16", "F32", "F64"])
+def test_every_nan_and_inf_is_found_in_any_step_and_no_finite_value_is_flagged(dtype, monkeypatch):
+    """finite() looks at a tensor's bytes a step at a time: a bad value in the first or
+    last value of a step, or in the last step, is found; the extremes of the finite range
+    are not flagged."""
+    import numpy as np
+
+    import nvfp4_ray.io.tensors as tensors
+
+    monkeypatch.setattr(tensors, "_FINITE_STEP", 64)
+    if dtype == "BF16":  # bit patterns: the largest finite values, then +-Inf and NaNs
+        good, bad, kind = [0x7F7F, 0xFF7F, 0x0001, 0x8000], [0x7F80, 0xFF80, 0x7FC0, 0xFFFF, 0x7F81], np.uint16
+    else:
+        kind = {"F16": np.float16, "F32": np.float32, "F64": np.float64}[dtype]
+        top = np.finfo(kind).max
+        good, bad = [top, -top, np.finfo(kind).tiny, -0.0], [np.inf, -np.inf, np.nan]
+    values = np.resize(np.array(good, dtype=kind), 1000)
+    per_step = 64 // values.itemsize
+    assert tensors.finite(dtype, values.view(np.uint8))
+    for where in (0, per_step - 1, per_step, 999):
+        for value in bad:
+            broken = values.copy()
+            broken[where] = value
+            assert not tensors.finite(dtype, broken.view(np.uint8)), (where, value)

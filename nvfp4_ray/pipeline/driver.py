@@ -141,12 +141,7 @@ class Execution:
         del embeds  # the samples are embedded: free the embedding's object-store copy (1 GiB on the 8B)
         with self.events.stage("layers"):
             self._layer_loop()
-        with self.events.stage("copy"):
-            # The copy units (embeddings, lm_head: 2.1 GB read and written on the 8B model)
-            # started during the layer loop (LayerFlow); started with the job, their disk
-            # traffic slowed the workers' cold imports and the layers (H200: 33.0 s against
-            # 27.7 s, probes 1003/1005).
-            self.flow.start_copies()
+        with self.events.stage("copy"):  # the copy units' tasks started with the flow
             for written in self._get(self.flow.copies):
                 self._record([written])
         if self.calibration is not None:
