@@ -66,12 +66,12 @@ def test_read_ahead_brings_exactly_the_ranges_into_the_page_cache(tmp_path):
 def test_layers_are_read_ahead_in_order_within_the_budgets(tmp_path, smollm2, ray_instance, local):
     """Budget below one layer. ``local`` (the workers read the layers themselves): the flow
     takes up one layer, reads none into the object store, and reads layers 0 and 1 into
-    the page cache, one at a time, while they fit in ``readahead`` (2.5 layers past the
-    loads, none yet). Object store (as for a remote SOURCE): it reads two layers (READING)
+    the page cache, READING_AHEAD at once, while they fit in ``readahead`` (2.5 layers
+    past the loads, none yet). Object store (as for a remote SOURCE): it reads two layers (READING)
     into the object store and nothing into the page cache beside them. Nothing later is
     read. The model is one file."""
     from nvfp4_ray.config import QuantizeConfig
-    from nvfp4_ray.pipeline.layer_flow import READING, LayerFlow
+    from nvfp4_ray.pipeline.layer_flow import READING, READING_AHEAD, LayerFlow
     from nvfp4_ray.pipeline.plan import build_plan, read_inputs
     import ray
 
@@ -84,6 +84,8 @@ def test_layers_are_read_ahead_in_order_within_the_budgets(tmp_path, smollm2, ra
     flow = LayerFlow(plan, [node], set(), 0, budget=1, readahead=2.5 * layer, local=local)
     taken, ahead, cached = (1, 2, [0, 1]) if local else (READING, 0, list(range(READING)))
 
+    flow.pump(None)
+    assert flow.reading_ahead == (READING_AHEAD if local else 0)  # asked for together, not one after the other
     deadline = time.monotonic() + 60
     while (flow.reading_ahead or flow.ahead < ahead) and time.monotonic() < deadline:
         flow.pump(None)

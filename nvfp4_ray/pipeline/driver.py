@@ -1,7 +1,9 @@
 """Run a plan on Ray: read each layer once per node, quantize it, calibrate through it.
 
 One LayerWorker per GPU (or per CPU-only node). For each decoder layer, in order, the
-LayerFlow reads it on the nodes that need it and loads it onto the workers that need it;
+LayerFlow reads it on the nodes that need it (into their object stores, or for a local
+SOURCE into their page caches, which the workers read from) and loads it onto the workers
+that need it;
 its owner quantizes it from the device copy and a task writes the unit file. Every
 calibration worker then advances its batches through the layer and returns the input amax
 of each Linear; the driver max-reduces them (exact: max is order-free) and persists the
@@ -138,7 +140,7 @@ class Execution:
                 self.calibration = self._prepare_calibration(infos[: self.calibration_workers], embeds)
             else:
                 self.flow.start(self.workers, len(plan.layer_units))
-        del embeds  # the samples are embedded: free the embedding's object-store copy (1 GiB on the 8B)
+        del embeds  # the samples are embedded: free the embedding's object-store copy (object stores; 1 GiB on the 8B)
         with self.events.stage("layers"):
             self._layer_loop()
         with self.events.stage("copy"):  # the copy units' tasks started with the flow

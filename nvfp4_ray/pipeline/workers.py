@@ -1,12 +1,13 @@
 """The Ray tasks and the layer worker actor. Each wraps a plain function from the library.
 
-  read_tensors_task  reads tensors once on a node; the result stays in that node's object
-                     store, shared zero-copy by the node's processes
-  read_ahead_task    reads later layers of a local source into a node's page cache and drops
-                     the bytes: the disk keeps going while the object-store budget is full
+  read_tensors_task  reads tensors of an object-store SOURCE once on a node; the result
+                     stays in that node's object store, shared zero-copy by its processes
+  read_ahead_task    reads later layers of a local SOURCE into a node's page cache and drops
+                     the bytes: the disk keeps going while the workers start and compute
   LayerWorker        one per GPU (or per CPU-only node): copies each layer it is given to
-                     its device once, quantizes the layers it owns from there, and runs its
-                     share of the calibration batches through the decoder one layer at a time
+                     its device once (a local SOURCE's layers it reads itself, from the page
+                     cache), quantizes the layers it owns from there, and runs its share of
+                     the calibration batches through the decoder one layer at a time
   write_unit_task    writes a unit's file and its completion record
   copy_unit_task     copies tensors outside the decoder layers, byte for byte
 
