@@ -228,7 +228,7 @@ class LayerFlow:
             node = self.nodes[worker]
             if self.local:
                 self._count_read(layer.index, node)
-                tensors = LocalRead(self.plan.config.source, unit.tensors)
+                tensors = self.tensors_on(node, unit.tensors)
             else:
                 if node not in layer.reads:
                     self._read_on(layer, node)
