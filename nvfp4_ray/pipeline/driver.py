@@ -127,8 +127,8 @@ class Execution:
             self.events.info(f"reusing {len(self.reused)} unit files already at DEST", reused=len(self.reused))
         # never more than half the object store: the rest is for the tasks' results and spills
         budget = min(self.config.prefetch_bytes, self.placement.object_store_bytes / 2)
+        readahead = self.config.readahead_gib * 2**30  # the flow reads ahead only for a local SOURCE
         local = not is_remote(self.config.source)
-        readahead = self.config.readahead_gib * 2**30 if local else 0
         self.flow = LayerFlow(plan, self.placement.nodes, set(self.written), self.calibration_workers, budget, readahead, local)
         embeds = self._read_embeddings()  # with the first layers, while the workers start up
         self.flow.pump(None)

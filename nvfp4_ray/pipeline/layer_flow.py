@@ -209,8 +209,7 @@ class LayerFlow:
             self.reads_per_node[node] += 1
 
     def _read_on(self, layer: _Layer, node: str) -> None:
-        unit = self.units[layer.index]
-        ref = read_tensors_task.options(**Placement.on_node(node)).remote(self.plan.config.source, unit.tensors)
+        ref = self.tensors_on(node, self.units[layer.index].tensors)
         layer.reads[node] = ref
         layer.reading += 1
         self.pending[ref] = ("read", layer, node)
