@@ -88,7 +88,7 @@ class TensorBundle:
 def finite(dtype: str, raw: np.ndarray) -> bool:
     """No NaN or Inf among the values of a float tensor's raw bytes (uint8, whole values).
     A step at a time, so that the temporaries stay in the CPU's cache: on a 128 MiB chunk,
-    20 times faster than one pass over the whole (0.17 s, a third of a copy's time)."""
+    0.007 s against 0.17 s for one pass over the whole (timed by hand on a 2-core VM)."""
     if dtype not in FLOAT_DTYPES:
         return True
     for start in range(0, raw.size, _FINITE_STEP):
