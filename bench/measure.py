@@ -60,6 +60,8 @@ class PeakSampler:
         self.pss_peak, self.pss_peak_top, self.process_peak = 0, [], 0
         self.pss_peak_kinds: dict[str, int] = {}
         self.pss_start: int | None = None  # the tree before the work: an idle Ray instance, for a Ray job
+        self.pss_peak_at = 0.0  # seconds from the first sample to the PSS peak (which stage it fell in)
+        self.began = time.monotonic()
         self.samples = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="peak-sampler", daemon=True)
@@ -107,6 +109,7 @@ class PeakSampler:
             self.pss_start = pss
         if pss > self.pss_peak:
             self.pss_peak, self.pss_peak_top = pss, sorted(shares, reverse=True)[:TOP_PROCESSES]
+            self.pss_peak_at = time.monotonic() - self.began
             self.pss_peak_kinds = pss_by_kind(processes)
         if self.gpu:
             self.gpu_peak = [max(a, b) for a, b in zip(self.gpu_peak, gpu_used_bytes(self.gpu))]
@@ -125,6 +128,7 @@ class PeakSampler:
             "peak_pss_top_processes_gib": [[name, round(p / GIB, 3), round(u / GIB, 3)] for p, u, name in self.pss_peak_top],
             "peak_pss_by_kind_gib": {k: round(v / GIB, 3) for k, v in sorted(self.pss_peak_kinds.items())},
             "pss_at_start_gib": round((self.pss_start or 0) / GIB, 3),
+            "peak_pss_at_s": round(self.pss_peak_at, 1),
             "peak_gpu_gib": round(max(gpu), 3) if gpu else None,
             "peak_gpu_per_device_gib": [round(g, 3) for g in gpu] if gpu else None,
             "gpu_baseline_gib": [round(b / GIB, 3) for b in self.gpu_baseline] if gpu else None,

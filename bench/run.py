@@ -391,6 +391,7 @@ def make_record(*, command, device, gpus, machine_gpus, spec, source, samples, s
         "peak_pss_top_processes_gib": run["peak_pss_top_processes_gib"],
         "peak_pss_by_kind_gib": run["peak_pss_by_kind_gib"],
         "pss_at_start_gib": run["pss_at_start_gib"],
+        "peak_pss_at_s": run["peak_pss_at_s"],
         "peak_gpu_per_device_gib": run["peak_gpu_per_device_gib"],
         "gpu_baseline_gib": run["gpu_baseline_gib"],
         "memory_samples": run["memory_samples"],

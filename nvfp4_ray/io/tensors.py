@@ -25,7 +25,7 @@ from nvfp4_ray.io.storage import Store
 
 FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")
 _MERGE_GAP = 1 << 20  # read across gaps up to 1 MiB rather than issue another request
-_COPY_CHUNK = 128 << 20  # bytes of a copied tensor in memory at once
+_COPY_CHUNK = 32 << 20  # bytes of a copied tensor in memory at once (two: one written, the next read)
 _FINITE_STEP = 1 << 20  # bytes checked for NaN and Inf at once (a multiple of every item size)
 
 

@@ -16,7 +16,8 @@ For each layer, in order:
          calibration worker when the layer is calibrated in this run, which keeps it on
          the device for run_layer; calibrated layers load at most AHEAD layers past the one
          being calibrated (GPU memory), layers that are only quantized as reads allow;
-  write  the owner's output entries, by a task on the owner's node.
+  write  by the owner, from its write thread, as soon as it has quantized the layer;
+         its ``written`` call returns the unit's file.
 The tensors outside the decoder layers (embeddings, lm_head: 2.1 GB on the 8B model) are
 copied by tasks started once the workers are up: started with the job, their disk traffic
 slowed the workers' cold imports (H200: 33.0 s against 27.7 s, probes 1003/1005).
@@ -32,7 +33,7 @@ import ray
 from nvfp4_ray.pipeline.placement import Placement
 from nvfp4_ray.pipeline.plan import Plan
 from nvfp4_ray.io.tensors import LocalRead
-from nvfp4_ray.pipeline.workers import copy_unit_task, read_ahead_task, read_tensors_task, write_unit_task
+from nvfp4_ray.pipeline.workers import copy_unit_task, read_ahead_task, read_tensors_task
 
 AHEAD = 2  # calibrated layers on a worker's device beyond the one it computes
 # Layers being read at once: each read already keeps many requests in flight, and every
@@ -234,15 +235,13 @@ class LayerFlow:
                 tensors = layer.reads[node]
             keep = self.calibrated(layer.index) and worker < self.calibration_workers
             owner = layer.quantize and worker == self.owner(layer.index)
-            ref = self.workers[worker].load.remote(
-                layer.index, tensors, dict(unit.spec.tensors), keep, unit.spec if owner else None
-            )
+            write = (unit.spec, unit.file, unit.key, self.plan.config.dest) if owner else None
+            ref = self.workers[worker].load.remote(layer.index, tensors, dict(unit.spec.tensors), keep, write)
             layer.loads[worker] = ref
             self.pending[ref] = ("load", layer, worker)
             layer.calibrating |= keep
             if owner:
-                task = write_unit_task.options(**Placement.on_node(node))
-                layer.write = task.remote(unit.file, unit.key, ref, self.plan.config.dest)
+                layer.write = self.workers[worker].written.remote(layer.index)
                 self.pending[layer.write] = ("write", layer, worker)
         if not layer.loaded:
             self.loading += 1

@@ -6,14 +6,18 @@
                      the bytes: the disk keeps going while the workers start and compute
   LayerWorker        one per GPU (or per CPU-only node): copies each layer it is given to
                      its device once (a local SOURCE's layers it reads itself, from the page
-                     cache), quantizes the layers it owns from there, and runs its share of
-                     the calibration batches through the decoder one layer at a time
-  write_unit_task    writes a unit's file and its completion record
+                     cache), quantizes the layers it owns from there and writes their unit
+                     files, and runs its share of the calibration batches through the
+                     decoder one layer at a time
   copy_unit_task     copies tensors outside the decoder layers, byte for byte
 
-A worker has two threads. ``load`` (its own concurrency group) copies layer k+1 to the GPU
-on a side stream and quantizes it there while ``run_layer`` computes layer k; one process
-per GPU, so nothing else competes for it (separate processes would be time-sliced).
+A worker has three threads. ``load`` (its own concurrency group) copies layer k+1 to the
+GPU on a side stream and quantizes it there while ``run_layer`` computes layer k; one
+process per GPU, so nothing else competes for it (separate processes would be
+time-sliced). A write thread writes the quantized layers to DEST, at most WRITES_QUEUED
+behind the load thread, which waits for it beyond that: the packed layers never pass
+through the object store, and the host memory they hold does not grow with the model's
+depth when DEST is slower than the GPU.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from __future__ import annotations
 import errno
 import json
 import socket
+import sys
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -40,10 +45,20 @@ from nvfp4_ray.io.tensors import CopiedShard, LocalRead, TensorBundle, encode_sh
 # on `ray start`): idle worker processes import these before they take work, so a worker
 # created later skips seconds of imports.
 PRELOAD_MODULES = ("torch", "transformers.modeling_utils", "nvfp4_ray.layer_quantizer", "nvfp4_ray.calibration.runner")
+# Where installed, transformers imports scikit-learn (for assisted generation) and scipy (for
+# detection losses), and pandas with them: a layer worker uses none of them, and on an image
+# that has them (the GPU machine's) they were seconds of its start-up. It imports as if
+# they were absent (a None entry in sys.modules reads as "not installed" to find_spec).
+UNUSED_BY_WORKERS = ("sklearn", "scipy", "pandas")
 
 # Storage hiccups (resets, throttling, timeouts) surface as OSError subclasses: retry those.
 # InputError (a broken source) and JobError (e.g. a full disk) are never retried.
-RETRY = dict(max_retries=4, retry_exceptions=[OSError, ConnectionError, TimeoutError])
+RETRYABLE = (OSError, ConnectionError, TimeoutError)
+RETRIES = 4
+RETRY = dict(max_retries=RETRIES, retry_exceptions=list(RETRYABLE))
+# Quantized layers a worker holds for its write thread (in or waiting for their write):
+# about 0.12 GiB each on the 8B model
+WRITES_QUEUED = 2
 _HOPELESS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
 
 
@@ -54,6 +69,17 @@ def write_unit(dest: Store, file_name: str, key: str, entries: list, encoded=Non
         dest.write_parts(file_name, parts, size=written.size)
         destination.save_done(dest, key, written)
     return written
+
+
+def _write_retrying(dest: Store, file_name: str, key: str, entries: list):
+    """write_unit, tried again after a storage hiccup, as Ray retries a task."""
+    for attempt in range(RETRIES + 1):
+        try:
+            return write_unit(dest, file_name, key, entries)
+        except RETRYABLE:
+            if attempt == RETRIES:
+                raise
+            time.sleep(min(4.0, 0.5 * 2**attempt))
 
 
 @contextmanager
@@ -86,11 +112,6 @@ def read_ahead_task(source_url: str, reads: list) -> None:
 
 
 @ray.remote(num_cpus=0, **RETRY)
-def write_unit_task(file_name: str, key: str, entries: list, dest_url: str):
-    return write_unit(Store(dest_url), file_name, key, entries)
-
-
-@ray.remote(num_cpus=0, **RETRY)
 def copy_unit_task(file_name: str, key: str, tensors: list, source_url: str, dest_url: str):
     """Plain arguments, not the plan's CopyUnit: unpickling that would import the planner,
     and with it torch and transformers (seconds of a cold start, in a process that copies bytes)."""
@@ -112,7 +133,7 @@ class _Loaded:
         self.error: BaseException | None = None
 
 
-@ray.remote(max_restarts=0, max_task_retries=0, concurrency_groups={"load": 1})
+@ray.remote(max_restarts=0, max_task_retries=0, concurrency_groups={"load": 1, "write": 1})
 class LayerWorker:
     def __init__(self, cpu_threads: int, requested_at: float):
         """Imports and the device, nothing of the job: a worker is created before the inputs
@@ -122,6 +143,8 @@ class LayerWorker:
         # job. The first step is Ray's: placing the actor and starting its process.
         self.clock = time.monotonic()
         self.startup = {"process_start_s": round(max(0.0, time.time() - requested_at), 3)}
+        for name in UNUSED_BY_WORKERS:
+            sys.modules.setdefault(name, None)
         import torch
 
         self.startup["import_torch_s"] = self._lap()
@@ -145,6 +168,9 @@ class LayerWorker:
         self.snapshot_s = 0.0  # seconds spent writing hidden-state snapshots (in the background)
         self.snapshot_writer = ThreadPoolExecutor(1, thread_name_prefix="snapshot")
         self.snapshots: dict[str, Future] = {}  # folder -> hidden-state write in progress or done
+        self.writer = ThreadPoolExecutor(1, thread_name_prefix="write")
+        self.write_room = threading.Semaphore(WRITES_QUEUED)
+        self.writes: dict[int, Future] = {}  # layer -> its unit's WrittenFile, once written
 
     def _lap(self) -> float:
         began, self.clock = self.clock, time.monotonic()
@@ -185,9 +211,10 @@ class LayerWorker:
             return self.loaded.setdefault(index, _Loaded())
 
     @ray.method(concurrency_group="load")
-    def load(self, index: int, tensors: TensorBundle | LocalRead, tensor_names: dict, keep: bool, spec=None) -> list | None:
+    def load(self, index: int, tensors: TensorBundle | LocalRead, tensor_names: dict, keep: bool, unit=None) -> None:
         """Copy layer ``index`` to the device once; keep it for run_layer (``keep``), and
-        quantize it from there when given its ``spec``: returns the unit's output entries.
+        with ``unit`` (its spec, file name, key and DEST) quantize it from there and hand
+        the output to the write thread (``written`` says when the file is at DEST).
         ``tensors``: the layer read into the object store, or to read here from a local SOURCE
         (into the pinned buffer it crosses to the GPU through)."""
         import torch
@@ -195,31 +222,67 @@ class LayerWorker:
         from nvfp4_ray.layer_quantizer import quantize_layer, to_device_checked
 
         slot = self._slot(index) if keep else None
+        handed = False
         try:
             bundle = tensors.read(self._staging_array) if isinstance(tensors, LocalRead) else tensors
             # tensors passed through unchanged are views of the bundle: copied out of the
             # pinned buffer, which the next load overwrites
             staged = self.staging is not None and np.may_share_memory(bundle.buffer, self.staging.numpy())
             with torch.cuda.stream(self.load_stream) if self.device.type == "cuda" else nullcontext():
-                on_device = to_device_checked(bundle, self.device, spec is not None, self._staging(bundle.buffer.size))
+                on_device = to_device_checked(bundle, self.device, unit is not None, self._staging(bundle.buffer.size))
                 if slot is not None:
                     slot.tensors = {local: on_device[name] for name, local in tensor_names.items()}
                     if self.device.type == "cuda":
                         slot.event = torch.cuda.Event()
                         slot.event.record(self.load_stream)
                     slot.ready.set()
-                entries = None
-                if spec is not None:
+                if unit is not None:
+                    spec, file_name, key, dest_url = unit
                     keep_bytes = np.array if staged else np.asarray
                     entries = [(n, dtype, shape, keep_bytes(raw)) for n, dtype, shape, raw in quantize_layer(spec, bundle, on_device)]
                 if self.device.type == "cuda":
                     self.load_stream.synchronize()  # the staging buffer is free again
-                return entries
+            if unit is not None:
+                handed = True
+                self._write_behind(index, entries, file_name, key, dest_url)
         except BaseException as exc:
             if slot is not None and not slot.ready.is_set():
                 slot.error = exc
                 slot.ready.set()
+            if unit is not None and not handed:
+                self._write_slot(index).set_exception(exc)
             raise
+
+    def _write_slot(self, index: int) -> Future:
+        with self.lock:
+            return self.writes.setdefault(index, Future())
+
+    def _write_behind(self, index: int, entries: list, file_name: str, key: str, dest_url: str) -> None:
+        """Write layer ``index``'s unit in the write thread, once fewer than WRITES_QUEUED
+        are ahead of it (the load thread waits until then)."""
+        slot = self._write_slot(index)
+        self.write_room.acquire()
+
+        def write():
+            try:
+                slot.set_result(_write_retrying(Store(dest_url), file_name, key, entries))
+            except BaseException as exc:
+                slot.set_exception(exc)
+            finally:
+                self.write_room.release()
+
+        self.writer.submit(write)
+
+    @ray.method(concurrency_group="write")
+    def written(self, index: int):
+        """The unit file of layer ``index`` (a WrittenFile), once at DEST; the load's or the
+        write's error if either failed."""
+        slot = self._write_slot(index)
+        try:
+            return slot.result()
+        finally:
+            with self.lock:
+                self.writes.pop(index, None)
 
     def _staging(self, size: int):
         """The pinned buffer a layer crosses to the GPU through (grown to the largest layer)."""
