@@ -113,6 +113,24 @@ def test_a_copied_tensor_is_streamed_in_chunks_into_the_same_bytes_as_a_whole_wr
         assert sorted(os.listdir(tmp_path / "dest")) == ["copy.safetensors", "whole.safetensors"]
 
 
+def test_a_tensor_read_to_a_device_in_pieces_is_the_tensor(tmp_path):
+    """LocalRead.to_device (a worker's embedding) reads a piece at a time, the last piece
+    short: the same tensor as a whole read, of the second tensor of a file."""
+    import torch
+
+    from nvfp4_ray.io.tensors import LocalRead, write_shard
+
+    store = Store(str(tmp_path))
+    values = {"a.weight": torch.randn(7, 5).to(torch.bfloat16), "b.weight": torch.randn(301, 33).to(torch.bfloat16)}
+    entries = [(n, "BF16", tuple(v.shape), memoryview(v.view(torch.uint8).reshape(-1).numpy())) for n, v in values.items()]
+    write_shard(store, "m.safetensors", entries)
+    header = read_header(store, "m.safetensors", store.info("m.safetensors").size)
+    local = LocalRead(str(tmp_path), [SourceTensor("m.safetensors", e) for e in header.values()])
+    weight = local.to_device("b.weight", torch.device("cpu"), piece_bytes=1000)  # 19,866 bytes: 20 pieces
+    assert weight.dtype == torch.bfloat16 and torch.equal(weight, values["b.weight"])
+    assert torch.equal(weight, local.read().tensor("b.weight"))
+
+
 def test_a_layer_is_read_with_concurrent_range_requests_not_the_whole_file(bucket, proxy):
     layer_bytes = 32 * MiB
     raw = write_layers_file(Store(f"s3://{bucket}/model"), "shard.safetensors", layers=4, layer_bytes=layer_bytes)

@@ -26,6 +26,7 @@ from nvfp4_ray.io.storage import Store
 FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")
 _MERGE_GAP = 1 << 20  # read across gaps up to 1 MiB rather than issue another request
 _COPY_CHUNK = 32 << 20  # bytes of a copied tensor in memory at once (two: one written, the next read)
+_DEVICE_PIECE = 64 << 20  # bytes of a tensor read straight to a GPU at once
 _FINITE_STEP = 1 << 20  # bytes checked for NaN and Inf at once (a multiple of every item size)
 
 
@@ -139,6 +140,22 @@ class LocalRead:
 
     def read(self, allocate=None) -> TensorBundle:
         return read_tensors(Store(self.source_url), self.tensors, allocate)
+
+    def to_device(self, name: str, device, piece_bytes: int = _DEVICE_PIECE):
+        """Tensor ``name`` read straight into ``device`` memory, a piece at a time through
+        a small pinned buffer: read whole into host memory first, the 8B model's 1 GiB
+        embedding was that much of the job's host memory peak."""
+        import torch
+
+        tensor = next(t for t in self.tensors if t.name == name)
+        entry, store = tensor.entry, Store(self.source_url)
+        out = torch.empty(entry.nbytes, dtype=torch.uint8, device=device)
+        piece = torch.empty(min(piece_bytes, entry.nbytes), dtype=torch.uint8, pin_memory=device.type == "cuda")
+        for offset in range(0, entry.nbytes, piece_bytes):
+            size = min(piece_bytes, entry.nbytes - offset)
+            store.read_many([(tensor.file, entry.start + offset, entry.start + offset + size)], memoryview(piece.numpy())[:size])
+            out[offset : offset + size].copy_(piece[:size])  # returns once copied: the piece is read into again
+        return out.view(torch_dtype(entry.dtype)).view(entry.shape)
 
 
 def read_file(store: Store, file_name: str, sha256: str | None = None) -> TensorBundle | None:

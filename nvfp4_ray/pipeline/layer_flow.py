@@ -16,7 +16,7 @@ For each layer, in order:
          calibration worker when the layer is calibrated in this run, which keeps it on
          the device for run_layer; calibrated layers load at most AHEAD layers past the one
          being calibrated (GPU memory), layers that are only quantized as reads allow;
-  write  by the owner, from its write thread, as soon as it has quantized the layer;
+  write  by the owner, from its write threads, as soon as it has quantized the layer;
          its ``written`` call returns the unit's file.
 The tensors outside the decoder layers (embeddings, lm_head: 2.1 GB on the 8B model) are
 copied by tasks started once the workers are up: started with the job, their disk traffic

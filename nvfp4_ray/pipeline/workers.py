@@ -11,11 +11,11 @@
                      decoder one layer at a time
   copy_unit_task     copies tensors outside the decoder layers, byte for byte
 
-A worker has three threads. ``load`` (its own concurrency group) copies layer k+1 to the
+A worker has three kinds of thread. ``load`` (its own concurrency group) copies layer k+1 to the
 GPU on a side stream and quantizes it there while ``run_layer`` computes layer k; one
 process per GPU, so nothing else competes for it (separate processes would be
-time-sliced). A write thread writes the quantized layers to DEST, at most WRITES_QUEUED
-behind the load thread, which waits for it beyond that: the packed layers never pass
+time-sliced). Write threads write the quantized layers to DEST, at most WRITES_QUEUED
+behind the load thread, which waits for them beyond that: the packed layers never pass
 through the object store, and the host memory they hold does not grow with the model's
 depth when DEST is slower than the GPU.
 """
@@ -56,9 +56,10 @@ UNUSED_BY_WORKERS = ("sklearn", "scipy", "pandas")
 RETRYABLE = (OSError, ConnectionError, TimeoutError)
 RETRIES = 4
 RETRY = dict(max_retries=RETRIES, retry_exceptions=list(RETRYABLE))
-# Quantized layers a worker holds for its write thread (in or waiting for their write):
-# about 0.12 GiB each on the 8B model
-WRITES_QUEUED = 2
+# Quantized layers a worker holds for its write threads (one each): about 0.12 GiB each on
+# the 8B model. One thread, writing and fsyncing one unit at a time, fell behind the GPU
+# (H200, 32 layers: the loop waited 4.1 s for loads, record 1929).
+WRITES_QUEUED = 4
 _HOPELESS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
 
 
@@ -168,7 +169,7 @@ class LayerWorker:
         self.snapshot_s = 0.0  # seconds spent writing hidden-state snapshots (in the background)
         self.snapshot_writer = ThreadPoolExecutor(1, thread_name_prefix="snapshot")
         self.snapshots: dict[str, Future] = {}  # folder -> hidden-state write in progress or done
-        self.writer = ThreadPoolExecutor(1, thread_name_prefix="write")
+        self.writer = ThreadPoolExecutor(WRITES_QUEUED, thread_name_prefix="write")
         self.write_room = threading.Semaphore(WRITES_QUEUED)
         self.writes: dict[int, Future] = {}  # layer -> its unit's WrittenFile, once written
 
@@ -214,7 +215,7 @@ class LayerWorker:
     def load(self, index: int, tensors: TensorBundle | LocalRead, tensor_names: dict, keep: bool, unit=None) -> None:
         """Copy layer ``index`` to the device once; keep it for run_layer (``keep``), and
         with ``unit`` (its spec, file name, key and DEST) quantize it from there and hand
-        the output to the write thread (``written`` says when the file is at DEST).
+        the output to the write threads (``written`` says when the file is at DEST).
         ``tensors``: the layer read into the object store, or to read here from a local SOURCE
         (into the pinned buffer it crosses to the GPU through)."""
         import torch
@@ -258,7 +259,7 @@ class LayerWorker:
             return self.writes.setdefault(index, Future())
 
     def _write_behind(self, index: int, entries: list, file_name: str, key: str, dest_url: str) -> None:
-        """Write layer ``index``'s unit in the write thread, once fewer than WRITES_QUEUED
+        """Write layer ``index``'s unit in a write thread, once fewer than WRITES_QUEUED
         are ahead of it (the load thread waits until then)."""
         slot = self._write_slot(index)
         self.write_room.acquire()
@@ -320,9 +321,8 @@ class LayerWorker:
     # ---- the compute thread ------------------------------------------------------------
     def start(self, batches: list, embed: TensorBundle | LocalRead, embed_name: str) -> int:
         self._compute_threads()
-        if isinstance(embed, LocalRead):
-            embed = embed.read()
-        self.runner.start(batches, embed.tensor(embed_name))
+        weight = embed.to_device(embed_name, self.device) if isinstance(embed, LocalRead) else embed.tensor(embed_name)
+        self.runner.start(batches, weight)
         return sum(batch.tokens for batch in batches)
 
     def run_layer(self, index: int, record: list, attention: list, snapshot: str | None = None, dest_url: str = "") -> dict:
