@@ -410,6 +410,8 @@ def make_record(*, command, device, gpus, machine_gpus, spec, source, samples, s
             "gpus": machine_gpus,
             "load_average_at_start": round(load_average, 2),
             "load_average_at_end": round(os.getloadavg()[0], 2),
+            # Ray settings from the environment (RAY_<setting>), which the local instance takes up
+            "ray_environment": {k: v for k, v in sorted(os.environ.items()) if k.startswith("RAY_") and k != "RAY_AUTH_MODE"},
         },
         "versions": versions(),
         "command": command,
