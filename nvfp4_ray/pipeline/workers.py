@@ -58,7 +58,7 @@ RETRIES = 4
 RETRY = dict(max_retries=RETRIES, retry_exceptions=list(RETRYABLE))
 # Quantized layers a worker holds for its write threads (one each): about 0.12 GiB each on
 # the 8B model. One thread, writing and fsyncing one unit at a time, fell behind the GPU
-# (H200, 32 layers: the loop waited 4.1 s for loads, record 1929).
+# (H200, 32 layers: the loop waited 4.1 s for loads, probe 1929).
 WRITES_QUEUED = 4
 _HOPELESS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
 
