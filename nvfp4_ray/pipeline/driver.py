@@ -3,8 +3,7 @@
 One LayerWorker per GPU (or per CPU-only node). For each decoder layer, in order, the
 LayerFlow reads it on the nodes that need it (into their object stores, or for a local
 SOURCE into their page caches, which the workers read from) and loads it onto the workers
-that need it;
-its owner quantizes it from the device copy and writes the unit file. Every
+that need it; its owner quantizes it from the device copy and writes the unit file. Every
 calibration worker then advances its batches through the layer and returns the input amax
 of each Linear; the driver max-reduces them (exact: max is order-free) and persists the
 result. Hidden states are persisted now and then (crash resume) and at a few planned

@@ -30,9 +30,9 @@ from dataclasses import dataclass, field
 
 import ray
 
+from nvfp4_ray.io.tensors import LocalRead
 from nvfp4_ray.pipeline.placement import Placement
 from nvfp4_ray.pipeline.plan import Plan
-from nvfp4_ray.io.tensors import LocalRead
 from nvfp4_ray.pipeline.workers import copy_unit_task, read_ahead_task, read_tensors_task
 
 AHEAD = 2  # calibrated layers on a worker's device beyond the one it computes
@@ -235,8 +235,8 @@ class LayerFlow:
                 tensors = layer.reads[node]
             keep = self.calibrated(layer.index) and worker < self.calibration_workers
             owner = layer.quantize and worker == self.owner(layer.index)
-            write = (unit.spec, unit.file, unit.key, self.plan.config.dest) if owner else None
-            ref = self.workers[worker].load.remote(layer.index, tensors, dict(unit.spec.tensors), keep, write)
+            output = (unit.spec, unit.file, unit.key, self.plan.config.dest) if owner else None  # quantized and written
+            ref = self.workers[worker].load.remote(layer.index, tensors, dict(unit.spec.tensors), keep, output)
             layer.loads[worker] = ref
             self.pending[ref] = ("load", layer, worker)
             layer.calibrating |= keep
