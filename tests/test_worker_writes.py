@@ -6,6 +6,7 @@ import hashlib
 import time
 
 import pytest
+from conftest import session_processes
 from tcp_proxy import TcpProxy
 
 
@@ -28,9 +29,9 @@ def test_quantized_layers_wait_for_a_slow_dest_at_most_writes_queued_deep(smollm
     plan = build_plan(config, read_inputs(config))
     units = plan.layer_units[: WRITES_QUEUED + 4]
     relay = TcpProxy(s3_server.ports["s3"], connection_bytes_per_s=1 << 20)
+    slow = {"env_vars": {"AWS_ENDPOINT_URL": relay.endpoint}}  # the worker's requests cross the relay
+    worker = LayerWorker.options(runtime_env=slow).remote(1, time.time())
     try:
-        slow = {"env_vars": {"AWS_ENDPOINT_URL": relay.endpoint}}  # the worker's requests cross the relay
-        worker = LayerWorker.options(runtime_env=slow).remote(1, time.time())
         loads = [
             worker.load.remote(i, LocalRead(smollm2, unit.tensors), dict(unit.spec.tensors), False,
                                (unit.spec, unit.file, unit.key, dest))  # fmt: skip
@@ -47,6 +48,10 @@ def test_quantized_layers_wait_for_a_slow_dest_at_most_writes_queued_deep(smollm
             time.sleep(0.05)
         files = ray.get(writes, timeout=1)
     finally:
+        ray.kill(worker)  # later tests count the session's layer workers
+        gone = time.monotonic() + 60
+        while session_processes("ray::LayerWorker") and time.monotonic() < gone:
+            time.sleep(0.1)
         relay.close()
     assert deepest == WRITES_QUEUED  # the loads did run ahead of the writes, up to the bound
     assert ray.get(loads) == [None] * len(units)  # nothing for the object store
