@@ -86,6 +86,7 @@ def main() -> None:
 
     import bench.layer_probe as probe
     from nvfp4_ray.layer_quantizer import quantize_layer, to_device_checked
+    from nvfp4_ray.pipeline.workers import PIECE_BYTES
 
     probe.DEVICE = args.device
     if args.small:
@@ -97,6 +98,7 @@ def main() -> None:
     bundle, spec = layer_bundle(host), layer_spec(host)
     stream = torch.cuda.Stream() if args.device == "cuda" else None
     pinned = {k: torch.empty_like(v).pin_memory() for k, v in host.items()} if args.device == "cuda" else {}
+    pieces = [torch.empty(PIECE_BYTES, dtype=torch.uint8, pin_memory=True) for _ in range(2)] if args.device == "cuda" else None
 
     def on_stream(function):
         def run():
@@ -127,8 +129,8 @@ def main() -> None:
                     t.cpu()
 
     def load():
-        on_device = to_device_checked(bundle, device, check=True)
-        [(n, d, s, __import__("numpy").asarray(r)) for n, d, s, r in quantize_layer(spec, bundle, on_device)]
+        on_device = to_device_checked(bundle, device, check=True, pieces=pieces)
+        quantize_layer(spec, on_device)
 
     time_layers(runner, resident, 1)  # warm-up
     result = {"device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu", "samples": args.samples,

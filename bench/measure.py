@@ -17,6 +17,7 @@ except ImportError:  # Ray ships a copy (ray/thirdparty_files), put on sys.path 
 GIB = 1 << 30
 READ_CHUNK = 64 << 20
 TOP_PROCESSES = 8  # the largest processes at the peak, listed in the record
+TOP_FILES = 8  # the mapped files (kinds "files" and "pinned") with the most PSS at the peak, listed in the record
 
 
 def nvml():
@@ -59,6 +60,7 @@ class PeakSampler:
         self.rss_peak, self.rss_peak_parts, self.rss_peak_top, self.processes_peak = 0, {}, [], 0
         self.pss_peak, self.pss_peak_top, self.process_peak = 0, [], 0
         self.pss_peak_kinds: dict[str, int] = {}
+        self.pss_peak_files: dict[str, int] = {}
         self.pss_start: int | None = None  # the tree before the work: an idle Ray instance, for a Ray job
         self.pss_peak_at = 0.0  # seconds from the first sample to the PSS peak (which stage it fell in)
         self.began = time.monotonic()
@@ -110,7 +112,7 @@ class PeakSampler:
         if pss > self.pss_peak:
             self.pss_peak, self.pss_peak_top = pss, sorted(shares, reverse=True)[:TOP_PROCESSES]
             self.pss_peak_at = time.monotonic() - self.began
-            self.pss_peak_kinds = pss_by_kind(processes)
+            self.pss_peak_kinds, self.pss_peak_files = pss_by_kind(processes)
         if self.gpu:
             self.gpu_peak = [max(a, b) for a, b in zip(self.gpu_peak, gpu_used_bytes(self.gpu))]
         self.samples += 1
@@ -127,6 +129,10 @@ class PeakSampler:
             # at the PSS peak: [name, PSS, USS (pages of that process alone)] of the largest
             "peak_pss_top_processes_gib": [[name, round(p / GIB, 3), round(u / GIB, 3)] for p, u, name in self.pss_peak_top],
             "peak_pss_by_kind_gib": {k: round(v / GIB, 3) for k, v in sorted(self.pss_peak_kinds.items())},
+            "peak_pss_top_files_gib": [
+                [path, round(size / GIB, 3)]
+                for path, size in sorted(self.pss_peak_files.items(), key=lambda item: -item[1])[:TOP_FILES]
+            ],
             "pss_at_start_gib": round((self.pss_start or 0) / GIB, 3),
             "peak_pss_at_s": round(self.pss_peak_at, 1),
             "peak_gpu_gib": round(max(gpu), 3) if gpu else None,
@@ -136,27 +142,35 @@ class PeakSampler:
         }
 
 
-def pss_by_kind(processes: list) -> dict[str, int]:
-    """The PSS of these processes by what their pages hold, from /proc/PID/smaps:
+def pss_by_kind(processes: list) -> tuple[dict[str, int], dict[str, int]]:
+    """The PSS of these processes by what their pages hold, from /proc/PID/smaps, and that
+    of the kinds "files" and "pinned" by path:
     object_store  Ray's shared-memory object store (/dev/shm, or the plasma file)
     code          files mapped by the loader (.so libraries, the python binary)
     files         other mapped files (a safetensors file read through mmap)
-    gpu_driver    mappings of /dev/nvidia* (pinned host memory the driver maps for CUDA)
+    pinned        shared anonymous mappings (/dev/zero): CUDA's pinned host buffers
+                  (cudaHostAlloc) are these; records before 2026-12-01T2142 counted them
+                  as files
+    gpu_driver    mappings of /dev/nvidia* (memory the driver maps for CUDA)
     anonymous     heaps, stacks and anonymous mappings (tensors, buffers, Python objects)."""
-    kinds = dict.fromkeys(("object_store", "code", "files", "gpu_driver", "anonymous"), 0)
+    kinds = dict.fromkeys(("object_store", "code", "files", "pinned", "gpu_driver", "anonymous"), 0)
+    files: dict[str, int] = {}
     for process in processes:
-        kind = "anonymous"
+        kind, path = "anonymous", ""
         try:
             with open(f"/proc/{process.pid}/smaps") as handle:
                 for line in handle:
                     fields = line.split(None, 5)
                     if line.startswith("Pss:"):
                         kinds[kind] += int(fields[1]) * 1024
+                        if kind in ("files", "pinned"):
+                            files[path] = files.get(path, 0) + int(fields[1]) * 1024
                     elif not fields[0].endswith(":"):  # a mapping's header: address, perms, offset, dev, inode, path
-                        kind = _mapping_kind(fields[5].strip() if len(fields) == 6 else "")
+                        path = fields[5].strip() if len(fields) == 6 else ""
+                        kind = _mapping_kind(path)
         except (OSError, IndexError):
             continue
-    return kinds
+    return kinds, files
 
 
 def _mapping_kind(path: str) -> str:
@@ -166,6 +180,8 @@ def _mapping_kind(path: str) -> str:
         return "object_store"
     if path.startswith("/dev/nvidia"):
         return "gpu_driver"
+    if path.startswith("/dev/zero"):
+        return "pinned"
     name = path.replace(" (deleted)", "").rsplit("/", 1)[-1]
     if ".so" in name or os.access(path, os.X_OK) and not os.path.isdir(path):
         return "code"

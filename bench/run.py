@@ -29,6 +29,9 @@ sys.path.insert(0, REPO)
 # The child processes (model writer, llm-compressor) and Ray's workers import from this checkout too.
 os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (REPO, os.environ.get("PYTHONPATH")) if p)
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # Ray 2.60 enables token auth for local instances
+# No idle worker processes started ahead of tasks, as in the job's own local instance
+# (nvfp4_ray.pipeline.job.ray_session) and on the image's nodes (cluster/docker/Dockerfile)
+os.environ.setdefault("RAY_prestart_worker_first_driver", "0")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -390,6 +393,7 @@ def make_record(*, command, device, gpus, machine_gpus, spec, source, samples, s
         "peak_pss_gib": run["peak_pss_gib"],
         "peak_pss_top_processes_gib": run["peak_pss_top_processes_gib"],
         "peak_pss_by_kind_gib": run["peak_pss_by_kind_gib"],
+        "peak_pss_top_files_gib": run["peak_pss_top_files_gib"],
         "pss_at_start_gib": run["pss_at_start_gib"],
         "peak_pss_at_s": run["peak_pss_at_s"],
         "peak_gpu_per_device_gib": run["peak_gpu_per_device_gib"],

@@ -14,35 +14,32 @@ import torch
 from nvfp4_ray.architecture import LayerSpec
 from nvfp4_ray.errors import InputError
 from nvfp4_ray.formats import linear as formats
-from nvfp4_ray.io.tensors import FLOAT_DTYPES, TensorBundle, bundle_entry, torch_dtype, torch_entry
+from nvfp4_ray.io.tensors import FLOAT_DTYPES, LocalRead, TensorBundle, to_device_in_pieces, torch_dtype, torch_entry
 
 
 def to_device_checked(
-    bundle: TensorBundle, device: torch.device, check: bool = True, staging: torch.Tensor | None = None
+    tensors: TensorBundle | LocalRead, device: torch.device, check: bool = True, pieces: list | None = None
 ) -> dict[str, torch.Tensor]:
     """Every tensor of the unit on ``device``; with ``check``, a NaN or Inf in any
-    floating-point one fails the unit (one host sync for all of them). ``staging``: a
-    pinned byte buffer at least as large as the bundle, through which the bundle crosses
-    to the GPU in one asynchronous copy (the tensors are views into it there); a bundle
-    read into it already is not copied again."""
-    if device.type == "cuda" and staging is not None:
-        host = staging[: bundle.buffer.size]
-        if not bundle.buffer.size or host.data_ptr() != bundle.buffer.ctypes.data:  # not read into it already
-            host.copy_(bundle.as_tensor())
-        whole = host.to(device, non_blocking=True)
-        tensors = {name: _view(whole, bundle, name) for name in bundle.names()}
+    floating-point one fails the unit (one host sync for all of them). To a GPU the unit
+    crosses whole, through ``pieces`` (``to_device_in_pieces``), and its tensors are views
+    of the copy there; on a CPU they are views of the bundle (a LocalRead is read first)."""
+    if device.type == "cuda":
+        whole = to_device_in_pieces(tensors, device, pieces)
+        on_device = {name: _view(whole, entry) for name, entry in tensors.entries.items()}
     else:
-        tensors = {name: bundle.tensor(name).to(device, non_blocking=True) for name in bundle.names()}
-    floats = [name for name in tensors if bundle.entries[name][1] in FLOAT_DTYPES] if check else []
-    finite = torch.stack([torch.isfinite(tensors[name]).all() for name in floats]).tolist() if floats else []
+        bundle = tensors.read() if isinstance(tensors, LocalRead) else tensors
+        on_device = {name: bundle.tensor(name) for name in bundle.names()}
+    floats = [name for name, entry in tensors.entries.items() if entry[1] in FLOAT_DTYPES] if check else []
+    finite = torch.stack([torch.isfinite(on_device[name]).all() for name in floats]).tolist() if floats else []
     for name, ok in zip(floats, finite):
         if not ok:
             raise InputError(f"tensor {name!r} contains NaN or Inf; the source checkpoint is broken")
-    return tensors
+    return on_device
 
 
-def _view(whole: torch.Tensor, bundle: TensorBundle, name: str) -> torch.Tensor:
-    offset, dtype, shape = bundle.entries[name]
+def _view(whole: torch.Tensor, entry: tuple) -> torch.Tensor:
+    offset, dtype, shape = entry
     dtype = torch_dtype(dtype)
     size = math.prod(shape) * dtype.itemsize
     part = whole[offset : offset + size]
@@ -51,9 +48,10 @@ def _view(whole: torch.Tensor, bundle: TensorBundle, name: str) -> torch.Tensor:
     return part.view(dtype).view(shape)
 
 
-def quantize_layer(spec: LayerSpec, bundle: TensorBundle, on_device: dict[str, torch.Tensor]) -> list[tuple]:
-    """Output entries (name, dtype, shape, bytes) for one decoder layer, from its tensors
-    already on the device (``to_device_checked``) and their source bytes."""
+def quantize_layer(spec: LayerSpec, on_device: dict[str, torch.Tensor]) -> list[tuple]:
+    """Output entries (name, dtype, shape, bytes in host memory) for one decoder layer,
+    from its tensors on the device (``to_device_checked``). Tensors passed through keep
+    their source bytes: copied back from a GPU (norms and biases, small), views on a CPU."""
     entries = []
     replaced = set()
     for group in spec.groups:
@@ -62,7 +60,7 @@ def quantize_layer(spec: LayerSpec, bundle: TensorBundle, on_device: dict[str, t
         for linear, tensors in zip(group, formats.quantize_group(weights, group[0].scheme)):
             entries.extend(torch_entry(f"{linear.checkpoint}.{suffix}", t) for suffix, t in tensors.items())
         replaced.update(names)
-    entries.extend(bundle_entry(bundle, name) for name in bundle.names() if name not in replaced)
+    entries.extend(torch_entry(name, tensor) for name, tensor in on_device.items() if name not in replaced)
     return entries
 
 

@@ -178,5 +178,5 @@ def test_a_layer_crossing_whole_gives_every_tensor_back():
     assert entries["b"][0] % 4  # "b" (float32) starts 6 bytes in: the unaligned case is covered
     whole = bundle.as_tensor().clone()
     for name, tensor in tensors.items():
-        assert torch.equal(_view(whole, bundle, name), tensor)
-        assert _view(whole, bundle, name).dtype == tensor.dtype
+        assert torch.equal(_view(whole, bundle.entries[name]), tensor)
+        assert _view(whole, bundle.entries[name]).dtype == tensor.dtype

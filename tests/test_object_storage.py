@@ -126,9 +126,43 @@ def test_a_tensor_read_to_a_device_in_pieces_is_the_tensor(tmp_path):
     write_shard(store, "m.safetensors", entries)
     header = read_header(store, "m.safetensors", store.info("m.safetensors").size)
     local = LocalRead(str(tmp_path), [SourceTensor("m.safetensors", e) for e in header.values()])
-    weight = local.to_device("b.weight", torch.device("cpu"), piece_bytes=1000)  # 19,866 bytes: 20 pieces
+    pieces = [torch.empty(1000, dtype=torch.uint8) for _ in range(2)]
+    weight = local.to_device("b.weight", torch.device("cpu"), pieces)  # 19,866 bytes: 20 pieces
     assert weight.dtype == torch.bfloat16 and torch.equal(weight, values["b.weight"])
     assert torch.equal(weight, local.read().tensor("b.weight"))
+
+
+def test_a_layer_crossing_in_pieces_has_the_bytes_of_a_whole_read(tmp_path):
+    """A layer's tensors in two files, with a tensor not wanted between two pairs of them
+    (wider than _MERGE_GAP: two spans in that file): crossed through pieces smaller than
+    the tensors and not dividing the spans, or larger than the layer, the bytes equal
+    those of a whole read, from a LocalRead and from the bundle it reads."""
+    import torch
+
+    from nvfp4_ray.io.tensors import LocalRead, to_device_in_pieces, write_shard
+
+    store = Store(str(tmp_path))
+    rng = np.random.default_rng(0)
+
+    def tensor(rows):
+        return rng.integers(0, 255, (rows, 64), dtype=np.uint8)
+
+    first = {"x.a": tensor(3), "x.b": tensor(40), "x.c": tensor(5), "x.bz": tensor(20000), "x.d": tensor(9)}
+    write_shard(store, "one.safetensors", [(n, "U8", v.shape, memoryview(v.tobytes())) for n, v in first.items()])
+    write_shard(store, "two.safetensors", [("y.a", "U8", (7, 64), memoryview(tensor(7).tobytes()))])
+    wanted = []
+    for file_name, names in (("one.safetensors", ("x.a", "x.b", "x.d", "x.c")), ("two.safetensors", ("y.a",))):
+        header = read_header(store, file_name, store.info(file_name).size)
+        wanted += [SourceTensor(file_name, header[name]) for name in names]
+    local = LocalRead(str(tmp_path), wanted)
+    whole = local.read()
+    assert local.size == whole.size and local.entries == whole.entries
+    assert len(local._layout[0]) == 3  # x.a-x.b, x.c-x.d (past x.bz: a gap wider than _MERGE_GAP), y.a
+    for source in (local, whole):
+        for piece_bytes in (777, 4096, whole.size, whole.size + 1):
+            pieces = [torch.empty(piece_bytes, dtype=torch.uint8) for _ in range(2)]
+            crossed = to_device_in_pieces(source, torch.device("cpu"), pieces)
+            assert crossed.numpy().tobytes() == whole.buffer.tobytes(), (type(source).__name__, piece_bytes)
 
 
 def test_a_layer_is_read_with_concurrent_range_requests_not_the_whole_file(bucket, proxy):

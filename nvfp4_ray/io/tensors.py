@@ -14,7 +14,7 @@ import warnings
 from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from functools import cache
+from functools import cache, cached_property
 
 import numpy as np
 
@@ -26,7 +26,6 @@ from nvfp4_ray.io.storage import Store
 FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")
 _MERGE_GAP = 1 << 20  # read across gaps up to 1 MiB rather than issue another request
 _COPY_CHUNK = 32 << 20  # bytes of a copied tensor in memory at once (two: one written, the next read)
-_DEVICE_PIECE = 64 << 20  # bytes of a tensor read straight to a GPU at once
 _FINITE_STEP = 1 << 20  # bytes checked for NaN and Inf at once (a multiple of every item size)
 
 
@@ -56,6 +55,14 @@ def safetensors_dtype(dtype) -> str:
 class TensorBundle:
     buffer: np.ndarray  # uint8, read-only once it has been through Ray's object store
     entries: dict[str, tuple[int, str, tuple[int, ...]]]  # name -> (offset, dtype, shape)
+
+    @property
+    def size(self) -> int:
+        return self.buffer.size
+
+    def read_range(self, start: int, out: memoryview) -> None:
+        """Bytes [start, start + len(out)) of the buffer, into ``out``."""
+        out[:] = memoryview(self.buffer)[start : start + len(out)]
 
     def raw(self, name: str) -> np.ndarray:
         offset, dtype, shape = self.entries[name]
@@ -102,16 +109,16 @@ def finite(dtype: str, raw: np.ndarray) -> bool:
     return True
 
 
-def read_tensors(store: Store, tensors: list[SourceTensor], allocate=None) -> TensorBundle:
-    """Read the given tensors (any files) into one bundle, with every request in flight at once.
-    ``allocate(size)``: the uint8 buffer to read into (default: a new numpy array)."""
+def _layout(tensors: list[SourceTensor]) -> tuple[list[list], dict, int]:
+    """Where the given tensors lie in a bundle of them: the spans to read, each
+    ``[file, start, end, offset in the bundle]`` and back to back; every tensor's entry;
+    the bundle's size. Neighbouring tensors of a file are coalesced into one span (bytes
+    between them, gaps up to _MERGE_GAP, are read too and left unused), for fewer, larger
+    requests."""
     by_file: dict[str, list[SourceTensor]] = defaultdict(list)
     for tensor in tensors:
         by_file[tensor.file].append(tensor)
-    # Coalesce neighbouring tensors into spans, each read into the buffer whole: bytes
-    # between tensors (gaps up to _MERGE_GAP) are read too and left unused, for fewer,
-    # larger requests.
-    spans: list[list] = []  # [file, start, end, offset in buffer]
+    spans: list[list] = []
     entries: dict[str, tuple[int, str, tuple[int, ...]]] = {}
     offset = 0
     for file_name in sorted(by_file):
@@ -125,7 +132,14 @@ def read_tensors(store: Store, tensors: list[SourceTensor], allocate=None) -> Te
                 spans.append(span)
             offset = span[3] + span[2] - span[1]
             entries[tensor.name] = (span[3] + entry.start - span[1], entry.dtype, entry.shape)
-    buffer = np.empty(offset, dtype=np.uint8) if allocate is None else allocate(offset)
+    return spans, entries, offset
+
+
+def read_tensors(store: Store, tensors: list[SourceTensor], allocate=None) -> TensorBundle:
+    """Read the given tensors (any files) into one bundle, with every request in flight at once.
+    ``allocate(size)``: the uint8 buffer to read into (default: a new numpy array)."""
+    spans, entries, size = _layout(tensors)
+    buffer = np.empty(size, dtype=np.uint8) if allocate is None else allocate(size)
     store.read_many([(file, start, end) for file, start, end, _ in spans], memoryview(buffer))
     return TensorBundle(buffer=buffer, entries=entries)
 
@@ -133,29 +147,72 @@ def read_tensors(store: Store, tensors: list[SourceTensor], allocate=None) -> Te
 @dataclass(frozen=True)
 class LocalRead:
     """Tensors of a local SOURCE that the process using them reads itself, from the page
-    cache the layer flow's read-ahead filled: no reading process, no object-store copy."""
+    cache the layer flow's read-ahead filled: no reading process, no object-store copy.
+    Its ``entries`` and ``size`` are those of the bundle ``read`` returns."""
 
     source_url: str
     tensors: list[SourceTensor]
 
+    @cached_property
+    def _layout(self) -> tuple[list[list], dict, int]:
+        return _layout(self.tensors)
+
+    @property
+    def entries(self) -> dict[str, tuple[int, str, tuple[int, ...]]]:
+        return self._layout[1]
+
+    @property
+    def size(self) -> int:
+        return self._layout[2]
+
     def read(self, allocate=None) -> TensorBundle:
         return read_tensors(Store(self.source_url), self.tensors, allocate)
 
-    def to_device(self, name: str, device, piece_bytes: int = _DEVICE_PIECE):
-        """Tensor ``name`` read straight into ``device`` memory, a piece at a time through
-        a small pinned buffer: read whole into host memory first, the 8B model's 1 GiB
-        embedding was that much of the job's host memory peak."""
-        import torch
+    def read_range(self, start: int, out: memoryview) -> None:
+        """Bytes [start, start + len(out)) of the bundle ``read`` would return, into ``out``."""
+        end, reads = start + len(out), []
+        for file_name, first, last, offset in self._layout[0]:
+            low, high = max(start, offset), min(end, offset + last - first)
+            if low < high:  # the spans lie back to back: these reads fill ``out`` in order
+                reads.append((file_name, first + low - offset, first + high - offset))
+        Store(self.source_url).read_many(reads, out)
 
+    def to_device(self, name: str, device, pieces: list):
+        """Tensor ``name`` read straight into ``device`` memory through ``pieces``
+        (``to_device_in_pieces``): read whole into host memory first, the 8B model's 1 GiB
+        embedding was that much of the job's host memory peak."""
         tensor = next(t for t in self.tensors if t.name == name)
-        entry, store = tensor.entry, Store(self.source_url)
-        out = torch.empty(entry.nbytes, dtype=torch.uint8, device=device)
-        piece = torch.empty(min(piece_bytes, entry.nbytes), dtype=torch.uint8, pin_memory=device.type == "cuda")
-        for offset in range(0, entry.nbytes, piece_bytes):
-            size = min(piece_bytes, entry.nbytes - offset)
-            store.read_many([(tensor.file, entry.start + offset, entry.start + offset + size)], memoryview(piece.numpy())[:size])
-            out[offset : offset + size].copy_(piece[:size])  # returns once copied: the piece is read into again
-        return out.view(torch_dtype(entry.dtype)).view(entry.shape)
+        alone = LocalRead(self.source_url, [tensor])
+        out = to_device_in_pieces(alone, device, pieces)
+        return out.view(torch_dtype(tensor.entry.dtype)).view(tensor.entry.shape)
+
+
+def to_device_in_pieces(source: TensorBundle | LocalRead, device, pieces: list):
+    """The bytes of ``source`` in a new uint8 tensor on ``device``, crossed through
+    ``pieces`` (equal uint8 host buffers, pinned for a GPU) a piece at a time: each piece is
+    filled while the copy out of the previous one runs, and filled again only once the copy
+    out of it has finished. The host memory a crossing holds is the pieces, whatever the
+    size of the layer (a whole-layer pinned buffer was 0.5 GiB on the 8B model, and grows
+    with the model's width). The copies are on the current stream; it returns once they
+    have run, the pieces free for the next crossing."""
+    import torch
+
+    out = torch.empty(source.size, dtype=torch.uint8, device=device)
+    piece_bytes = pieces[0].numel()
+    copied: list = [None] * len(pieces)  # per piece: a CUDA event after the last copy out of it
+    for n, start in enumerate(range(0, source.size, piece_bytes)):
+        i, length = n % len(pieces), min(piece_bytes, source.size - start)
+        if copied[i] is not None:
+            copied[i].synchronize()
+        source.read_range(start, memoryview(pieces[i].numpy())[:length])
+        out[start : start + length].copy_(pieces[i][:length], non_blocking=True)
+        if out.is_cuda:
+            copied[i] = torch.cuda.Event()
+            copied[i].record()
+    for event in copied:
+        if event is not None:
+            event.synchronize()
+    return out
 
 
 def read_file(store: Store, file_name: str, sha256: str | None = None) -> TensorBundle | None:
@@ -258,9 +315,3 @@ def write_shard(store: Store, file_name: str, tensors: list[tuple[str, str, tupl
 
 def torch_entry(name: str, tensor) -> tuple[str, str, tuple[int, ...], memoryview]:
     return (name, safetensors_dtype(tensor.dtype), tuple(tensor.shape), tensor_bytes(tensor))
-
-
-def bundle_entry(bundle: TensorBundle, name: str, out_name: str | None = None):
-    """A tensor copied byte for byte from a bundle into a shard."""
-    _, dtype, shape = bundle.entries[name]
-    return (out_name or name, dtype, shape, memoryview(bundle.raw(name)).cast("B"))

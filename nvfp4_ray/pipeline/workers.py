@@ -31,7 +31,6 @@ import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager, nullcontext
 
-import numpy as np
 import ray
 
 from nvfp4_ray.errors import InputError, JobError
@@ -60,6 +59,10 @@ RETRY = dict(max_retries=RETRIES, retry_exceptions=list(RETRYABLE))
 # the 8B model. One thread, writing and fsyncing one unit at a time, fell behind the GPU
 # (H200, 32 layers: the loop waited 4.1 s for loads, probe 1929).
 WRITES_QUEUED = 4
+# The pinned buffers a layer crosses to the GPU through: 2 x 64 MiB, whatever the layer's size.
+# A 64 MiB piece is read from the page cache by several threads (the store's local read
+# chunks are smaller) while the previous one is copied to the GPU.
+PIECE_BYTES = 64 << 20
 _HOPELESS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
 
 
@@ -162,7 +165,12 @@ class LayerWorker:
         self.startup["device_init_s"] = self._lap()
         self.runner = None
         self.loaded: dict[int, _Loaded] = {}
-        self.staging = None
+        # Two pinned pieces a layer crosses to the GPU through: one is filled while the other
+        # is copied out (``to_device_in_pieces``)
+        self.pieces = None
+        if self.device.type == "cuda":
+            self.pieces = [torch.empty(PIECE_BYTES, dtype=torch.uint8, pin_memory=True) for _ in range(2)]
+        self.pieces_lock = threading.Lock()
         self.lock = threading.Lock()
         self.busy_s = 0.0  # seconds spent running layers: the compute side of calibration
         self.load_wait_s = 0.0  # of those, waiting for the load thread (the layer's read and copy)
@@ -217,7 +225,7 @@ class LayerWorker:
         with ``unit`` (its spec, file name, key and DEST) quantize it from there and hand
         the output to the write threads (``written`` says when the file is at DEST).
         ``tensors``: the layer read into the object store, or to read here from a local SOURCE
-        (into the pinned buffer it crosses to the GPU through)."""
+        (a piece at a time into the pinned buffers it crosses to the GPU through)."""
         import torch
 
         from nvfp4_ray.layer_quantizer import quantize_layer, to_device_checked
@@ -225,12 +233,9 @@ class LayerWorker:
         slot = self._slot(index) if keep else None
         handed = False
         try:
-            bundle = tensors.read(self._staging_array) if isinstance(tensors, LocalRead) else tensors
-            # tensors passed through unchanged are views of the bundle: copied out of the
-            # pinned buffer, which the next load overwrites
-            staged = self.staging is not None and np.may_share_memory(bundle.buffer, self.staging.numpy())
-            with torch.cuda.stream(self.load_stream) if self.device.type == "cuda" else nullcontext():
-                on_device = to_device_checked(bundle, self.device, unit is not None, self._staging(bundle.buffer.size))
+            # the pieces are the load thread's, but for the embedding (start)
+            with self.pieces_lock, torch.cuda.stream(self.load_stream) if self.device.type == "cuda" else nullcontext():
+                on_device = to_device_checked(tensors, self.device, unit is not None, self.pieces)
                 if slot is not None:
                     slot.tensors = {local: on_device[name] for name, local in tensor_names.items()}
                     if self.device.type == "cuda":
@@ -239,10 +244,7 @@ class LayerWorker:
                     slot.ready.set()
                 if unit is not None:
                     spec, file_name, key, dest_url = unit
-                    keep_bytes = np.array if staged else np.asarray
-                    entries = [(n, dtype, shape, keep_bytes(raw)) for n, dtype, shape, raw in quantize_layer(spec, bundle, on_device)]
-                if self.device.type == "cuda":
-                    self.load_stream.synchronize()  # the staging buffer is free again
+                    entries = quantize_layer(spec, on_device)  # in host memory: the write threads' own
             if unit is not None:
                 handed = True
                 self._write_behind(index, entries, file_name, key, dest_url)
@@ -285,22 +287,6 @@ class LayerWorker:
             with self.lock:
                 self.writes.pop(index, None)
 
-    def _staging(self, size: int):
-        """The pinned buffer a layer crosses to the GPU through (grown to the largest layer)."""
-        import torch
-
-        if self.device.type != "cuda":
-            return None
-        if self.staging is None or self.staging.numel() < size:
-            self.staging = None  # the old one is freed before the larger one is pinned
-            self.staging = torch.empty(size, dtype=torch.uint8, pin_memory=True)
-        return self.staging
-
-    def _staging_array(self, size: int) -> np.ndarray:
-        """Where a layer of a local SOURCE is read to: the pinned buffer on a GPU, else new memory."""
-        staging = self._staging(size)
-        return np.empty(size, dtype=np.uint8) if staging is None else staging[:size].numpy()
-
     def _take(self, index: int) -> dict:
         """The tensors of layer ``index``, once its load has copied them (on the load stream)."""
         import torch
@@ -321,7 +307,11 @@ class LayerWorker:
     # ---- the compute thread ------------------------------------------------------------
     def start(self, batches: list, embed: TensorBundle | LocalRead, embed_name: str) -> int:
         self._compute_threads()
-        weight = embed.to_device(embed_name, self.device) if isinstance(embed, LocalRead) else embed.tensor(embed_name)
+        if isinstance(embed, LocalRead) and self.device.type == "cuda":
+            with self.pieces_lock:  # on the compute stream, which uses the weight
+                weight = embed.to_device(embed_name, self.device, self.pieces)
+        else:
+            weight = (embed.read() if isinstance(embed, LocalRead) else embed).tensor(embed_name)
         self.runner.start(batches, weight)
         return sum(batch.tokens for batch in batches)
 
