@@ -58,4 +58,3 @@ def test_quantized_layers_wait_for_a_slow_dest_at_most_writes_queued_deep(smollm
     for unit, written in zip(units, files):
         assert written.name == unit.file and written.sha256 == hashlib.sha256(store.read_bytes(unit.file)).hexdigest()
         assert destination.load_done(store, unit.key, unit.file) == written
-
