@@ -135,11 +135,10 @@ def _layout(tensors: list[SourceTensor]) -> tuple[list[list], dict, int]:
     return spans, entries, offset
 
 
-def read_tensors(store: Store, tensors: list[SourceTensor], allocate=None) -> TensorBundle:
-    """Read the given tensors (any files) into one bundle, with every request in flight at once.
-    ``allocate(size)``: the uint8 buffer to read into (default: a new numpy array)."""
+def read_tensors(store: Store, tensors: list[SourceTensor]) -> TensorBundle:
+    """Read the given tensors (any files) into one bundle, with every request in flight at once."""
     spans, entries, size = _layout(tensors)
-    buffer = np.empty(size, dtype=np.uint8) if allocate is None else allocate(size)
+    buffer = np.empty(size, dtype=np.uint8)
     store.read_many([(file, start, end) for file, start, end, _ in spans], memoryview(buffer))
     return TensorBundle(buffer=buffer, entries=entries)
 
@@ -165,8 +164,8 @@ class LocalRead:
     def size(self) -> int:
         return self._layout[2]
 
-    def read(self, allocate=None) -> TensorBundle:
-        return read_tensors(Store(self.source_url), self.tensors, allocate)
+    def read(self) -> TensorBundle:
+        return read_tensors(Store(self.source_url), self.tensors)
 
     def read_range(self, start: int, out: memoryview) -> None:
         """Bytes [start, start + len(out)) of the bundle ``read`` would return, into ``out``."""
