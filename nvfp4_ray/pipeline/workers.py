@@ -233,9 +233,9 @@ class LayerWorker:
         slot = self._slot(index) if keep else None
         handed = False
         try:
-            # the pieces are the load thread's, but for the embedding (start)
-            with self.pieces_lock, torch.cuda.stream(self.load_stream) if self.device.type == "cuda" else nullcontext():
-                on_device = to_device_checked(tensors, self.device, unit is not None, self.pieces)
+            with torch.cuda.stream(self.load_stream) if self.device.type == "cuda" else nullcontext():
+                with self.pieces_lock:  # the load thread's, but for the embedding (start)
+                    on_device = to_device_checked(tensors, self.device, unit is not None, self.pieces)
                 if slot is not None:
                     slot.tensors = {local: on_device[name] for name, local in tensor_names.items()}
                     if self.device.type == "cuda":
