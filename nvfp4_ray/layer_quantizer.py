@@ -14,7 +14,7 @@ import torch
 from nvfp4_ray.architecture import LayerSpec
 from nvfp4_ray.errors import InputError
 from nvfp4_ray.formats import linear as formats
-from nvfp4_ray.io.tensors import FLOAT_DTYPES, LocalRead, TensorBundle, to_device_in_pieces, torch_dtype, torch_entry
+from nvfp4_ray.io.tensors import FLOAT_DTYPES, LocalRead, TensorBundle, to_device_in_pieces, torch_dtype
 
 
 def to_device_checked(
@@ -48,33 +48,34 @@ def _view(whole: torch.Tensor, entry: tuple) -> torch.Tensor:
     return part.view(dtype).view(shape)
 
 
-def quantize_layer(spec: LayerSpec, on_device: dict[str, torch.Tensor]) -> list[tuple]:
-    """Output entries (name, dtype, shape, bytes in host memory) for one decoder layer,
-    from its tensors on the device (``to_device_checked``). Tensors passed through keep
-    their source bytes: copied back from a GPU (norms and biases, small), views on a CPU."""
-    entries = []
+def quantize_layer(spec: LayerSpec, on_device: dict[str, torch.Tensor]) -> list[tuple[str, torch.Tensor]]:
+    """Output tensors (name, tensor on the device) for one decoder layer, from its tensors
+    on the device (``to_device_checked``). Tensors passed through keep their source bytes,
+    as copies (norms and biases, small): a view would hold the whole layer's bytes while
+    the output waits to be written."""
+    out = []
     replaced = set()
     for group in spec.groups:
         names = [f"{linear.checkpoint}.weight" for linear in group]
         weights = [on_device[name] for name in names]
         for linear, tensors in zip(group, formats.quantize_group(weights, group[0].scheme)):
-            entries.extend(torch_entry(f"{linear.checkpoint}.{suffix}", t) for suffix, t in tensors.items())
+            out.extend((f"{linear.checkpoint}.{suffix}", t) for suffix, t in tensors.items())
         replaced.update(names)
-    entries.extend(torch_entry(name, tensor) for name, tensor in on_device.items() if name not in replaced)
-    return entries
+    out.extend((name, t.clone()) for name, t in on_device.items() if name not in replaced)
+    return out
 
 
-def scale_entries(layers: list[LayerSpec], layer_amax: list[dict[str, float]], kv_args, dtype: torch.dtype) -> list[tuple]:
-    """Activation scale tensors (input_global_scale, input_scale, k_scale, v_scale) from the
-    reduced calibration amax of every layer."""
-    entries = []
+def scale_tensors(layers: list[LayerSpec], layer_amax: list[dict[str, float]], kv_args, dtype: torch.dtype) -> list[tuple]:
+    """Activation scale tensors (name, tensor: input_global_scale, input_scale, k_scale,
+    v_scale) from the reduced calibration amax of every layer."""
+    out = []
     for layer, amax in zip(layers, layer_amax):
         for linear in layer.linears:
             if linear.calibrated:
                 tensors = formats.activation_tensors("input", linear.scheme.input_activations, amax[linear.local], dtype)
-                entries.extend(torch_entry(f"{linear.checkpoint}.{suffix}", t) for suffix, t in tensors.items())
+                out.extend((f"{linear.checkpoint}.{suffix}", t) for suffix, t in tensors.items())
         for attention in layer.attention:
             for kv in "kv":
                 tensors = formats.activation_tensors(kv, kv_args, amax[f"{attention.local}.{kv}"], dtype)
-                entries.extend(torch_entry(f"{attention.checkpoint}.{suffix}", t) for suffix, t in tensors.items())
-    return entries
+                out.extend((f"{attention.checkpoint}.{suffix}", t) for suffix, t in tensors.items())
+    return out

@@ -113,6 +113,37 @@ def test_a_copied_tensor_is_streamed_in_chunks_into_the_same_bytes_as_a_whole_wr
         assert sorted(os.listdir(tmp_path / "dest")) == ["copy.safetensors", "whole.safetensors"]
 
 
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_tensors_written_through_a_small_buffer_are_the_bytes_of_a_whole_write(where, bucket, tmp_path):
+    """TensorShard (a worker's units and snapshots) copies tensors through one host buffer
+    that is refilled for every part, the chunks not dividing the tensors: the file and its
+    digest are those write_shard makes of the tensors' bytes, and so without a buffer."""
+    import torch
+
+    from nvfp4_ray.io.tensors import TensorShard, write_shard
+
+    generator = torch.Generator().manual_seed(0)
+    tensors = [
+        ("b.weight", torch.randn(37, 19, generator=generator).to(torch.bfloat16)),
+        ("a.weight_scale", torch.randn(5, 3, generator=generator).to(torch.float8_e4m3fn)),
+        ("a.weight_global_scale", torch.tensor([448.0 * 6 / 3.0])),
+        ("c.scalar", torch.tensor(2.5)),
+        ("d.empty", torch.empty(0, 4)),
+    ]
+    dest = Store(str(tmp_path / "dest") if where == "local" else f"s3://{bucket}/tensor-shard")
+    entries = [(n, t.dtype, tuple(t.shape), t.reshape(-1).view(torch.uint8).numpy().tobytes()) for n, t in tensors]
+    dtypes = {torch.bfloat16: "BF16", torch.float8_e4m3fn: "F8_E4M3", torch.float32: "F32"}
+    expected = write_shard(dest, "whole.safetensors", [(n, dtypes[d], s, memoryview(b)) for n, d, s, b in entries])
+
+    buffer = torch.empty(7, dtype=torch.uint8)
+    for name, shard in [("chunked.safetensors", TensorShard("chunked.safetensors", tensors, buffer)),
+                        ("own.safetensors", TensorShard("own.safetensors", tensors))]:  # fmt: skip
+        dest.write_parts(name, shard.parts(), size=shard.size)
+        assert dest.read_bytes(name) == dest.read_bytes("whole.safetensors")
+        assert (shard.written.size, shard.written.sha256, shard.written.tensors) == (expected.size, expected.sha256, expected.tensors)
+    assert TensorShard("", tensors, buffer).sha256() == expected.sha256
+
+
 def test_a_tensor_read_to_a_device_in_pieces_is_the_tensor(tmp_path):
     """LocalRead.to_device (a worker's embedding) reads a piece at a time, the last piece
     short: the same tensor as a whole read, of the second tensor of a file."""

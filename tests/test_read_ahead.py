@@ -43,6 +43,11 @@ def evict(paths: list[str]) -> None:
 
 
 MIB = 1 << 20
+# A range counts as read whole at this fraction of its pages: some machines reclaim cold
+# memory on their own (this VM kind runs a DAMON "pageout" scheme, kdamond), and took a
+# few pages of a range just read (6 of 8192 in one run of the suite). What the read-ahead
+# is measured against, posix_fadvise(WILLNEED), brings one 128 KiB window of each range.
+WHOLE = 0.98
 
 
 def test_read_ahead_brings_exactly_the_ranges_into_the_page_cache(tmp_path):
@@ -54,8 +59,8 @@ def test_read_ahead_brings_exactly_the_ranges_into_the_page_cache(tmp_path):
     path.write_bytes(os.urandom(128 * MIB))
     evict([str(path)])
     Store(str(tmp_path)).read_ahead([("data.bin", 8 * MIB, 40 * MIB), ("data.bin", 80 * MIB, 88 * MIB + 5)])
-    assert resident(str(path), 8 * MIB, 40 * MIB) == 1.0
-    assert resident(str(path), 80 * MIB, 88 * MIB + 5) == 1.0
+    assert resident(str(path), 8 * MIB, 40 * MIB) >= WHOLE
+    assert resident(str(path), 80 * MIB, 88 * MIB + 5) >= WHOLE
     assert resident(str(path), 52 * MIB, 76 * MIB) < 0.1  # beyond the kernel's own read-ahead after 40 MiB
     assert resident(str(path), 0, 8 * MIB) < 0.1
     # an object store has no page cache: asking is a no-op, not an error
@@ -108,7 +113,7 @@ def test_layers_are_read_ahead_in_order_within_the_budgets(tmp_path, smollm2, ra
 
     if not local:
         ray.get(reads)
-    assert all(fraction(i) == 1.0 for i in cached)  # a read-ahead request returns once its layer is read
+    assert all(fraction(i) >= WHOLE for i in cached), {i: fraction(i) for i in cached}  # returned once its layer was read
 
     # Layers well past every range read (the kernel's own read-ahead after a read takes up
     # to a few windows, 8 MiB each here) are untouched; which ones those are depends on the

@@ -291,7 +291,8 @@ class Store:
         in flight). ``size``, the file's length if known, sizes the upload's parts. A local
         file is fsynced before it is renamed into place; ``durable=False`` leaves that to a
         later ``sync`` (many files written, then one wait for the disk), for files that
-        nothing trusts before a marker written after that sync."""
+        nothing trusts before a marker written after that sync. A part is written or
+        copied before the next is taken: it may be a buffer that the next one refills."""
         path = self.path(relative)
         if self.local:
             os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
@@ -311,7 +312,7 @@ class Store:
         if self._is_s3:
             self._upload(relative, parts, size)
             return
-        body = b"".join(parts)  # other object stores take one body
+        body = b"".join(bytes(part) for part in parts)  # other object stores take one body
         with self._requests(relative):
             self.fs.pipe_file(path, body)
 

@@ -13,6 +13,7 @@ import hashlib
 import warnings
 from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import nullcontext
 from dataclasses import dataclass
 from functools import cache, cached_property
 
@@ -233,7 +234,7 @@ def tensor_bytes(tensor) -> memoryview:
     tensor = tensor.detach().contiguous().cpu()
     if tensor.numel() == 0:
         return memoryview(b"")
-    return memoryview(tensor.view(torch.uint8).reshape(-1).numpy()).cast("B")
+    return memoryview(tensor.reshape(-1).view(torch.uint8).numpy()).cast("B")
 
 
 @dataclass(frozen=True)
@@ -312,5 +313,69 @@ def write_shard(store: Store, file_name: str, tensors: list[tuple[str, str, tupl
     return written
 
 
-def torch_entry(name: str, tensor) -> tuple[str, str, tuple[int, ...], memoryview]:
-    return (name, safetensors_dtype(tensor.dtype), tuple(tensor.shape), tensor_bytes(tensor))
+class TensorShard:
+    """Torch tensors as one safetensors file. A GPU's tensors are copied out a chunk at a
+    time through ``buffer`` (a pinned uint8 host tensor; on a CPU too, where given), on
+    ``stream`` (not the compute stream's queue; one of torch's pool if not given), which
+    first waits for ``ready`` (a CUDA event after the kernels that made them): the host
+    holds one chunk, whatever the tensors' size, and the tensors wait on the GPU until
+    written. Without a buffer a CPU tensor's own bytes are the parts. ``parts()`` yields
+    the file (each part valid until the next is asked for: a writer writes or copies it
+    first, as Store.write_parts does); ``written`` says what the file is once every part
+    has been taken."""
+
+    def __init__(self, name: str, tensors: list[tuple[str, object]], buffer=None, ready=None, stream=None):
+        self.name, self.buffer, self.ready, self.stream = name, buffer, ready, stream
+        self.tensors = sorted(tensors, key=lambda t: t[0])  # the order encode_shard writes
+        self.sizes = {tensor_name: t.numel() * t.element_size() for tensor_name, t in self.tensors}
+        layout = [(n, safetensors_dtype(t.dtype), tuple(t.shape), self.sizes[n]) for n, t in self.tensors]
+        self.header, self.size = build_header(layout, {"format": "pt"})
+        self.written: WrittenFile | None = None
+
+    def parts(self):
+        digest = hashlib.sha256(self.header)
+        yield self.header
+        stream = self._stream()
+        for _, tensor in self.tensors:
+            for part in self._chunks(tensor, stream):
+                digest.update(part)
+                yield part
+        self.written = WrittenFile(self.name, self.size, digest.hexdigest(), self.sizes)
+
+    def sha256(self) -> str:
+        """The digest of the file's bytes (the parts taken, not written)."""
+        for _ in self.parts():
+            pass
+        return self.written.sha256
+
+    def _stream(self):
+        import torch
+
+        on_gpu = [tensor for _, tensor in self.tensors if tensor.is_cuda]
+        if not on_gpu:
+            return None
+        if self.buffer is None:
+            raise ValueError("GPU tensors are written through a host buffer: give one")
+        stream = self.stream or torch.cuda.Stream(on_gpu[0].device)
+        if self.ready is not None:
+            stream.wait_event(self.ready)
+        return stream
+
+    def _chunks(self, tensor, stream):
+        import torch
+
+        if self.buffer is None:
+            yield tensor_bytes(tensor)
+            return
+        with torch.cuda.stream(stream) if tensor.is_cuda else nullcontext():  # a copy, if any, after ``ready``
+            flat = tensor.detach().contiguous().reshape(-1).view(torch.uint8)
+        room = self.buffer.numel()
+        for start in range(0, flat.numel(), room):
+            piece = self.buffer[: min(room, flat.numel() - start)]
+            if not tensor.is_cuda:
+                piece.copy_(flat[start : start + piece.numel()])
+            else:  # the copy has run before the part is handed out, and before the next one
+                with torch.cuda.stream(stream):
+                    piece.copy_(flat[start : start + piece.numel()], non_blocking=True)
+                stream.synchronize()
+            yield memoryview(piece.numpy()).cast("B")

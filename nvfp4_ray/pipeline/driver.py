@@ -19,7 +19,7 @@ import math
 import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 import ray
 
@@ -27,8 +27,8 @@ from nvfp4_ray.calibration.batches import deal, make_batches
 from nvfp4_ray.errors import JobError
 from nvfp4_ray.io import destination, versions
 from nvfp4_ray.io.storage import Store, is_remote
-from nvfp4_ray.io.tensors import WrittenFile, encode_shard, torch_dtype
-from nvfp4_ray.layer_quantizer import scale_entries
+from nvfp4_ray.io.tensors import TensorShard, WrittenFile, torch_dtype
+from nvfp4_ray.layer_quantizer import scale_tensors
 from nvfp4_ray.pipeline.events import Events
 from nvfp4_ray.pipeline.layer_flow import LOST, LayerFlow, WorkerLost, lost_worker_error
 from nvfp4_ray.pipeline.placement import Placement
@@ -433,13 +433,12 @@ class Execution:
         a config change) gives the same scales, the file already at DEST is the answer."""
         plan = self.plan
         layers = [unit.spec for unit in plan.layer_units]
-        entries = scale_entries(layers, self.layer_amax, plan.spec.kv_args, torch_dtype(plan.spec.dtype))
-        parts, written = encode_shard("", entries)
-        key = written.sha256[:16]
+        tensors = scale_tensors(layers, self.layer_amax, plan.spec.kv_args, torch_dtype(plan.spec.dtype))
+        key = TensorShard("", tensors).sha256()[:16]
         file_name = f"model-input-scales-{key}.safetensors"
         done = destination.load_done(self.dest, key, file_name)
         if done is None:
-            done = write_unit(self.dest, file_name, key, entries, (parts, replace(written, name=file_name)))
+            done = write_unit(self.dest, key, TensorShard(file_name, tensors))
             self.computed.append(file_name)
         else:
             self.reused.append(file_name)

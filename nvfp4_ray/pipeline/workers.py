@@ -16,14 +16,16 @@ GPU on a side stream and quantizes it there while ``run_layer`` computes layer k
 process per GPU, so nothing else competes for it (separate processes would be
 time-sliced). Write threads write the quantized layers to DEST, at most WRITES_QUEUED
 behind the load thread, which waits for them beyond that: the packed layers never pass
-through the object store, and the host memory they hold does not grow with the model's
-depth when DEST is slower than the GPU.
+through the object store, and the memory they hold does not grow with the model's depth
+when DEST is slower than the GPU. On a GPU they wait there, and cross to the host one
+chunk at a time as they are written (as the hidden-state snapshots do).
 """
 
 from __future__ import annotations
 
 import errno
 import json
+import queue
 import socket
 import sys
 import threading
@@ -36,7 +38,7 @@ import ray
 from nvfp4_ray.errors import InputError, JobError
 from nvfp4_ray.io import destination
 from nvfp4_ray.io.storage import Store
-from nvfp4_ray.io.tensors import CopiedShard, LocalRead, TensorBundle, encode_shard, read_file, read_tensors, torch_entry
+from nvfp4_ray.io.tensors import CopiedShard, LocalRead, TensorBundle, TensorShard, read_file, read_tensors
 
 # torch, transformers and compressed-tensors are imported inside the worker and the tasks
 # that use them: a process that only reads or writes bytes starts in a fraction of a second.
@@ -56,9 +58,12 @@ RETRYABLE = (OSError, ConnectionError, TimeoutError)
 RETRIES = 4
 RETRY = dict(max_retries=RETRIES, retry_exceptions=list(RETRYABLE))
 # Quantized layers a worker holds for its write threads (one each): about 0.12 GiB each on
-# the 8B model. One thread, writing and fsyncing one unit at a time, fell behind the GPU
-# (H200, 32 layers: the loop waited 4.1 s for loads, probe 1929).
+# the 8B model, in GPU memory on a GPU. One thread, writing and fsyncing one unit at a time,
+# fell behind the GPU (H200, 32 layers: the loop waited 4.1 s for loads, probe 1929).
 WRITES_QUEUED = 4
+# The pinned buffer each write thread (and the snapshot thread) copies a GPU's output
+# through, a chunk at a time (TensorShard): the host holds these, not the packed layers.
+WRITE_CHUNK_BYTES = 8 << 20
 # The pinned buffers a layer crosses to the GPU through: 2 x 64 MiB, whatever the layer's size.
 # A 64 MiB piece is read from the page cache by several threads (the store's local read
 # chunks are smaller) while the previous one is copied to the GPU.
@@ -66,20 +71,19 @@ PIECE_BYTES = 64 << 20
 _HOPELESS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
 
 
-def write_unit(dest: Store, file_name: str, key: str, entries: list, encoded=None):
-    """Write a unit's file and its completion record."""
-    with _dest_errors(dest, file_name):
-        parts, written = encoded or encode_shard(file_name, entries)
-        dest.write_parts(file_name, parts, size=written.size)
-        destination.save_done(dest, key, written)
-    return written
+def write_unit(dest: Store, key: str, shard: TensorShard | CopiedShard):
+    """Write a unit's file (``shard.name``) and its completion record."""
+    with _dest_errors(dest, shard.name):
+        dest.write_parts(shard.name, shard.parts(), size=shard.size)
+        destination.save_done(dest, key, shard.written)
+    return shard.written
 
 
-def _write_retrying(dest: Store, file_name: str, key: str, entries: list):
+def _write_retrying(dest: Store, key: str, shard: TensorShard):
     """write_unit, tried again after a storage hiccup, as Ray retries a task."""
     for attempt in range(RETRIES + 1):
         try:
-            return write_unit(dest, file_name, key, entries)
+            return write_unit(dest, key, shard)
         except RETRYABLE:
             if attempt == RETRIES:
                 raise
@@ -119,12 +123,7 @@ def read_ahead_task(source_url: str, reads: list) -> None:
 def copy_unit_task(file_name: str, key: str, tensors: list, source_url: str, dest_url: str):
     """Plain arguments, not the plan's CopyUnit: unpickling that would import the planner,
     and with it torch and transformers (seconds of a cold start, in a process that copies bytes)."""
-    dest = Store(dest_url)
-    shard = CopiedShard(file_name, Store(source_url), tensors)
-    with _dest_errors(dest, file_name):
-        dest.write_parts(file_name, shard.parts(), size=shard.size)
-        destination.save_done(dest, key, shard.written)
-    return shard.written
+    return write_unit(Store(dest_url), key, CopiedShard(file_name, Store(source_url), tensors))
 
 
 class _Loaded:
@@ -168,8 +167,14 @@ class LayerWorker:
         # Two pinned pieces a layer crosses to the GPU through: one is filled while the other
         # is copied out (``to_device_in_pieces``)
         self.pieces = None
+        # A pinned buffer and a stream per write thread, and for the snapshot thread (GPUs only)
+        self.write_copiers: queue.SimpleQueue = queue.SimpleQueue()
+        self.snapshot_copier = (None, None)
         if self.device.type == "cuda":
             self.pieces = [torch.empty(PIECE_BYTES, dtype=torch.uint8, pin_memory=True) for _ in range(2)]
+            for _ in range(WRITES_QUEUED):
+                self.write_copiers.put(_copier(self.device))
+            self.snapshot_copier = _copier(self.device)
         self.pieces_lock = threading.Lock()
         self.lock = threading.Lock()
         self.busy_s = 0.0  # seconds spent running layers: the compute side of calibration
@@ -244,10 +249,14 @@ class LayerWorker:
                     slot.ready.set()
                 if unit is not None:
                     spec, file_name, key, dest_url = unit
-                    entries = quantize_layer(spec, on_device)  # in host memory: the write threads' own
+                    output = quantize_layer(spec, on_device)  # on the device until written
+                    ready = None
+                    if self.device.type == "cuda":  # the write's copies wait for the quantization
+                        ready = torch.cuda.Event()
+                        ready.record(self.load_stream)
             if unit is not None:
                 handed = True
-                self._write_behind(index, entries, file_name, key, dest_url)
+                self._write_behind(index, output, ready, file_name, key, dest_url)
         except BaseException as exc:
             if slot is not None and not slot.ready.is_set():
                 slot.error = exc
@@ -260,18 +269,22 @@ class LayerWorker:
         with self.lock:
             return self.writes.setdefault(index, Future())
 
-    def _write_behind(self, index: int, entries: list, file_name: str, key: str, dest_url: str) -> None:
+    def _write_behind(self, index: int, output: list, ready, file_name: str, key: str, dest_url: str) -> None:
         """Write layer ``index``'s unit in a write thread, once fewer than WRITES_QUEUED
         are ahead of it (the load thread waits until then)."""
         slot = self._write_slot(index)
         self.write_room.acquire()
 
         def write():
+            copier = (None, None) if self.device.type == "cpu" else self.write_copiers.get()
             try:
-                slot.set_result(_write_retrying(Store(dest_url), file_name, key, entries))
+                shard = TensorShard(file_name, output, copier[0], ready, copier[1])
+                slot.set_result(_write_retrying(Store(dest_url), key, shard))
             except BaseException as exc:
                 slot.set_exception(exc)
             finally:
+                if copier[0] is not None:
+                    self.write_copiers.put(copier)
                 self.write_room.release()
 
         self.writer.submit(write)
@@ -333,7 +346,9 @@ class LayerWorker:
             if self.device.type == "cuda":  # the snapshot's copies wait for this layer's last kernel
                 done = torch.cuda.Event()
                 done.record()
-            self.snapshots[snapshot] = self.snapshot_writer.submit(_write_hidden, Store(dest_url), snapshot, hidden, done)
+            self.snapshots[snapshot] = self.snapshot_writer.submit(
+                _write_hidden, Store(dest_url), snapshot, hidden, self.snapshot_copier, done
+            )
         self.busy_s += time.monotonic() - began
         return {"amax": amax, "snapshots": self._finished_snapshots(block=False)}
 
@@ -378,27 +393,29 @@ class LayerWorker:
         return True
 
 
-def _write_hidden(dest: Store, folder: str, hidden: dict, done=None) -> tuple[float, dict]:
-    """Write one snapshot, a file per batch; its seconds and each file's sha256. ``done``: a
-    CUDA event after the kernels that produced ``hidden``."""
-    import torch
-
+def _write_hidden(dest: Store, folder: str, hidden: dict, copier=(None, None), done=None) -> tuple[float, dict]:
+    """Write one snapshot, a file per batch; its seconds and each file's sha256. From a GPU
+    through ``copier`` (a host buffer and a stream: TensorShard), after ``done``: a CUDA
+    event after the kernels that produced ``hidden``."""
     began = time.monotonic()
     digests = {}
-    # copied out on a stream of its own: the compute stream goes on with the next layers
-    with torch.cuda.stream(torch.cuda.Stream()) if done is not None else nullcontext():
-        if done is not None:
-            torch.cuda.current_stream().wait_event(done)
-        for index, tensor in hidden.items():
-            name = f"batch-{index:05d}.safetensors"
-            parts, written = encode_shard(name, [torch_entry("hidden", tensor)])
-            digests[name] = written.sha256
-            dest.write_parts(f"{folder}/{name}", parts, durable=False, size=written.size)
+    for index, tensor in hidden.items():
+        shard = TensorShard(f"batch-{index:05d}.safetensors", [("hidden", tensor)], copier[0], done, copier[1])
+        dest.write_parts(f"{folder}/{shard.name}", shard.parts(), durable=False, size=shard.size)
+        digests[shard.name] = shard.written.sha256
     # Not fsynced: waiting for 1 GiB to reach the disk (8B model) was the job's last 2.8 s,
     # behind the unit files being written. The folder counts once the driver's _COMPLETE
     # marker, which holds these digests, is written after this returns; a resume checks
     # every file against its digest (load_hidden) and calibrates from the start otherwise.
     return time.monotonic() - began, digests
+
+
+def _copier(device) -> tuple:
+    """A pinned buffer and a stream of its own, for a thread that copies a GPU's output to
+    the host as it writes it (TensorShard)."""
+    import torch
+
+    return torch.empty(WRITE_CHUNK_BYTES, dtype=torch.uint8, pin_memory=True), torch.cuda.Stream(device)
 
 
 def unwrap(error: Exception) -> Exception:
