@@ -8,8 +8,11 @@ import contextlib
 import io
 import os
 import secrets
+import shutil
 import subprocess
 import sys
+import tempfile
+import time
 
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # Ray 2.60 enables token auth for local instances
 os.environ.setdefault("LLM_COMPRESSOR_LOG_DISABLED", "true")
@@ -72,8 +75,75 @@ def ray_instance(s3_server_config):
     import ray
 
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, object_store_memory=1 << 30)
+    _RAY_LOGS.append(os.path.join(ray._private.worker._global_node.get_session_dir_path(), "logs"))
     yield ray
     ray.shutdown()
+
+
+_RAY_LOGS: list[str] = []  # the session instance's log folder, for the summary of a failed run
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus):
+    """After a failed run, what CI shows last: the machine, and what the session's Ray
+    instance logged of its workers' deaths and errors (a job's workers are other processes:
+    their tracebacks are not in any test's report)."""
+    if exitstatus == 0:
+        return
+    write = terminalreporter.write_line
+    disk = shutil.disk_usage(tempfile.gettempdir())
+    write(f"machine: {os.cpu_count()} CPUs, {os.sysconf('SC_PHYS_PAGES') * os.sysconf('SC_PAGE_SIZE') / 2**30:.1f} GiB, "
+          f"{disk.free / 2**30:.1f} GiB free in {tempfile.gettempdir()}")  # fmt: skip
+    for folder in _RAY_LOGS:
+        lines = []
+        for name in sorted(os.listdir(folder)) if os.path.isdir(folder) else []:
+            path = os.path.join(folder, name)
+            if name.endswith(".err") and os.path.getsize(path):
+                lines += [f"{name}: {line}" for line in open(path, errors="replace").read().splitlines()[-20:]]
+            elif name == "raylet.out":
+                words = ("died", "Failed", "failed", "timed out", "killed", "OOM")
+                lines += [f"{name}: {line.rstrip()}" for line in open(path, errors="replace")
+                          if any(w in line for w in words) and "[state-dump]" not in line and "metric" not in line][-20:]  # fmt: skip
+        write(f"the session's Ray instance logged ({folder}):")
+        for line in lines[-60:]:
+            write("  " + line[:300])
+
+
+@pytest.fixture(autouse=True)
+def ray_left_as_found(request):
+    """A test on the session's Ray instance leaves it as it found it: no placement group or
+    actor alive, every CPU free. A job that left its workers holding the instance's two
+    CPUs would make every later job wait out its placement timeout (15 min each); the test
+    that left them fails instead, and its placement groups (their actors with them) are
+    removed for the next one."""
+    yield
+    if "ray_instance" not in request.fixturenames:
+        return
+    import ray
+    from ray.util.placement_group import PlacementGroup, placement_group_table, remove_placement_group
+
+    def leftovers() -> list[str]:
+        groups = [f"placement group {g}: {v['state']}" for g, v in placement_group_table().items() if v["state"] != "REMOVED"]
+        actors = [
+            f"actor {a['ActorClassName']} {a['ActorID'][:8]}: {a['State']}"
+            for a in ray._private.state.actors().values()
+            if a["State"] != "DEAD"
+        ]
+        free, total = ray.available_resources().get("CPU", 0), ray.cluster_resources().get("CPU", 0)
+        return groups + actors + ([f"{free} of {total} CPUs free"] if free < total else [])
+
+    def settled(seconds: float) -> list[str]:  # removals and kills take effect asynchronously
+        deadline = time.monotonic() + seconds
+        while (found := leftovers()) and time.monotonic() < deadline:
+            time.sleep(0.25)
+        return found
+
+    found = settled(30)
+    if found:
+        for group, value in placement_group_table().items():
+            if value["state"] != "REMOVED":
+                remove_placement_group(PlacementGroup(ray.PlacementGroupID(bytes.fromhex(group))))
+        settled(30)
+        pytest.fail(f"the test left the session's Ray instance busy: {found}")
 
 
 @pytest.fixture(scope="session")

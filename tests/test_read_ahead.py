@@ -44,10 +44,11 @@ def evict(paths: list[str]) -> None:
 
 MIB = 1 << 20
 # A range counts as read whole at this fraction of its pages: some machines reclaim cold
-# memory on their own (this VM kind runs a DAMON "pageout" scheme, kdamond), and took a
-# few pages of a range just read (6 of 8192 in one run of the suite). What the read-ahead
-# is measured against, posix_fadvise(WILLNEED), brings one 128 KiB window of each range.
-WHOLE = 0.98
+# memory on their own (this VM kind runs a DAMON "pageout" scheme, kdamond), and took
+# pages of a range just read (6 of 8192 in one run of the suite, 4.4% of a layer in
+# another). What the read-ahead is measured against, posix_fadvise(WILLNEED), brings one
+# 128 KiB window of each range (under 2% of a SmolLM2 layer); a range never read, none.
+WHOLE = 0.9
 
 
 def test_read_ahead_brings_exactly_the_ranges_into_the_page_cache(tmp_path):
@@ -111,9 +112,14 @@ def test_layers_are_read_ahead_in_order_within_the_budgets(tmp_path, smollm2, ra
         cached = sum(resident(os.path.join(source, t.file), t.entry.start, t.entry.end) * t.entry.nbytes for t in tensors)
         return cached / sum(t.entry.nbytes for t in tensors)
 
-    if not local:
-        ray.get(reads)
-    assert all(fraction(i) >= WHOLE for i in cached), {i: fraction(i) for i in cached}  # returned once its layer was read
+    if local:  # a read-ahead request returns once its layer is in the page cache
+        assert all(fraction(i) >= WHOLE for i in cached), {i: fraction(i) for i in cached}
+    else:  # the layers' bytes, in the object store
+        for index, bundle in zip(cached, ray.get(reads)):
+            for tensor in plan.layer_units[index].tensors:
+                with open(os.path.join(source, tensor.file), "rb") as handle:
+                    handle.seek(tensor.entry.start)
+                    assert bundle.raw(tensor.name).tobytes() == handle.read(tensor.entry.nbytes), tensor.name
 
     # Layers well past every range read (the kernel's own read-ahead after a read takes up
     # to a few windows, 8 MiB each here) are untouched; which ones those are depends on the

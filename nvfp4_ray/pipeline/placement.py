@@ -15,6 +15,11 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy, Place
 from nvfp4_ray.errors import InputError, JobError
 
 
+# How long a release waits for the group to be placed: placing it on nodes that are up takes
+# milliseconds; one that waits for the autoscaler to add nodes has no bundle reserved yet.
+RELEASE_WAIT_S = 5.0
+
+
 @dataclass
 class Placement:
     group: object
@@ -88,4 +93,11 @@ class Placement:
         return {"scheduling_strategy": NodeAffinitySchedulingStrategy(node_id, soft=False)}
 
     def release(self) -> None:
+        """Remove the placement group, and with it the workers in its bundles: once it is
+        placed, where that takes a moment (RELEASE_WAIT_S). Ray 2.60 loses, for good, the
+        resources of a group removed while its bundles are still being reserved: a local
+        instance was left with 0 of its 2 CPUs free after about 1 in 35 removals made right
+        after the request (what a bad input found early does), and every later job on it
+        waited out its placement timeout. Removed once placed, 250 in a row left none lost."""
+        ray.wait([self.group.ready()], timeout=RELEASE_WAIT_S)
         remove_placement_group(self.group)
