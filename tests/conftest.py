@@ -74,13 +74,19 @@ def bucket(s3_server, request) -> str:
 def ray_instance(s3_server_config):
     import ray
 
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, object_store_memory=1 << 30)
-    _RAY_LOGS.append(os.path.join(ray._private.worker._global_node.get_session_dir_path(), "logs"))
+    _start_ray()
     yield ray
     ray.shutdown()
 
 
-_RAY_LOGS: list[str] = []  # the session instance's log folder, for the summary of a failed run
+def _start_ray() -> None:
+    import ray
+
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, object_store_memory=1 << 30)
+    _RAY_LOGS.append(os.path.join(ray._private.worker._global_node.get_session_dir_path(), "logs"))
+
+
+_RAY_LOGS: list[str] = []  # the session instances' log folders, for the summary of a failed run
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus):
@@ -114,7 +120,7 @@ def ray_left_as_found(request):
     actor alive, every CPU free. A job that left its workers holding the instance's two
     CPUs would make every later job wait out its placement timeout (15 min each); the test
     that left them fails instead, and its placement groups (their actors with them) are
-    removed for the next one."""
+    removed for the next one, or, where CPUs stay lost, a new instance is started."""
     yield
     if "ray_instance" not in request.fixturenames:
         return
@@ -142,7 +148,9 @@ def ray_left_as_found(request):
         for group, value in placement_group_table().items():
             if value["state"] != "REMOVED":
                 remove_placement_group(PlacementGroup(ray.PlacementGroupID(bytes.fromhex(group))))
-        settled(30)
+        if settled(30):
+            ray.shutdown()
+            _start_ray()
         pytest.fail(f"the test left the session's Ray instance busy: {found}")
 
 
