@@ -79,14 +79,14 @@ def ray_instance(s3_server_config):
     ray.shutdown()
 
 
+_RAY_LOGS: list[str] = []  # the session instances' log folders, for the summary of a failed run
+
+
 def _start_ray() -> None:
     import ray
 
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, object_store_memory=1 << 30)
     _RAY_LOGS.append(os.path.join(ray._private.worker._global_node.get_session_dir_path(), "logs"))
-
-
-_RAY_LOGS: list[str] = []  # the session instances' log folders, for the summary of a failed run
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus):
