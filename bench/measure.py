@@ -236,19 +236,25 @@ def warm_python_packages() -> None:
     subprocess.run([sys.executable, "-c", _WORKER_WARM_UP], check=False, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
-def drop_page_cache(paths: list[str]) -> str:
+PAGE_CACHE_METHODS = ("auto", "drop_caches", "fadvise")
+
+
+def drop_page_cache(paths: list[str], method: str = "auto") -> str:
     """Make the next read of ``paths`` come from the disk; return how it was done:
     "drop_caches" (the whole page cache, then the Python packages read back in; needs root
-    and a writable /proc/sys), else "fadvise" (POSIX_FADV_DONTNEED on each file: evicts its
-    clean pages that no process has mapped; works without root and inside containers)."""
+    and a writable /proc/sys), or "fadvise" (POSIX_FADV_DONTNEED on each file: evicts its
+    clean pages that no process has mapped; works without root and inside containers).
+    ``method`` "auto": drop_caches where it is allowed, else fadvise."""
     os.sync()  # dirty pages cannot be dropped
-    try:
-        with open("/proc/sys/vm/drop_caches", "w") as handle:
-            handle.write("3\n")
-        warm_python_packages()
-        return "drop_caches"
-    except OSError:
-        pass
+    if method != "fadvise":
+        try:
+            with open("/proc/sys/vm/drop_caches", "w") as handle:
+                handle.write("3\n")
+            warm_python_packages()
+            return "drop_caches"
+        except OSError:
+            if method == "drop_caches":
+                raise
     for path in paths:
         fd = os.open(path, os.O_RDONLY)
         try:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import json
 import math
 import os
@@ -38,7 +39,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 from bench import log  # noqa: E402
 from bench.compare import checkpoint_tensors, compare_checkpoints, quantized_weight_bytes  # noqa: E402
 from bench.measure import (  # noqa: E402
-    GIB, PeakSampler, device_name, drop_page_cache, files_under, host_memory_gib, nvml, read_files,
+    GIB, PAGE_CACHE_METHODS, PeakSampler, device_name, drop_page_cache, files_under, host_memory_gib, nvml, read_files,
 )  # fmt: skip
 from bench.model import PRESETS, SHAPE_KEYS, SHARD_BYTES, SPEC_FILE, model_is_written, write_calibration  # noqa: E402
 
@@ -63,6 +64,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--hidden-snapshots", type=int, help="nvfp4-ray's --hidden-snapshots (default: the job's default)")
     parser.add_argument("--prefetch-gib", type=float, help="nvfp4-ray's read-ahead budget (default: the job's default)")
     parser.add_argument("--readahead-gib", type=float, help="nvfp4-ray's page-cache read-ahead (default: the job's default)")
+    parser.add_argument(
+        "--page-cache",
+        choices=PAGE_CACHE_METHODS,
+        default="auto",
+        help="how the source is made cold before each timed run: drop_caches (the whole page cache, then the "
+        "Python packages read back; needs root), fadvise (evict the source's and the rows' pages only: fast, "
+        "no root), auto (default: drop_caches where allowed, else fadvise)",
+    )
     parser.add_argument("--baseline", metavar="RECORD", help="a 1-GPU record of the same model, instead of a 1-GPU run")
     parser.add_argument(
         "--preloaded-workers",
@@ -85,6 +94,9 @@ def main(argv: list[str] | None = None) -> dict:
     if gpus > machine_gpus or (machine_gpus and gpus < 1):
         choices = f"1..{machine_gpus}" if machine_gpus else "0, or leave --gpus out"
         raise SystemExit(f"--gpus {gpus}: this machine has {machine_gpus} GPUs (use {choices})")
+    if args.page_cache == "drop_caches" and not os.access("/proc/sys/vm/drop_caches", os.W_OK):
+        raise SystemExit("--page-cache drop_caches: /proc/sys/vm/drop_caches is not writable here (it needs root "
+                         "and a writable /proc/sys); use --page-cache fadvise or auto")  # fmt: skip
     work = os.path.abspath(args.work or f"/tmp/nvfp4-bench-{args.preset}")
     os.makedirs(work, exist_ok=True)
     log(f"{command}: work folder {work}, {gpus} GPU(s) of {machine_gpus}")
@@ -97,26 +109,32 @@ def main(argv: list[str] | None = None) -> dict:
     source_files = files_under(source)
     timed_inputs = source_files + [calibration]
 
-    page_cache = drop_page_cache(source_files)
+    page_cache = drop_page_cache(source_files, args.page_cache)
     source_read_s, source_bytes = read_files(source_files)
     log(f"source read once, cold: {source_bytes / 1e9:.2f} GB in {source_read_s:.1f}s (page cache: {page_cache})")
 
     inputs_key = [[os.path.relpath(p, work), os.path.getsize(p), os.stat(p).st_mtime_ns] for p in timed_inputs]
-    reference = run_reference(source, calibration, work, samples, seq_len, timed_inputs, inputs_key, args.skip_reference)
+    reference = run_reference(
+        source, calibration, work, samples, seq_len, timed_inputs, args.page_cache, inputs_key, args.skip_reference
+    )
 
     baseline = None
     # job options the command line sets (the rest: the job's defaults)
     chosen = (("prefetch_gib", args.prefetch_gib), ("readahead_gib", args.readahead_gib), ("hidden_snapshots", args.hidden_snapshots))
     options = {k: v for k, v in chosen if v is not None}
+    timed_run = functools.partial(
+        nvfp4_ray_run, source, calibration, work, samples, seq_len,
+        timed_inputs=timed_inputs, page_cache_method=args.page_cache, options=options,
+    )  # fmt: skip
     if gpus > 1:
         if args.baseline:
             baseline = load_baseline(args.baseline, model_name(shape), samples, seq_len)
         else:
-            baseline = nvfp4_ray_run(source, calibration, work, samples, seq_len, 1, timed_inputs, reference, options)
-    run = nvfp4_ray_run(source, calibration, work, samples, seq_len, gpus, timed_inputs, reference, options)
+            baseline = timed_run(1, reference=reference)
+    run = timed_run(gpus, reference=reference)
     preloaded = None
     if args.preloaded_workers:
-        preloaded = nvfp4_ray_run(source, calibration, work, samples, seq_len, gpus, timed_inputs, None, options, True)
+        preloaded = timed_run(gpus, reference=None, preload=True)
         preloaded["same_files_as_plain_run"] = manifest_files(preloaded["dest"]) == manifest_files(run["dest"])
         log(f"preloaded workers: same files as the plain run: {preloaded['same_files_as_plain_run']}")
     if baseline is not None and "dest" in baseline:
@@ -169,7 +187,7 @@ def prepare_model(args, preset: dict, work: str) -> tuple[str, dict, float | Non
 
 
 # ---- the reference --------------------------------------------------------------------
-def run_reference(source, calibration, work, samples, seq_len, timed_inputs, inputs_key, skip: bool) -> dict | None:
+def run_reference(source, calibration, work, samples, seq_len, timed_inputs, page_cache_method, inputs_key, skip: bool) -> dict | None:
     """llm-compressor in a child process (bench/llmcompressor_run.py), its memory sampled;
     or, with ``skip``, the record of an earlier reference run made from the same inputs."""
     out, record_path = os.path.join(work, "reference"), os.path.join(work, "reference.json")
@@ -190,7 +208,7 @@ def run_reference(source, calibration, work, samples, seq_len, timed_inputs, inp
     shutil.rmtree(out, ignore_errors=True)
     result_path, log_path = os.path.join(work, "reference-result.json"), os.path.join(work, "reference.log")
     command = [sys.executable, "-m", "bench.llmcompressor_run", source, calibration, out, str(samples), str(seq_len), result_path]
-    page_cache = drop_page_cache(timed_inputs)
+    page_cache = drop_page_cache(timed_inputs, page_cache_method)
     log(f"llm-compressor: starting (page cache: {page_cache}; its output goes to {log_path})")
     start = time.monotonic()
     with open(log_path, "w") as log_file:
@@ -232,7 +250,7 @@ class _LogStream:
         pass
 
 
-def nvfp4_ray_run(source, calibration, work, samples, seq_len, gpus, timed_inputs, reference, options: dict,
+def nvfp4_ray_run(source, calibration, work, samples, seq_len, gpus, timed_inputs, page_cache_method, reference, options: dict,
                   preload: bool = False) -> dict:  # fmt: skip
     """One timed job, run_quantize called to returned (_SUCCESS written), on a fresh local Ray
     instance started before the clock (a running Ray instance is assumed, as on a cluster).
@@ -255,7 +273,7 @@ def nvfp4_ray_run(source, calibration, work, samples, seq_len, gpus, timed_input
     try:
         if preload:
             wait_for_idle_workers()
-        page_cache = drop_page_cache(timed_inputs)
+        page_cache = drop_page_cache(timed_inputs, page_cache_method)
         log(f"nvfp4-ray: starting on {gpus or 'no'} GPU(s) (page cache: {page_cache})")
         with PeakSampler(os.getpid()) as sampler:
             start = time.monotonic()

@@ -29,6 +29,28 @@ def run(source_dir: str, dest: str, calibration: str, **options) -> dict:
     return quantize(source_dir, dest, calibration, if_changed=True, **options)
 
 
+@pytest.fixture(scope="module")
+def first_run(family_case, tmp_path_factory, ray_instance):
+    """The llama case's source and a first run over it (the default options), made once for
+    the tests below that start from it: a job is seconds of worker start-up on CI."""
+    case = family_case("llama")
+    folder = tmp_path_factory.mktemp("requantize-first-run")
+    source_dir, dest = str(folder / "source"), str(folder / "dest")
+    shutil.copytree(case.source, source_dir)
+    return source_dir, dest, run(source_dir, dest, case.calibration)
+
+
+@pytest.fixture
+def quantized(first_run, family_case, tmp_path):
+    """A copy of the source and of the first run's DEST for one test: (source folder, DEST,
+    calibration file, the first run's summary). copytree keeps every file's mtime, so the
+    copies have the identities (size and mtime) the first run recorded."""
+    source_dir, dest = str(tmp_path / "source"), str(tmp_path / "dest")
+    shutil.copytree(first_run[0], source_dir)
+    shutil.copytree(first_run[1], dest)
+    return source_dir, dest, family_case("llama").calibration, first_run[2]
+
+
 def index_files(dest: str) -> list[str]:
     return sorted(set(json.load(open(os.path.join(dest, "model.safetensors.index.json")))["weight_map"].values()))
 
@@ -51,14 +73,12 @@ def change_tensor(source_dir: str, tensor: str) -> set[str]:
     return set(tensors)
 
 
-def test_unchanged_inputs_are_skipped(source, tmp_path):
+def test_unchanged_inputs_are_skipped(quantized, tmp_path):
     """...without starting a worker: on a running Ray instance workers usually start while
     the inputs are read, but not for an --if-changed run over a committed checkpoint."""
     from ray.util import placement_group_table
 
-    source_dir, calibration = source
-    dest = str(tmp_path / "dest")
-    first = run(source_dir, dest, calibration)
+    source_dir, dest, calibration, first = quantized
     stamps = {name: os.stat(os.path.join(dest, name)).st_mtime_ns for name in os.listdir(dest)}
     groups = set(placement_group_table())
     again = run(source_dir, dest, calibration)
@@ -70,10 +90,8 @@ def test_unchanged_inputs_are_skipped(source, tmp_path):
     assert code == 0 and json.loads(stdout.strip().splitlines()[-1])["status"] == "unchanged"
 
 
-def test_a_changed_shard_redoes_only_what_depends_on_it(source, tmp_path):
-    source_dir, calibration = source
-    dest = str(tmp_path / "dest")
-    run(source_dir, dest, calibration)
+def test_a_changed_shard_redoes_only_what_depends_on_it(quantized, tmp_path):
+    source_dir, dest, calibration, _ = quantized
     changed = change_tensor(source_dir, "model.layers.1.mlp.down_proj.weight")
     changed_layers = {int(name.split(".")[2]) for name in changed if name.startswith("model.layers.")}
     summary = run(source_dir, dest, calibration)
@@ -84,12 +102,10 @@ def test_a_changed_shard_redoes_only_what_depends_on_it(source, tmp_path):
     assert_same_as_fresh(dest, source_dir, calibration, str(tmp_path / "fresh"))
 
 
-def test_a_unit_file_altered_at_dest_is_written_again(source, tmp_path):
+def test_a_unit_file_altered_at_dest_is_written_again(quantized, tmp_path):
     """A unit file whose bytes changed after its completion record (same size) is not
     reused by the next run."""
-    source_dir, calibration = source
-    dest = str(tmp_path / "dest")
-    run(source_dir, dest, calibration)
+    source_dir, dest, calibration, _ = quantized
     changed = change_tensor(source_dir, "model.layers.1.mlp.down_proj.weight")
     changed_layers = {int(name.split(".")[2]) for name in changed if name.startswith("model.layers.")}
     (other,) = [layer for layer in range(3) if layer not in changed_layers][:1]
@@ -110,13 +126,11 @@ def snapshot_folders(dest: str) -> set[str]:
     return {name for name in os.listdir(folder) if os.path.isdir(os.path.join(folder, name))}
 
 
-def test_a_damaged_snapshot_is_not_used(source, tmp_path):
+def test_a_damaged_snapshot_is_not_used(quantized, tmp_path):
     """Snapshot files are not fsynced; the marker holds each file's sha256. A file that
     differs (as after a power loss) makes the re-run calibrate from layer 0, with a warning,
     and the result is still the fresh run's."""
-    source_dir, calibration = source
-    dest = str(tmp_path / "dest")
-    run(source_dir, dest, calibration, hidden_snapshots=3)
+    source_dir, dest, calibration, _ = quantized  # the first run kept the default 3 snapshots
     kept = json.load(open(os.path.join(dest, "manifest.json")))["calibration"]["snapshots"]
     folder = os.path.join(dest, ".nvfp4", "calibration", kept[-1])
     digests = json.load(open(os.path.join(folder, "_COMPLETE")))
@@ -134,16 +148,14 @@ def test_a_damaged_snapshot_is_not_used(source, tmp_path):
     assert_same_as_fresh(dest, source_dir, calibration, str(tmp_path / "fresh"))
 
 
-def test_calibration_resumed_past_the_layers_read_during_setup_still_reads_its_layers(source, tmp_path):
+def test_calibration_resumed_past_the_layers_read_during_setup_still_reads_its_layers(quantized, tmp_path):
     """A read-ahead budget below one layer: only layers 0 and 1 are read while the workers
     start. Calibration then resumes at layer 2 (changed), and the layers left to do are
     fewer than those first planned: layer 2 must still be read, not skipped (the job hung
     waiting for it). The run is watched from a thread so that a hang fails the test."""
     import threading
 
-    source_dir, calibration = source
-    dest = str(tmp_path / "dest")
-    run(source_dir, dest, calibration)
+    source_dir, dest, calibration, _ = quantized
     change_tensor(source_dir, "model.layers.2.mlp.down_proj.weight")
     result = {}
     thread = threading.Thread(
@@ -157,12 +169,13 @@ def test_calibration_resumed_past_the_layers_read_during_setup_still_reads_its_l
 
 
 @pytest.mark.parametrize("snapshots", [3, 0])
-def test_calibration_restarts_at_the_first_changed_layer(source, tmp_path, snapshots):
+def test_calibration_restarts_at_the_first_changed_layer(quantized, tmp_path, snapshots):
     """Hidden states kept after layers 0 and 1 (of 3): a change in layer 2 calibrates layer
     2 only, from the states after layer 1; without snapshots everything is calibrated again."""
-    source_dir, calibration = source
-    dest = str(tmp_path / "dest")
-    first = run(source_dir, dest, calibration, hidden_snapshots=snapshots)
+    source_dir, dest, calibration, first = quantized  # made with the default, 3 snapshots
+    if snapshots != 3:
+        shutil.rmtree(dest)
+        first = run(source_dir, dest, calibration, hidden_snapshots=snapshots)
     manifest = json.load(open(os.path.join(dest, "manifest.json")))
     assert snapshot_folders(dest) == set(manifest["calibration"]["snapshots"])
     assert len(manifest["calibration"]["snapshots"]) == min(snapshots, 2)
@@ -177,10 +190,8 @@ def test_calibration_restarts_at_the_first_changed_layer(source, tmp_path, snaps
     assert_same_as_fresh(dest, source_dir, calibration, str(tmp_path / "fresh"))
 
 
-def test_an_ignore_list_change_redoes_the_layer_it_touches(source, tmp_path):
-    source_dir, calibration = source
-    dest = str(tmp_path / "dest")
-    run(source_dir, dest, calibration)
+def test_an_ignore_list_change_redoes_the_layer_it_touches(quantized, tmp_path):
+    source_dir, dest, calibration, _ = quantized
     ignore = ["lm_head", "model.layers.1.mlp.down_proj"]
     summary = run(source_dir, dest, calibration, ignore=ignore)
     assert summary["status"] == "succeeded"
@@ -190,10 +201,8 @@ def test_an_ignore_list_change_redoes_the_layer_it_touches(source, tmp_path):
     assert_same_as_fresh(dest, source_dir, calibration, str(tmp_path / "fresh"), ignore=ignore)
 
 
-def test_metadata_only_config_change_rewrites_config_only(source, tmp_path):
-    source_dir, calibration = source
-    dest = str(tmp_path / "dest")
-    run(source_dir, dest, calibration)
+def test_metadata_only_config_change_rewrites_config_only(quantized, tmp_path):
+    source_dir, dest, calibration, _ = quantized
     before = {name: open(os.path.join(dest, name), "rb").read() for name in index_files(dest)}
     config_path = os.path.join(source_dir, "config.json")
     config = json.load(open(config_path))
@@ -217,10 +226,8 @@ ROPE_FIXES = {
 
 
 @pytest.mark.parametrize("fix", sorted(ROPE_FIXES))
-def test_rope_fix_that_leaves_the_calibration_forward_alone_rewrites_config_only(source, tmp_path, fix):
-    source_dir, calibration = source
-    dest = str(tmp_path / "dest")
-    run(source_dir, dest, calibration)
+def test_rope_fix_that_leaves_the_calibration_forward_alone_rewrites_config_only(quantized, tmp_path, fix):
+    source_dir, dest, calibration, _ = quantized
     before = {name: open(os.path.join(dest, name), "rb").read() for name in index_files(dest)}
     config_path = os.path.join(source_dir, "config.json")
     config = ROPE_FIXES[fix](json.load(open(config_path)))
@@ -235,10 +242,8 @@ def test_rope_fix_that_leaves_the_calibration_forward_alone_rewrites_config_only
     assert_same_as_fresh(dest, source_dir, calibration, str(tmp_path / "fresh"))
 
 
-def test_config_change_the_forward_uses_recalibrates_and_reuses_weights(source, tmp_path):
-    source_dir, calibration = source
-    dest = str(tmp_path / "dest")
-    run(source_dir, dest, calibration)
+def test_config_change_the_forward_uses_recalibrates_and_reuses_weights(quantized, tmp_path):
+    source_dir, dest, calibration, _ = quantized
     config_path = os.path.join(source_dir, "config.json")
     config = json.load(open(config_path))
     config["rope_parameters"]["rope_theta"] = 500000.0
@@ -249,10 +254,8 @@ def test_config_change_the_forward_uses_recalibrates_and_reuses_weights(source, 
     assert_same_as_fresh(dest, source_dir, calibration, str(tmp_path / "fresh"))
 
 
-def test_rollback_restores_the_previous_version_and_retention_bounds_history(source, tmp_path):
-    source_dir, calibration = source
-    dest = str(tmp_path / "dest")
-    v1 = run(source_dir, dest, calibration)
+def test_rollback_restores_the_previous_version_and_retention_bounds_history(quantized, tmp_path):
+    source_dir, dest, calibration, v1 = quantized
     v1_tensors, v1_config = load_tensors(dest), open(os.path.join(dest, "config.json")).read()
     change_tensor(source_dir, "model.layers.0.self_attn.q_proj.weight")
     with open(os.path.join(source_dir, "special_tokens_map.json"), "w") as handle:  # a file v1 did not have
@@ -281,25 +284,22 @@ def test_rollback_restores_the_previous_version_and_retention_bounds_history(sou
     assert code == 2 and "keeps no version older than" in stderr
 
 
-def test_tensor_change_shows_in_the_output(source, tmp_path):
+def test_tensor_change_shows_in_the_output(quantized, tmp_path):
     """Guard for the tests above: changing a tensor does change what is written."""
-    source_dir, calibration = source
-    dest_a, dest_b = str(tmp_path / "a"), str(tmp_path / "b")
-    quantize(source_dir, dest_a, calibration)
+    source_dir, dest_a, calibration, _ = quantized
     change_tensor(source_dir, "model.layers.1.mlp.down_proj.weight")
+    dest_b = str(tmp_path / "b")
     quantize(source_dir, dest_b, calibration)
     a, b = load_tensors(dest_a), load_tensors(dest_b)
     assert a["model.layers.1.mlp.down_proj.weight_packed"] != b["model.layers.1.mlp.down_proj.weight_packed"]
 
 
-def test_a_replace_cut_short_leaves_no_checkpoint_and_resumes(source, tmp_path, monkeypatch):
+def test_a_replace_cut_short_leaves_no_checkpoint_and_resumes(quantized, tmp_path, monkeypatch):
     """Between the new config.json and the new _SUCCESS, DEST must not claim a checkpoint."""
     from nvfp4_ray.errors import JobError
     from nvfp4_ray.pipeline import commit
 
-    source_dir, calibration = source
-    dest = str(tmp_path / "dest")
-    run(source_dir, dest, calibration)
+    source_dir, dest, calibration, _ = quantized
     change_tensor(source_dir, "model.layers.1.mlp.down_proj.weight")
 
     def cut(*args, **kwargs):
@@ -329,13 +329,11 @@ def test_overwrite_replaces_a_foreign_marker_and_if_changed_does_not(source, tmp
     assert_same_as_fresh(str(dest), source_dir, calibration, str(tmp_path / "fresh"))
 
 
-def test_a_software_upgrade_is_a_change(source, tmp_path, monkeypatch):
+def test_a_software_upgrade_is_a_change(quantized, tmp_path, monkeypatch):
     """--if-changed must not answer "unchanged" after torch or transformers changed."""
     from nvfp4_ray.pipeline import plan
 
-    source_dir, calibration = source
-    dest = str(tmp_path / "dest")
-    run(source_dir, dest, calibration)
+    source_dir, dest, calibration, _ = quantized
     # the module the planner reads: after tests/test_reliability.py, sys.modules holds another
     # transformers module object than the one the planner imported
     monkeypatch.setattr(plan.transformers, "__version__", "99.0.0")
