@@ -108,24 +108,21 @@ def main(argv: list[str] | None = None) -> dict:
         write_calibration(calibration, samples, seq_len, shape["vocab"], args.seed)
     source_files = files_under(source)
     timed_inputs = source_files + [calibration]
+    # before each timed run: the source and the rows come from the disk, not the page cache
+    make_cold = functools.partial(drop_page_cache, timed_inputs, args.page_cache)
 
     page_cache = drop_page_cache(source_files, args.page_cache)
     source_read_s, source_bytes = read_files(source_files)
     log(f"source read once, cold: {source_bytes / 1e9:.2f} GB in {source_read_s:.1f}s (page cache: {page_cache})")
 
     inputs_key = [[os.path.relpath(p, work), os.path.getsize(p), os.stat(p).st_mtime_ns] for p in timed_inputs]
-    reference = run_reference(
-        source, calibration, work, samples, seq_len, timed_inputs, args.page_cache, inputs_key, args.skip_reference
-    )
+    reference = run_reference(source, calibration, work, samples, seq_len, make_cold, inputs_key, args.skip_reference)
 
     baseline = None
     # job options the command line sets (the rest: the job's defaults)
     chosen = (("prefetch_gib", args.prefetch_gib), ("readahead_gib", args.readahead_gib), ("hidden_snapshots", args.hidden_snapshots))
     options = {k: v for k, v in chosen if v is not None}
-    timed_run = functools.partial(
-        nvfp4_ray_run, source, calibration, work, samples, seq_len,
-        timed_inputs=timed_inputs, page_cache_method=args.page_cache, options=options,
-    )  # fmt: skip
+    timed_run = functools.partial(nvfp4_ray_run, source, calibration, work, samples, seq_len, make_cold=make_cold, options=options)
     if gpus > 1:
         if args.baseline:
             baseline = load_baseline(args.baseline, model_name(shape), samples, seq_len)
@@ -187,7 +184,7 @@ def prepare_model(args, preset: dict, work: str) -> tuple[str, dict, float | Non
 
 
 # ---- the reference --------------------------------------------------------------------
-def run_reference(source, calibration, work, samples, seq_len, timed_inputs, page_cache_method, inputs_key, skip: bool) -> dict | None:
+def run_reference(source, calibration, work, samples, seq_len, make_cold, inputs_key, skip: bool) -> dict | None:
     """llm-compressor in a child process (bench/llmcompressor_run.py), its memory sampled;
     or, with ``skip``, the record of an earlier reference run made from the same inputs."""
     out, record_path = os.path.join(work, "reference"), os.path.join(work, "reference.json")
@@ -208,7 +205,7 @@ def run_reference(source, calibration, work, samples, seq_len, timed_inputs, pag
     shutil.rmtree(out, ignore_errors=True)
     result_path, log_path = os.path.join(work, "reference-result.json"), os.path.join(work, "reference.log")
     command = [sys.executable, "-m", "bench.llmcompressor_run", source, calibration, out, str(samples), str(seq_len), result_path]
-    page_cache = drop_page_cache(timed_inputs, page_cache_method)
+    page_cache = make_cold()
     log(f"llm-compressor: starting (page cache: {page_cache}; its output goes to {log_path})")
     start = time.monotonic()
     with open(log_path, "w") as log_file:
@@ -250,7 +247,7 @@ class _LogStream:
         pass
 
 
-def nvfp4_ray_run(source, calibration, work, samples, seq_len, gpus, timed_inputs, page_cache_method, reference, options: dict,
+def nvfp4_ray_run(source, calibration, work, samples, seq_len, gpus, make_cold, reference, options: dict,
                   preload: bool = False) -> dict:  # fmt: skip
     """One timed job, run_quantize called to returned (_SUCCESS written), on a fresh local Ray
     instance started before the clock (a running Ray instance is assumed, as on a cluster).
@@ -273,7 +270,7 @@ def nvfp4_ray_run(source, calibration, work, samples, seq_len, gpus, timed_input
     try:
         if preload:
             wait_for_idle_workers()
-        page_cache = drop_page_cache(timed_inputs, page_cache_method)
+        page_cache = make_cold()
         log(f"nvfp4-ray: starting on {gpus or 'no'} GPU(s) (page cache: {page_cache})")
         with PeakSampler(os.getpid()) as sampler:
             start = time.monotonic()
