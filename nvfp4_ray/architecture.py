@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import torch
 
 from nvfp4_ray.errors import InputError
+from nvfp4_ray.experts import MOE_MODEL_TYPES, check_expert_schemes, linearize
 from nvfp4_ray.io.tensors import torch_dtype
 
 # Model families whose decoder layers we run and whose outputs are tested against
@@ -22,6 +23,7 @@ from nvfp4_ray.io.tensors import torch_dtype
 SUPPORTED_MODEL_TYPES = {
     "llama": None, "mistral": None, "qwen2": None, "qwen3": None, "ministral": None, "ministral3": None,
     "mistral3": ("ministral3", "mistral", "ministral"),
+    **dict.fromkeys(MOE_MODEL_TYPES),
 }  # fmt: skip
 # Vision parts of multimodal models are never quantized (vLLM runs them unquantized).
 ALWAYS_IGNORED = {"mistral3": ["re:.*vision_tower.*", "re:.*multi_modal_projector.*"]}
@@ -29,7 +31,7 @@ ALWAYS_IGNORED = {"mistral3": ["re:.*vision_tower.*", "re:.*multi_modal_projecto
 # backbones of these text model types build their causal mask through a local variable of
 # that name, so the reference calibrates them with attention_mask=None: bidirectional
 # attention. --exact reproduces that to stay byte-identical; the default mode does not.
-REFERENCE_DROPS_CAUSAL_MASK = ("mistral", "ministral3")
+REFERENCE_DROPS_CAUSAL_MASK = ("mistral", "ministral3", "mixtral", "qwen3_moe")
 # Siblings that vLLM fuses into one GEMM (llm-compressor's FUSED_LAYER_NAMES): they share a
 # global scale, and must be all quantized or all ignored.
 FUSED_SIBLINGS = (("gate_proj", "up_proj"), ("q_proj", "k_proj", "v_proj"), ("q_a_proj", "kv_a_proj_with_mqa"), ("w1", "w3"))
@@ -108,6 +110,8 @@ def build_meta_model(config: dict, attn_implementation: str = "eager", dtype: to
         model_class = transformers.AutoModelForCausalLM._model_mapping[type(hf_config)]
     with torch.device("meta"):
         model = model_class._from_config(hf_config, attn_implementation=attn_implementation, dtype=dtype)
+    if text_model_type(config) in MOE_MODEL_TYPES:  # one Linear per expert, as the checkpoint stores them
+        linearize(model, text_model_type(config))
     model.eval()
     return model
 
@@ -147,6 +151,7 @@ def describe_model(config: dict, checkpoint_tensors: dict, recipe) -> tuple[Mode
         model = build_meta_model(config, dtype=torch_dtype(dtype))
         targeted, attention_kv = _attach_schemes(model, recipe)
     _check_fused_groups(model, targeted)
+    check_expert_schemes(model, targeted)
 
     modules = dict(model.named_modules())
     layers = []
@@ -175,7 +180,7 @@ def describe_model(config: dict, checkpoint_tensors: dict, recipe) -> tuple[Mode
     ignored = [
         to_checkpoint.get(f"{name}.weight", f"{name}.weight").removesuffix(".weight")
         for name, module in model.named_modules()
-        if isinstance(module, torch.nn.Linear) and name not in targeted
+        if _counts_as_linear(module) and name not in targeted
     ]
     embed_name = next(n for n, p in backbone.named_parameters() if n.startswith("embed_tokens."))
     spec = ModelSpec(
@@ -220,6 +225,14 @@ def _checkpoint_prefix(module, name: str, to_checkpoint: dict) -> str:
     return to_checkpoint[f"{name}.{parameter}"].removesuffix(f".{parameter}")
 
 
+def _counts_as_linear(module: torch.nn.Module) -> bool:
+    """What compressed-tensors lists in ``ignore`` when left unquantized: Linears, and MoE
+    routers (vLLM loads them as Linear layers), whatever their class."""
+    from compressed_tensors.quantization.quant_config import get_vllm_module_type
+
+    return isinstance(module, torch.nn.Linear) or get_vllm_module_type(type(module).__name__) == "Linear"
+
+
 def _check_supported(config: dict) -> None:
     model_type = config.get("model_type")
     valid = ", ".join(sorted(SUPPORTED_MODEL_TYPES))
@@ -239,7 +252,12 @@ def _checkpoint_to_model_names(model, checkpoint_tensors: dict) -> dict[str, str
 
     conversions = get_model_conversion_mapping(model)
     renamings = [c for c in conversions if isinstance(c, WeightRenaming)]
-    converters = [c for c in conversions if isinstance(c, WeightConverter)]
+    # the converters that fuse per-expert tensors into 3D parameters do not apply: the
+    # experts are linearized (experts.py), one parameter per checkpoint tensor
+    converters = [
+        c for c in conversions
+        if isinstance(c, WeightConverter) and not any(".experts." in t for t in c.target_patterns)
+    ]  # fmt: skip
     params = dict(model.named_parameters(remove_duplicate=False))
     params.update(dict(model.named_buffers(remove_duplicate=False)))
     mapping: dict[str, str] = {}

@@ -23,7 +23,7 @@ os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 import pytest  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(__file__))
-from models import MULTIMODAL_IGNORE, build_model, random_rows, save_model, write_rows  # noqa: E402
+from models import EQUAL_LENGTH_ROWS, MULTIMODAL_IGNORE, build_model, random_rows, save_model, write_rows  # noqa: E402
 from seaweed import SeaweedServer  # noqa: E402
 
 NUM_ROWS = 6
@@ -194,7 +194,8 @@ def family_case(tmp_path_factory, smollm2):
         if family not in cache:
             folder = tmp_path_factory.mktemp(family)
             source = save_model(build_model(family), str(folder / "source"), smollm2)
-            rows = random_rows(NUM_ROWS, 2048, seed=len(family))
+            lengths = dict(min_len=40, max_len=40) if family in EQUAL_LENGTH_ROWS else {}
+            rows = random_rows(NUM_ROWS, 2048, seed=len(family), **lengths)
             calibration = write_rows(rows, str(folder / "calibration.parquet"))
             ignore = MULTIMODAL_IGNORE if family == "mistral3" else ["lm_head"]
             cache[family] = FamilyCase(family, source, rows, calibration, ignore)

@@ -24,12 +24,34 @@ FAMILIES = {
                                   max_position_embeddings=512)),
     "qwen2": ("Qwen2Config", dict(hidden_size=160, intermediate_size=320, num_hidden_layers=2, num_attention_heads=5,
                                   num_key_value_heads=1, vocab_size=2048, max_position_embeddings=512)),
+    # Mixture-of-Experts: a dense first layer (mlp_only_layers, first_k_dense_replace), shared
+    # experts (glm4_moe, deepseek_v3), MLA attention (deepseek_v3), odd expert widths
+    "qwen3_moe": ("Qwen3MoeConfig", dict(hidden_size=144, intermediate_size=272, moe_intermediate_size=80, num_experts=6,
+                                         num_experts_per_tok=2, num_hidden_layers=3, num_attention_heads=4,
+                                         num_key_value_heads=2, head_dim=32, vocab_size=2048, mlp_only_layers=[0],
+                                         norm_topk_prob=True, max_position_embeddings=512)),
+    "mixtral": ("MixtralConfig", dict(hidden_size=128, intermediate_size=176, num_local_experts=4, num_experts_per_tok=2,
+                                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, vocab_size=2048,
+                                      max_position_embeddings=512)),
+    "glm4_moe": ("Glm4MoeConfig", dict(hidden_size=128, intermediate_size=240, moe_intermediate_size=48, n_routed_experts=8,
+                                       num_experts_per_tok=2, n_shared_experts=1, first_k_dense_replace=1, num_hidden_layers=3,
+                                       num_attention_heads=4, num_key_value_heads=2, head_dim=32, vocab_size=2048, n_group=1,
+                                       topk_group=1, max_position_embeddings=512)),
+    "deepseek_v3": ("DeepseekV3Config", dict(hidden_size=160, intermediate_size=288, moe_intermediate_size=64, n_routed_experts=8,
+                                             num_experts_per_tok=2, n_shared_experts=1, first_k_dense_replace=1,
+                                             num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=4, q_lora_rank=64,
+                                             kv_lora_rank=32, qk_rope_head_dim=16, qk_nope_head_dim=32, v_head_dim=32,
+                                             vocab_size=2048, n_group=2, topk_group=1, max_position_embeddings=512)),
 }  # fmt: skip
+MOE_FAMILIES = ["deepseek_v3", "glm4_moe", "mixtral", "qwen3_moe"]
+# llm-compressor 0.14 fails on deepseek_v3 when calibration rows differ in length (a shape
+# error in its traced forward); with rows of one length it runs, and is compared byte for byte.
+EQUAL_LENGTH_ROWS = ("deepseek_v3",)
 MISTRAL3_TEXT = dict(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
                      num_key_value_heads=2, head_dim=64, vocab_size=2048, max_position_embeddings=1024)  # fmt: skip
 MISTRAL3_VISION = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
                        image_size=64, patch_size=16)  # fmt: skip
-ALL_FAMILIES = sorted(FAMILIES) + ["mistral3"]
+DENSE_FAMILIES = sorted(set(FAMILIES) - set(MOE_FAMILIES)) + ["mistral3"]
 MULTIMODAL_IGNORE = ["lm_head", "re:.*vision_tower.*", "re:.*multi_modal_projector.*"]
 
 
@@ -63,7 +85,25 @@ def build_model(family: str, seed: int = 0):
                 weight[:, outliers] *= 12.0  # outlier input channels, as in trained models
                 weight[0, :3] = -0.0  # negative zeros: their sign must be handled as the reference does
                 module.weight.copy_(weight.to(torch.bfloat16))
+        _randomize_moe(model, generator)
     return model
+
+
+def _randomize_moe(model, generator) -> None:
+    """Routed experts (3D parameters in transformers 5) and routers get random weights too;
+    routers' correction biases stay float32, as real DeepSeek-V3 and GLM-4.x checkpoints hold them."""
+    for name, module in model.named_modules():
+        if isinstance(getattr(module, "gate_up_proj", None), torch.nn.Parameter):
+            for parameter in (module.gate_up_proj, module.down_proj):
+                weight = torch.randn(parameter.shape, generator=generator) * 0.05
+                outliers = torch.randint(0, weight.shape[-1], (2,), generator=generator)
+                weight[..., outliers] *= 12.0
+                parameter.copy_(weight.to(parameter.dtype))
+        if name.endswith(".gate") and hasattr(module, "weight") and not isinstance(module, torch.nn.Linear):
+            module.weight.copy_((torch.randn(module.weight.shape, generator=generator) * 0.2).to(module.weight.dtype))
+            bias = getattr(module, "e_score_correction_bias", None)
+            if bias is not None:
+                module.e_score_correction_bias = torch.randn(bias.shape, generator=generator, dtype=torch.float32) * 0.05
 
 
 def save_model(model, path: str, tokenizer_dir: str, max_shard_size: str = "150KB") -> str:

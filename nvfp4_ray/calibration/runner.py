@@ -17,6 +17,7 @@ import torch
 from nvfp4_ray.architecture import build_meta_model, find_backbone
 from nvfp4_ray.calibration.batches import Batch
 from nvfp4_ray.calibration.graphs import MIN_GRAPH_BATCHES, LayerGraphs, group_batches, merge
+from nvfp4_ray.experts import experts_modules
 
 
 class _StopForward(Exception):
@@ -138,7 +139,7 @@ class DecoderRunner:
         if len(attention) > 1:
             raise ValueError("one attention module per decoder layer is supported for KV-cache scales")
         layer = self.layers[index]
-        layer.load_state_dict({k: v.to(self.device) for k, v in weights.items()}, assign=True, strict=True)
+        layer.load_state_dict(_as_declared(layer, weights, self.device), assign=True, strict=True)
         modules = dict(layer.named_modules())
         amax: dict[str, torch.Tensor] = {}
         current: dict = {}
@@ -151,8 +152,9 @@ class DecoderRunner:
                 cached = current.get(id(x))
                 if cached is None:
                     magnitude = x.abs()
-                    if current["valid"] is not None:
-                        magnitude = torch.where(current["valid"].unsqueeze(-1), magnitude, 0)
+                    if current["valid"] is not None:  # [B, T, H], or [B*T, H] inside an MoE block
+                        valid = current["valid"].reshape(*x.shape[:-1], 1)
+                        magnitude = torch.where(valid, magnitude, 0)
                     cached = current[id(x)] = (x, magnitude.amax())
                 merge(current["sink"], name, cached[1])
 
@@ -174,9 +176,11 @@ class DecoderRunner:
 
         handles = [modules[name].register_forward_pre_hook(make_hook(name)) for name in record]
         try:
-            groups = group_batches(self.states, index, self.graphs.equal) if self.graphed else [self.states]
+            # routed experts pick their tokens with data-dependent shapes: no CUDA graph
+            graphed = self.graphed and not experts_modules(layer)
+            groups = group_batches(self.states, index, self.graphs.equal) if graphed else [self.states]
             for group in groups:
-                if self.graphed and len(group) >= MIN_GRAPH_BATCHES:
+                if graphed and len(group) >= MIN_GRAPH_BATCHES:
                     self.graphs.run(group, forward, amax)
                     continue
                 for state in group:
@@ -200,3 +204,15 @@ class DecoderRunner:
     def restore_hidden_states(self, hidden: dict[int, torch.Tensor]) -> None:
         for state in self.states:
             state.hidden = hidden[state.batch.index].to(self.device)
+
+
+def _as_declared(layer: torch.nn.Module, weights: dict[str, torch.Tensor], device: torch.device) -> dict:
+    """The layer's tensors on ``device``; those the model keeps in float32 whatever the
+    checkpoint's dtype (MoE routers' ``e_score_correction_bias``, transformers'
+    ``_keep_in_fp32_modules_strict``) are upcast, as transformers does when it loads them."""
+    declared = dict(layer.state_dict(keep_vars=True))
+    out = {}
+    for name, tensor in weights.items():
+        dtype = declared[name].dtype if name in declared and declared[name].dtype == torch.float32 else tensor.dtype
+        out[name] = tensor.to(device, dtype=dtype)
+    return out

@@ -1,0 +1,122 @@
+"""Mixture-of-Experts layers as llm-compressor 0.14 calibrates them: one Linear per expert.
+
+transformers 5 holds a layer's routed experts as two fused 3D parameters (``gate_up_proj``
+[E, 2I, H], ``down_proj`` [E, H, I]); checkpoints store one tensor per expert and
+projection, and vLLM loads them by those names. So the meta model's experts modules are
+replaced, before anything else looks at the model, by :class:`LinearExperts`: one
+:class:`ExpertMLP` per expert holding its projections as ``nn.Linear`` under the
+checkpoint's own names (``gate_proj``/``up_proj``/``down_proj``, Mixtral's ``w1``/``w3``/
+``w2``). compressed-tensors then attaches one scheme per expert Linear, each expert's
+gate/up are fused siblings (one weight global scale), and checkpoint tensors map to
+parameters by name, as for dense layers.
+
+The forward is llm-compressor's ``LinearExperts2D`` under ``moe_calibrate_all_experts``
+(its default): every expert runs on every token, so its input statistics see all of
+them, while the output keeps only the rows of the tokens routed to it, times their
+routing weights, accumulated with ``index_add_`` in expert order. The same arithmetic in
+the same order gives the same bits.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from nvfp4_ray.errors import InputError
+
+# Model types whose routed experts are linearized here (each tested against llm-compressor),
+# and the names their checkpoints give an expert's gate, up and down projections.
+MOE_MODEL_TYPES = {
+    "qwen3_moe": ("gate_proj", "up_proj", "down_proj"),
+    "glm4_moe": ("gate_proj", "up_proj", "down_proj"),
+    "deepseek_v3": ("gate_proj", "up_proj", "down_proj"),
+    "mixtral": ("w1", "w3", "w2"),
+}
+
+
+class ExpertMLP(torch.nn.Module):
+    """One expert: ``down(act(gate(x)) * up(x))``, with gate and up concatenated and split
+    again as llm-compressor's ExpertMLPWithGate does (copies: the same bits)."""
+
+    def __init__(self, names: tuple[str, str, str], hidden: int, intermediate: int, act_fn, dtype: torch.dtype):
+        super().__init__()
+        self.names = names
+        gate, up, down = names
+        self.add_module(gate, torch.nn.Linear(hidden, intermediate, bias=False, dtype=dtype))
+        self.add_module(up, torch.nn.Linear(hidden, intermediate, bias=False, dtype=dtype))
+        self.add_module(down, torch.nn.Linear(intermediate, hidden, bias=False, dtype=dtype))
+        self._act_fn = [act_fn]  # not a submodule: no state, and kept out of named_modules
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        gate, up, down = (getattr(self, name) for name in self.names)
+        gate_up = torch.cat([gate(hidden_states), up(hidden_states)], dim=-1)
+        gate_out, up_out = gate_up.chunk(2, dim=-1)
+        return down(self._act_fn[0](gate_out) * up_out)
+
+
+class LinearExperts(torch.nn.ModuleList):
+    """A layer's routed experts, one ExpertMLP each; called as the fused module it replaces:
+    ``(hidden_states [T, H], top_k_index [T, k], top_k_weights [T, k])``."""
+
+    def __init__(self, experts: list[ExpertMLP]):
+        super().__init__(experts)
+        self.num_experts = len(experts)
+
+    def forward(self, hidden_states, top_k_index, top_k_weights):
+        final = torch.zeros_like(hidden_states)
+        with torch.no_grad():
+            expert_mask = torch.nn.functional.one_hot(top_k_index, self.num_experts).permute(2, 1, 0)
+        for index in range(self.num_experts):
+            top_k_pos, token_indices = torch.where(expert_mask[index])
+            output = self[index](hidden_states)[token_indices]  # every token through every expert
+            weighted = output * top_k_weights[token_indices, top_k_pos, None]
+            final.index_add_(0, token_indices, weighted.to(final.dtype))
+        return final
+
+
+def is_moe(model_type: str) -> bool:
+    return model_type in MOE_MODEL_TYPES
+
+
+def linearize(model: torch.nn.Module, model_type: str) -> int:
+    """Replace every fused experts module of ``model`` (on any device, usually meta) by
+    LinearExperts with empty weights; the number replaced."""
+    names = MOE_MODEL_TYPES[model_type]
+    fused = [(name, module) for name, module in model.named_modules() if _is_fused_experts(module)]
+    for name, module in fused:
+        if (module.has_gate, module.has_bias, module.is_transposed, module.is_concatenated) != (True, False, False, True):
+            raise InputError(f"{name}: an experts layout this tool does not implement ({type(module).__name__})")
+        count, double_intermediate, hidden = module.gate_up_proj.shape
+        device, dtype = module.gate_up_proj.device, module.gate_up_proj.dtype
+        with torch.device(device):
+            experts = [ExpertMLP(names, hidden, double_intermediate // 2, module.act_fn, dtype) for _ in range(count)]
+        model.set_submodule(name, LinearExperts(experts))
+    return len(fused)
+
+
+def _is_fused_experts(module: torch.nn.Module) -> bool:
+    return isinstance(getattr(module, "gate_up_proj", None), torch.nn.Parameter) and isinstance(
+        getattr(module, "down_proj", None), torch.nn.Parameter
+    )
+
+
+def experts_modules(model: torch.nn.Module) -> dict[str, LinearExperts]:
+    return {name: module for name, module in model.named_modules() if isinstance(module, LinearExperts)}
+
+
+def check_expert_schemes(model: torch.nn.Module, targeted: dict) -> None:
+    """vLLM runs a layer's experts as one fused MoE kernel with one scheme: every expert
+    Linear of a layer is quantized with the same scheme, or none of them is."""
+    for name, experts in experts_modules(model).items():
+        schemes = {}
+        for index, expert in enumerate(experts):
+            for projection in expert.names:
+                scheme = targeted.get(f"{name}.{index}.{projection}")
+                schemes[f"{index}.{projection}"] = None if scheme is None else (scheme.weights, scheme.input_activations)
+        first = next(iter(schemes.values()))
+        if any(value != first for value in schemes.values()):
+            ignored = [key for key, value in schemes.items() if value is None]
+            detail = f"{len(ignored)} of {len(schemes)} expert Linears ignored" if ignored else "different schemes"
+            raise InputError(
+                f"the experts of {name.rsplit('.', 1)[0]} are not all quantized alike ({detail}); vLLM runs a "
+                "layer's experts as one kernel with one scheme: quantize all of them the same way, or ignore all"
+            )
