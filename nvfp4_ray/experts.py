@@ -19,6 +19,8 @@ the same order gives the same bits.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from nvfp4_ray.errors import InputError
@@ -57,9 +59,12 @@ class LinearExperts(torch.nn.ModuleList):
     """A layer's routed experts, one ExpertMLP each; called as the fused module it replaces:
     ``(hidden_states [T, H], top_k_index [T, k], top_k_weights [T, k])``."""
 
-    def __init__(self, experts: list[ExpertMLP]):
+    def __init__(self, experts: list[ExpertMLP], every_token: bool = True):
+        """``every_token``: run each expert on every token (calibration); otherwise on its
+        routed tokens only (inference: the same output, a fraction of the work)."""
         super().__init__(experts)
         self.num_experts = len(experts)
+        self.every_token = every_token
 
     def forward(self, hidden_states, top_k_index, top_k_weights):
         final = torch.zeros_like(hidden_states)
@@ -67,7 +72,10 @@ class LinearExperts(torch.nn.ModuleList):
             expert_mask = torch.nn.functional.one_hot(top_k_index, self.num_experts).permute(2, 1, 0)
         for index in range(self.num_experts):
             top_k_pos, token_indices = torch.where(expert_mask[index])
-            output = self[index](hidden_states)[token_indices]  # every token through every expert
+            if self.every_token:
+                output = self[index](hidden_states)[token_indices]
+            else:
+                output = self[index](hidden_states[token_indices])
             weighted = output * top_k_weights[token_indices, top_k_pos, None]
             final.index_add_(0, token_indices, weighted.to(final.dtype))
         return final
@@ -120,3 +128,60 @@ def check_expert_schemes(model: torch.nn.Module, targeted: dict) -> None:
                 f"the experts of {name.rsplit('.', 1)[0]} are not all quantized alike ({detail}); vLLM runs a "
                 "layer's experts as one kernel with one scheme: quantize all of them the same way, or ignore all"
             )
+
+
+@contextlib.contextmanager
+def loading_linearized(model_type: str):
+    """Inside: transformers' ``from_pretrained`` builds ``model_type``'s experts as
+    LinearExperts and loads the checkpoint's per-expert tensors straight into them (its
+    converters that fuse them into 3D parameters are left out); that is how an NVFP4 MoE
+    checkpoint, one quantized Linear per expert, loads through compressed-tensors."""
+    import importlib
+
+    from transformers.conversion_mapping import get_checkpoint_conversion_mapping, register_checkpoint_conversion_mapping
+    from transformers.core_model_loading import WeightConverter
+
+    if model_type not in MOE_MODEL_TYPES:
+        yield
+        return
+    original = get_checkpoint_conversion_mapping(model_type) or []
+    kept = [c for c in original if not (isinstance(c, WeightConverter) and any(".experts." in t for t in c.target_patterns))]
+    # The class is swapped in its own modeling module only: transformers' patch mapping
+    # walks every transformers module, importing all model families (some need torchvision).
+    modeling = importlib.import_module(f"transformers.models.{model_type}.modeling_{model_type}")
+    class_name = _EXPERTS_CLASSES[model_type]
+    fused_class = getattr(modeling, class_name)
+    setattr(modeling, class_name, _config_built(model_type))
+    register_checkpoint_conversion_mapping(model_type, kept, overwrite=True)
+    try:
+        yield
+    finally:
+        setattr(modeling, class_name, fused_class)
+        register_checkpoint_conversion_mapping(model_type, original, overwrite=True)
+
+
+_EXPERTS_CLASSES = {
+    "qwen3_moe": "Qwen3MoeExperts", "glm4_moe": "Glm4MoeExperts", "deepseek_v3": "DeepseekV3Experts",
+    "mixtral": "MixtralExperts",
+}  # fmt: skip
+
+
+def _config_built(model_type: str) -> type:
+    """LinearExperts constructed as the fused class it stands for: ``cls(config)``."""
+    names = MOE_MODEL_TYPES[model_type]
+
+    class ConfigBuiltExperts(LinearExperts):
+        def __init__(self, config):
+            from transformers.activations import ACT2FN
+
+            count = next(getattr(config, a) for a in ("num_local_experts", "num_experts", "n_routed_experts") if hasattr(config, a))
+            size = getattr(config, "moe_intermediate_size", None) or config.intermediate_size
+            dtype = torch.get_default_dtype()
+            act_fn = ACT2FN[config.hidden_act]
+            experts = [ExpertMLP(names, config.hidden_size, size, act_fn, dtype) for _ in range(count)]
+            super().__init__(experts, every_token=False)
+            # the family's _init_weights would look for the fused parameters: its experts'
+            # Linears (initialized as Linears, then loaded) are all there is
+            self._is_hf_initialized = True
+
+    return ConfigBuiltExperts

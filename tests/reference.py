@@ -12,10 +12,12 @@ from safetensors import safe_open
 
 
 def run_llmcompressor(
-    source: str, rows: list[list[int]] | None, ignore: list[str], out: str, scheme: str = "NVFP4", recipe: str | None = None
+    source: str, rows: list[list[int]] | None, ignore: list[str], out: str, scheme: str = "NVFP4", recipe: str | None = None,
+    shuffle: bool = True,
 ) -> str:
-    """``recipe``: an llm-compressor recipe (YAML text) instead of scheme/ignore.
-    ``rows`` None: no calibration data (weight-only schemes)."""
+    """``recipe``: an llm-compressor recipe (YAML text or a modifier) instead of scheme/ignore.
+    ``rows`` None: no calibration data (weight-only schemes). ``shuffle`` False: samples
+    in file order (GPTQ's Hessian sums depend on it)."""
     from datasets import Dataset
     from llmcompressor import oneshot
     from llmcompressor.modifiers.quantization import QuantizationModifier
@@ -38,6 +40,7 @@ def run_llmcompressor(
             pipeline="sequential",
             num_calibration_samples=len(rows),
             max_seq_length=max(len(r) for r in rows),
+            shuffle_calibration_samples=shuffle,
         )
     model.save_pretrained(out, save_compressed=True)
     return out
@@ -71,9 +74,13 @@ def full_forward_input_scales(source: str, rows: list[list[int]], ignore_prefixe
     from compressed_tensors.quantization.utils import generate_gparam
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText
 
+    from llmcompressor.modeling.moe.context import moe_calibration_context
+    from llmcompressor.modeling.moe.linearize import linearize_moe
+
     config = AutoConfig.from_pretrained(source)
     loader = AutoModelForImageTextToText if config.model_type == "mistral3" else AutoModelForCausalLM
     model = loader.from_pretrained(source, dtype=torch.bfloat16, attn_implementation="eager").eval()
+    linearize_moe(model)  # MoE: one Linear per expert, each run on every token (below)
     amax: dict[str, torch.Tensor] = {}
 
     def hook(name):
@@ -86,7 +93,7 @@ def full_forward_input_scales(source: str, rows: list[list[int]], ignore_prefixe
     for name, module in model.named_modules():
         if isinstance(module, torch.nn.Linear) and ".layers." in name and "vision" not in name:
             module.register_forward_pre_hook(hook(name))
-    with torch.no_grad():
+    with torch.no_grad(), moe_calibration_context():
         for row in rows:
             ids = torch.tensor([row])
             model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False)

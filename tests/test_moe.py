@@ -74,3 +74,91 @@ def test_checkpoint_is_byte_identical_to_llmcompressor(family, moe_runs, referen
         with open(os.path.join(out, name)) as mine, open(os.path.join(ref, name)) as expected:
             assert mine.read() == expected.read(), name
 
+
+
+def test_default_mode_calibrates_with_the_causal_mask(family_case, moe_runs, reference):
+    """qwen3_moe and mixtral: the default mode's input scales are those of a plain forward
+    of the whole model (causal mask, every expert on every token); weights are the reference's."""
+    from reference import full_forward_input_scales
+
+    for family in MASKLESS_IN_REFERENCE:
+        case = family_case(family)
+        ours = reference_names(family, load_tensors(moe_runs(family, exact=False)))
+        theirs = load_tensors(reference(family))
+        truth = full_forward_input_scales(case.source, case.rows)
+        if family == "mixtral":  # module names -> llm-compressor's checkpoint names
+            truth = {name.replace(".mlp.", ".block_sparse_moe."): value for name, value in truth.items()}
+        scales = {n.removesuffix(".input_global_scale"): scale_of(v[2]) for n, v in ours.items() if n.endswith("input_global_scale")}
+        assert scales == truth, family
+        # the reference's (maskless) scales differ: the mode matters
+        assert any(scale_of(theirs[f"{n}.input_global_scale"][2]) != s for n, s in scales.items()), family
+        assert all(ours[n] == theirs[n] for n in theirs if not n.endswith(".input_global_scale")), family
+
+
+def test_quantized_checkpoint_loads_in_transformers_and_generates(family_case, moe_runs):
+    """Through compressed-tensors, one quantized Linear per expert: every expert weight the
+    model holds is the checkpoint's NVFP4 weight (not an initialization), and it generates."""
+    from transformers import AutoModelForCausalLM
+
+    from nvfp4_ray.experts import loading_linearized
+    from nvfp4_ray.formats.nvfp4 import PackedWeight, dequantize_weight
+
+    for family in ("mixtral", "deepseek_v3"):
+        out = moe_runs(family, exact=family in MASKLESS_IN_REFERENCE)
+        tensors = load_tensors(out)
+        with loading_linearized(family):
+            model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.bfloat16).eval()
+        experts = [(n, m) for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and ".experts." in n]
+        assert experts
+        with torch.no_grad():
+            model(input_ids=torch.tensor([[1]]))  # compressed-tensors decompresses in the first forward
+        for name, module in experts:
+            prefix = name.replace(".mlp.", ".block_sparse_moe.") if family == "mixtral" else name
+            packed = PackedWeight(*(_tensor(tensors[f"{prefix}.{part}"]) for part in ("weight_packed", "weight_scale", "weight_global_scale")))
+            assert torch.equal(module.weight, dequantize_weight(packed)), name
+        generated = model.generate(torch.tensor([case_prompt(family_case(family))]), max_new_tokens=8, do_sample=False)
+        assert generated.shape == (1, 16)
+
+
+def case_prompt(case) -> list[int]:
+    return case.rows[0][:8]
+
+
+def _tensor(value) -> torch.Tensor:
+    dtype, shape, raw = value
+    return torch.frombuffer(bytearray(raw), dtype=getattr(torch, dtype.removeprefix("torch."))).reshape(shape)
+
+
+@pytest.mark.parametrize(
+    "ignore, fragment",
+    [
+        # vLLM runs a layer's experts as one kernel with one scheme
+        ("re:.*layers\\.1\\.mlp\\.experts\\.3\\..*", "the experts of model.layers.1.mlp are not all quantized alike"),
+        # an expert's gate/up are fused siblings: one GEMM, one global scale
+        ("model.layers.2.mlp.experts.0.up_proj", "splits the fused group model.layers.2.mlp.experts.0.gate_proj"),
+    ],
+)
+def test_ignore_lists_vllm_cannot_serve_are_refused(ignore, fragment, family_case, tmp_path):
+    from conftest import run_cli
+
+    case = family_case("qwen3_moe")
+    dest = str(tmp_path / "dest")
+    code, stdout, stderr = run_cli("quantize", case.source, dest, "--calibration", case.calibration, "--num-samples", "6",
+                                   "--max-seq-len", "64", "--ignore", "lm_head", ignore)  # fmt: skip
+    assert code == 2 and fragment in stderr.splitlines()[-1], stderr
+    assert json.loads(stdout.strip().splitlines()[-1])["exit_code"] == 2
+    assert not os.path.exists(dest)
+
+
+def test_ignoring_every_expert_of_a_layer_is_allowed(family_case, tmp_path):
+    """All experts of a layer left in bf16 is one scheme for vLLM: accepted, and the
+    quantization_config lists each of them under the checkpoint's names."""
+    case = family_case("mixtral")
+    out = str(tmp_path / "out")
+    quantize(case.source, out, case.calibration, ignore=["lm_head", "re:.*layers\\.1\\.mlp\\.experts\\..*"])
+    ignored = json.load(open(os.path.join(out, "config.json")))["quantization_config"]["ignore"]
+    assert "model.layers.1.block_sparse_moe.experts.3.w2" in ignored
+    assert "model.layers.0.block_sparse_moe.gate" in ignored  # routers, as llm-compressor lists them
+    tensors = load_tensors(out)
+    assert tensors["model.layers.1.block_sparse_moe.experts.3.w2.weight"][0] == "torch.bfloat16"
+    assert "model.layers.0.block_sparse_moe.experts.3.w2.weight_packed" in tensors

@@ -27,12 +27,15 @@ def load_model(folder: str, dtype: torch.dtype, device: str):
     Linear's input to FP4 the way the W4A4 kernels do (emulation, on any device)."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText
 
+    from nvfp4_ray.experts import loading_linearized
+
     config = AutoConfig.from_pretrained(folder)
     loader = AutoModelForImageTextToText if hasattr(config, "vision_config") else AutoModelForCausalLM
     # transformers and compressed-tensors draw progress bars on stderr while loading, and
     # compressed-tensors decompresses the weights in the first forward; both happen here,
     # silently (the job reports its own progress; logging warnings still go through).
-    with contextlib.redirect_stderr(io.StringIO()), torch.no_grad():
+    # MoE: one Linear per expert, as NVFP4 checkpoints store them (a bf16 BASE loads so too)
+    with contextlib.redirect_stderr(io.StringIO()), torch.no_grad(), loading_linearized(config.model_type):
         model = loader.from_pretrained(folder, dtype=dtype).to(device).eval()
         model(input_ids=torch.zeros((1, 1), dtype=torch.long, device=device), use_cache=False)
     return model
