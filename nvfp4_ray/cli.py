@@ -2,7 +2,8 @@
 
 Exit codes: 0 done; 2 bad input or configuration (nothing was started where it could be
 checked first); 3 failed during the run (the same command resumes). The last line on
-stdout is always one JSON object: the summary, or the error.
+stdout is always one JSON object: the summary, or the error. The summary stays one short
+line: the quality report's per-Linear figures are left to the manifest.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import argparse
 import json
 import sys
 import typing
+from importlib import metadata
 
 from nvfp4_ray.config import QuantizeConfig
 from nvfp4_ray.errors import EXIT_INPUT, EXIT_OK, EXIT_RUN, InputError, JobError
@@ -85,7 +87,7 @@ def _quantize(args: argparse.Namespace) -> int:
 
     def action():
         config = config_from_args(args)
-        return run_quantize(config, Events(config.log_format))
+        return _short(run_quantize(config, Events(config.log_format)))
 
     return run_guarded(action)
 
@@ -93,7 +95,17 @@ def _quantize(args: argparse.Namespace) -> int:
 def _demo(args: argparse.Namespace) -> int:
     from nvfp4_ray.demo import run_demo
 
-    return run_guarded(lambda: run_demo(args.dest, args.log_format or "text"))
+    return run_guarded(lambda: _short(run_demo(args.dest, args.log_format or "text")))
+
+
+def _short(summary: dict) -> dict:
+    """The summary line with the quality report's headline only: its SQNR for each Linear
+    (210 of them on SmolLM2, 20 KB of JSON) stays in DEST's manifest.json under ``quality``."""
+    from nvfp4_ray.quality.evaluate import headline
+
+    if summary.get("quality") is None:  # not evaluated, or an unchanged run
+        return summary
+    return {**summary, "quality": headline(summary["quality"])}
 
 
 def _prepare_calibration(args: argparse.Namespace) -> int:
@@ -125,11 +137,19 @@ def _rollback(args: argparse.Namespace) -> int:
     return run_guarded(lambda: rollback(Store(args.dest), args.version))
 
 
-def build_parser() -> argparse.ArgumentParser:
+def _export(args: argparse.Namespace) -> int:
+    from nvfp4_ray.io.export import export
+
+    return run_guarded(lambda: export(args.dest, args.target))
+
+
+def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
+    """The program's parser, and each command's own."""
     from nvfp4_ray.prepare import PrepareOptions
     from nvfp4_ray.quality.evaluate import EvaluateOptions
 
     parser = argparse.ArgumentParser(prog="nvfp4-ray", description="Quantize Hugging Face checkpoints to NVFP4 on Ray.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {metadata.version('nvfp4-ray')}")
     commands = parser.add_subparsers(dest="command", required=True)
     quantize = commands.add_parser("quantize", help="quantize SOURCE into DEST")
     add_config_options(quantize)
@@ -154,11 +174,25 @@ def build_parser() -> argparse.ArgumentParser:
     rollback.add_argument("dest", help="the output directory or URL of earlier runs")
     rollback.add_argument("--version", default=None, help="version to restore (default: the one before the current)")
     rollback.set_defaults(handler=_rollback)
-    return parser
+    export = commands.add_parser(
+        "export", help="copy exactly the checkpoint committed at DEST (no .nvfp4/, no other version) to TARGET"
+    )
+    export.add_argument("dest", help="the output directory or URL of a finished run")
+    export.add_argument("target", help="an empty or new directory or URL (s3://...) to copy the checkpoint to")
+    export.set_defaults(handler=_export)
+    return parser, commands.choices
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser, commands = build_parser()
+    if argv and argv[0] in commands:
+        # Options may sit between the positionals (`quantize SRC --calibration X DEST`).
+        # argparse cannot intermix a parser that has subcommands, so the command's own
+        # parser takes the rest of the line.
+        args = commands[argv[0]].parse_intermixed_args(argv[1:])
+    else:  # -h, --version, or no or an unknown command: argparse answers
+        args = parser.parse_args(argv)
     return args.handler(args)
 
 

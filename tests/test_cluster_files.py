@@ -4,7 +4,7 @@ Each is checked against what reads it where that reader is installed here: job c
 through QuantizeConfig (as ``jobs/quantize.py --config`` does), recipes through
 llm-compressor's parser, the cluster-launcher YAML through Ray's own validator (as ``ray
 up`` does), the runtime env through Ray's RuntimeEnv. KubeRay, Kubernetes and Argo are
-not installed here, so their manifests get a structural check of what the README
+not installed here, so their manifests get a structural check of what docs/cluster.md
 promises. The Dockerfile cannot be built here; its pins are checked against pyproject.toml.
 """
 
@@ -327,9 +327,8 @@ def test_dockerfile_base_has_cuda_for_blackwell_and_tags_the_manifests_image():
     assert f"-t {IMAGE} ." in text
 
 
-def test_readme_cluster_section_names_existing_files():
-    readme = (ROOT / "README.md").read_text()
-    section = readme[readme.index("## Run on a cluster") :].split("\n## ", 1)[0]
+def test_cluster_docs_name_existing_files():
+    section = (ROOT / "docs" / "cluster.md").read_text()
     paths = set(re.findall(r"\b(?:cluster|jobs)/[\w./-]+\.(?:yaml|py)\b|cluster/docker/Dockerfile\b", section))
     assert "jobs/configs/mistral-medium-3.5-128b-nvfp4.yaml" in paths
     missing = sorted(p for p in paths if not (ROOT / p).is_file())

@@ -62,6 +62,25 @@ def test_quantize_evaluate_stores_the_report_before_committing(evaluated):
     assert "Quality of QUANT against BASE" in stderr and "worst Linears" in stderr
 
 
+def test_the_summary_line_of_quantize_evaluate_is_short_and_the_manifest_keeps_every_linear(evaluated, tmp_path):
+    from nvfp4_ray.quality.evaluate import headline
+
+    source = evaluated[0]
+    calibration = os.path.join(os.path.dirname(source), "calibration.parquet")
+    dest = str(tmp_path / "dest")
+    code, stdout, stderr = run_cli("quantize", source, dest, "--calibration", calibration, "--num-samples", "4",
+                                   "--max-seq-len", "64", "--evaluate")  # fmt: skip
+    assert code == 0, stderr
+    line = stdout.strip().splitlines()[-1]
+    summary, quality = json.loads(line), json.load(open(os.path.join(dest, "manifest.json")))["quality"]
+    assert len(quality["weight_sqnr_db"]["per_linear"]) == 14  # every Linear, in the manifest
+    assert summary["quality"] == headline(quality) and "per_linear" not in summary["quality"]["weight_sqnr_db"]
+    assert [w["name"] for w in summary["quality"]["weight_sqnr_db"]["worst"]] == [
+        name for name, _ in sorted(quality["weight_sqnr_db"]["per_linear"].items(), key=lambda item: (item[1], item[0]))
+    ][:5]
+    assert len(line) < 2500  # the same for 14 Linears or 210: per_linear added ~100 bytes for each
+
+
 def test_a_replace_keeps_the_old_checkpoint_in_place_while_it_is_evaluated(evaluated, tmp_path, monkeypatch):
     """--evaluate runs on the new small files beside DEST's unit files, before the old
     checkpoint is withdrawn: consumers of DEST see it until the commit's few writes."""

@@ -28,16 +28,22 @@ def test_demo_output_loads_in_transformers_and_generates(tmp_path):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from nvfp4_ray.quality.evaluate import headline
+
     dest = str(tmp_path / "demo")
     code, stdout, stderr = run_cli("demo", dest)
     assert code == 0, stderr
-    summary = json.loads(stdout.strip().splitlines()[-1])
+    line = stdout.strip().splitlines()[-1]
+    summary = json.loads(line)
     assert summary["status"] == "succeeded" and summary["linears_quantized"] == 210
+    assert len(line) < 2500  # one short line: the SQNR of each of the 210 Linears is in the manifest
     assert f"output            {dest}" in stderr  # the human summary says where the output is
     assert os.path.exists(os.path.join(dest, "_SUCCESS"))
     # the demo evaluates before committing: the report is in the manifest and printed after the summary
     manifest = json.load(open(os.path.join(dest, "manifest.json")))
-    assert manifest["quality"] == summary["quality"] and summary["quality"]["weight_sqnr_db"]["linears"] == 210
+    assert len(manifest["quality"]["weight_sqnr_db"]["per_linear"]) == 210
+    assert summary["quality"] == headline(manifest["quality"])
+    assert summary["quality"]["weight_sqnr_db"]["linears"] == 210
     assert stderr.index("Quality of QUANT against BASE") > stderr.index(f"output            {dest}")
 
     model = AutoModelForCausalLM.from_pretrained(dest, dtype=torch.bfloat16)

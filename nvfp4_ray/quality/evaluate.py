@@ -173,6 +173,13 @@ def _held_out_text(url: str | None) -> tuple[str, str]:
         raise InputError(f"held-out text {store.display(name)} is not UTF-8 text") from None
 
 
+def headline(report: dict) -> dict:
+    """The report without the SQNR of each Linear: what a one-line summary carries (the
+    worst Linears stay named; manifest.json keeps the whole report)."""
+    sqnr = {key: value for key, value in report["weight_sqnr_db"].items() if key != "per_linear"}
+    return {**report, "weight_sqnr_db": sqnr}
+
+
 def format_table(report: dict) -> str:
     """The report for people."""
     text, ppl, sqnr = report["text"], report["perplexity"], report["weight_sqnr_db"]
