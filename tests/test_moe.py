@@ -162,3 +162,27 @@ def test_ignoring_every_expert_of_a_layer_is_allowed(family_case, tmp_path):
     tensors = load_tensors(out)
     assert tensors["model.layers.1.block_sparse_moe.experts.3.w2.weight"][0] == "torch.bfloat16"
     assert "model.layers.0.block_sparse_moe.experts.3.w2.weight_packed" in tensors
+
+
+def test_an_expert_changed_in_source_recomputes_its_layer(family_case, moe_runs, tmp_path):
+    """--if-changed: one expert's tensor rewritten in SOURCE redoes the layers whose
+    tensors share its shard (and the input scales), reuses the others, and ends
+    byte-identical to a fresh run on the new source."""
+    import shutil
+
+    from test_requantize import change_tensor, index_files
+
+    case = family_case("glm4_moe")
+    source, dest = str(tmp_path / "source"), str(tmp_path / "dest")
+    shutil.copytree(case.source, source)  # copies keep their mtimes: the identities the first run saw
+    shutil.copytree(moe_runs("glm4_moe", exact=False), dest)
+    changed = change_tensor(source, "model.layers.2.mlp.experts.5.gate_proj.weight")  # and so its down_proj input
+    changed_layers = {int(name.split(".")[2]) for name in changed if name.startswith("model.layers.")}
+    summary = quantize(source, dest, case.calibration, if_changed=True)
+    assert summary["status"] == "succeeded"
+    assert summary["units_computed"] == len(changed_layers) + 1
+    assert summary["units_reused"] == 3 - len(changed_layers) + 1  # other layers + the copy unit
+    fresh = str(tmp_path / "fresh")
+    quantize(source, fresh, case.calibration)
+    assert index_files(dest) == index_files(fresh)
+    assert load_tensors(dest) == load_tensors(fresh)

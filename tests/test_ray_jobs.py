@@ -123,8 +123,9 @@ def test_ray_job_with_bad_input_fails_with_exit_code_2(ray_head, family_case, tm
 
 @pytest.mark.usefixtures("ray_instance")
 def test_simulated_three_node_cluster(family_case, tmp_path):
-    """One worker per (fake) GPU node; each node reads every layer exactly once; same bytes."""
-    case = family_case("llama")
+    """One worker per (fake) GPU node; each node reads every layer exactly once; same bytes.
+    DeepSeek-V3's layout: a dense first layer, then MoE layers with shared experts, MLA."""
+    case = family_case("deepseek_v3")
     dest = str(tmp_path / "cluster")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([REPO, os.environ.get("PYTHONPATH", "")])}
     process = subprocess.run(
