@@ -10,11 +10,10 @@ checkpoint's own names (``gate_proj``/``up_proj``/``down_proj``, Mixtral's ``w1`
 gate/up are fused siblings (one weight global scale), and checkpoint tensors map to
 parameters by name, as for dense layers.
 
-The forward is llm-compressor's ``LinearExperts2D`` under ``moe_calibrate_all_experts``
-(its default): every expert runs on every token, so its input statistics see all of
-them, while the output keeps only the rows of the tokens routed to it, times their
-routing weights, accumulated with ``index_add_`` in expert order. The same arithmetic in
-the same order gives the same bits.
+The forward computes what llm-compressor's ``LinearExperts2D`` computes under
+``moe_calibrate_all_experts`` (its default): every expert runs on every token, so its
+input statistics see all of them, while the output adds only the routed tokens' rows,
+times their routing weights, in expert order: the same products and sums, so the same bits.
 """
 
 from __future__ import annotations
@@ -68,16 +67,27 @@ class LinearExperts(torch.nn.ModuleList):
 
     def forward(self, hidden_states, top_k_index, top_k_weights):
         final = torch.zeros_like(hidden_states)
+        if not self.every_token:
+            return self._routed(final, hidden_states, top_k_index, top_k_weights)
+        # Each token's routing weight for every expert, 0 where it is not routed: the rows
+        # llm-compressor selects and adds with index_add_ get the same products and sums
+        # (an added 0 changes nothing), with no data-dependent shapes, so that a layer of
+        # 128 experts replays as one CUDA graph instead of ~1500 kernel launches a sample.
+        routing = torch.zeros((hidden_states.shape[0], self.num_experts), dtype=top_k_weights.dtype, device=final.device)
+        routing.scatter_(1, top_k_index, top_k_weights)
+        for index in range(self.num_experts):
+            output = self[index](hidden_states)  # every token through every expert
+            final += (output * routing[:, index, None]).to(final.dtype)
+        return final
+
+    def _routed(self, final, hidden_states, top_k_index, top_k_weights):
+        """Each expert on its routed tokens only (transformers' eager experts)."""
         with torch.no_grad():
             expert_mask = torch.nn.functional.one_hot(top_k_index, self.num_experts).permute(2, 1, 0)
         for index in range(self.num_experts):
             top_k_pos, token_indices = torch.where(expert_mask[index])
-            if self.every_token:
-                output = self[index](hidden_states)[token_indices]
-            else:
-                output = self[index](hidden_states[token_indices])
-            weighted = output * top_k_weights[token_indices, top_k_pos, None]
-            final.index_add_(0, token_indices, weighted.to(final.dtype))
+            output = self[index](hidden_states[token_indices])
+            final.index_add_(0, token_indices, (output * top_k_weights[token_indices, top_k_pos, None]).to(final.dtype))
         return final
 
 
