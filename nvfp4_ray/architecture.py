@@ -16,6 +16,7 @@ import torch
 
 from nvfp4_ray.errors import InputError
 from nvfp4_ray.experts import MOE_MODEL_TYPES, check_expert_schemes, linearize
+from nvfp4_ray.formats import fp8_block
 from nvfp4_ray.io.tensors import torch_dtype
 
 # Model families whose decoder layers we run and whose outputs are tested against
@@ -70,6 +71,7 @@ class LayerSpec:
     tensors: dict[str, str]  # checkpoint tensor name -> parameter name inside the layer
     groups: list[list[LinearSpec]]  # quantized Linears; fused siblings share a list
     attention: list[AttentionSpec] = field(default_factory=list)
+    fp8_scales: list[str] = field(default_factory=list)  # block scales of its FP8 weights: read, not parameters
 
     @property
     def linears(self) -> list[LinearSpec]:
@@ -91,6 +93,7 @@ class ModelSpec:
     layers: list[LayerSpec]
     other_tensors: list[str]  # everything outside the decoder layers, copied byte for byte
     ignored_linears: list[str] = field(default_factory=list)  # checkpoint names, for quantization_config
+    dropped_tensors: list[str] = field(default_factory=list)  # in SOURCE, but not loaded by transformers: not written
     kv_args: object = None  # compressed_tensors QuantizationArgs of the KV cache, if quantized
 
     @property
@@ -140,13 +143,19 @@ def describe_model(config: dict, checkpoint_tensors: dict, recipe) -> tuple[Mode
     except Exception as exc:
         raise InputError(f"config.json cannot be turned into a {model_type} model: {exc}") from None
     backbone_name, backbone = find_backbone(model)
-    to_model = _checkpoint_to_model_names(model, checkpoint_tensors)
+    # An FP8 SOURCE's block scales go with their weights, which every layer sees dequantized
+    # to bf16, as the reference loads them (formats/fp8_block.py)
+    scales = fp8_block.scales_of(config.get("quantization_config"), checkpoint_tensors)
+    tensors_of_model = {name: tensor for name, tensor in checkpoint_tensors.items() if name not in scales}
+    to_model = _checkpoint_to_model_names(model, tensors_of_model)
     to_checkpoint = {m: c for c, m in to_model.items()}
-    _check_shapes(model, checkpoint_tensors, to_model)
+    _check_shapes(model, tensors_of_model, to_model)
+    fp8_weights = set(scales.values())
+    dtypes_seen = {name: "BF16" if name in fp8_weights else t.entry.dtype for name, t in tensors_of_model.items()}
 
     targeted, attention_kv = _attach_schemes(model, recipe)
     layer_prefixes = [f"{backbone_name}.layers.{i}." for i in range(len(backbone.layers))]
-    dtype = _check_targets(model, targeted, layer_prefixes, checkpoint_tensors, to_checkpoint)
+    dtype = _check_targets(model, targeted, layer_prefixes, dtypes_seen, to_checkpoint)
     if dtype != "BF16":  # config.json records the dtype the reference loads the model in
         model = build_meta_model(config, dtype=torch_dtype(dtype))
         targeted, attention_kv = _attach_schemes(model, recipe)
@@ -175,8 +184,12 @@ def describe_model(config: dict, checkpoint_tensors: dict, recipe) -> tuple[Mode
             for name in sorted(attention_kv)
             if name.startswith(prefix)
         ]
-        layers.append(LayerSpec(index=index, module=prefix[:-1], tensors=tensors, groups=_fuse(linears), attention=attention))
-    other = sorted(c for c in checkpoint_tensors if c not in layer_of_tensor)
+        fp8_scales = sorted(scale for scale, weight in scales.items() if weight in tensors)
+        layers.append(LayerSpec(index, prefix[:-1], tensors, _fuse(linears), attention, fp8_scales))
+    outside = [weight for weight in scales.values() if weight in to_model and weight not in layer_of_tensor]
+    if outside:
+        raise InputError(f"FP8 weight {outside[0]!r} is outside the decoder layers; only their Linears are read as FP8")
+    other = sorted(c for c in tensors_of_model if c not in layer_of_tensor and c in to_model)
     ignored = [
         to_checkpoint.get(f"{name}.weight", f"{name}.weight").removesuffix(".weight")
         for name, module in model.named_modules()
@@ -192,6 +205,7 @@ def describe_model(config: dict, checkpoint_tensors: dict, recipe) -> tuple[Mode
         layers=layers,
         other_tensors=other,
         ignored_linears=ignored,
+        dropped_tensors=sorted(c for c in tensors_of_model if c not in to_model),
         kv_args=next(iter(attention_kv.values()), None),
     )
     return spec, model
@@ -260,12 +274,15 @@ def _checkpoint_to_model_names(model, checkpoint_tensors: dict) -> dict[str, str
     ]  # fmt: skip
     params = dict(model.named_parameters(remove_duplicate=False))
     params.update(dict(model.named_buffers(remove_duplicate=False)))
+    unloaded = getattr(model, "_keys_to_ignore_on_load_unexpected", None) or []
     mapping: dict[str, str] = {}
     for name in checkpoint_tensors:
         renamed, converter = rename_source_key(name, renamings, converters)
         if converter is not None:
             raise InputError(f"tensor {name!r} needs a weight conversion ({converter}) that this tool does not support")
         target = renamed if renamed in params else name if name in params else None
+        if target is None and any(re.search(p, name) for p in unloaded):
+            continue  # transformers leaves it out (DeepSeek-V3's multi-token-prediction layer): so does the output
         if target is None:
             raise InputError(
                 f"tensor {name!r} in the checkpoint matches no parameter of {type(model).__name__} "
@@ -291,13 +308,15 @@ def _check_shapes(model, checkpoint_tensors: dict, to_model: dict) -> None:
     params = dict(model.named_parameters(remove_duplicate=False))
     params.update(dict(model.named_buffers(remove_duplicate=False)))
     for name, tensor in checkpoint_tensors.items():
+        if name not in to_model:  # not loaded, not written
+            continue
         expected = tuple(params[to_model[name]].shape)
         found = tuple(tensor.entry.shape)
         if expected != found:
             raise InputError(f"tensor {name!r} has shape {list(found)} but config.json implies {list(expected)}")
 
 
-def _check_targets(model, targeted, layer_prefixes, checkpoint_tensors, to_checkpoint) -> str:
+def _check_targets(model, targeted, layer_prefixes, weight_dtypes: dict, to_checkpoint) -> str:
     modules = dict(model.named_modules())
     dtypes = set()
     for name, scheme in targeted.items():
@@ -315,7 +334,7 @@ def _check_targets(model, targeted, layer_prefixes, checkpoint_tensors, to_check
                 f"{name}: in_features {module.in_features} is not divisible by the group size {group_size}; "
                 f"add {name!r} to the ignore list"
             )
-        dtypes.add(checkpoint_tensors[to_checkpoint[f"{name}.weight"]].entry.dtype)
+        dtypes.add(weight_dtypes[to_checkpoint[f"{name}.weight"]])
     if not targeted:
         raise InputError("no Linear layer matches the recipe's targets after the ignore list: nothing to quantize")
     bad = dtypes - set(_QUANTIZABLE_DTYPES)

@@ -30,7 +30,11 @@ class QuantizeConfig(BaseModel):
         None, description="module names or re: patterns left unquantized", json_schema_extra={"metavar": "PATTERN"}
     )
     scheme: str = Field("NVFP4", description="quantization scheme preset when no recipe is given")
-    recipe: str | None = Field(None, description="llm-compressor recipe YAML (QuantizationModifier)")
+    recipe: str | None = Field(None, description="llm-compressor recipe YAML (QuantizationModifier or GPTQModifier)")
+    algorithm: Literal["rtn", "gptq"] = Field(
+        "rtn", description="weights by round-to-nearest, or by GPTQ (llm-compressor's GPTQModifier with its defaults) "
+        "when no recipe is given",
+    )
     config_override: list[str] | None = Field(
         None,
         description="KEY=VALUE edits of the source's config.json (dotted keys, JSON values), e.g. a fixed rope parameter",
@@ -69,6 +73,10 @@ class QuantizeConfig(BaseModel):
     readahead_gib: float = Field(
         8.0, ge=0, description="local SOURCE: have the kernel read this many GiB of layers past those loaded into "
         "its page cache, which the workers read them from; no process holds it and the kernel may reclaim it (0: off)",
+    )
+    device_memory_gib: float | None = Field(
+        None, gt=0, description="device memory a worker may fill with layers, hidden states and its write queue; "
+        "layers loaded ahead and queued writes shrink to fit (default: 90%% of the GPU's memory; CPU: no limit)",
     )
     hidden_snapshots: int = Field(
         3, ge=0, description="layers whose hidden states stay at DEST, evenly spaced, so that a re-run after a change "
@@ -109,6 +117,8 @@ class QuantizeConfig(BaseModel):
             raise ValueError("--exact computes one sample per forward like llm-compressor; drop --batch-tokens")
         if self.recipe is not None and "scheme" in self.model_fields_set:
             raise ValueError("give either --recipe or --scheme, not both (the recipe names its scheme)")
+        if self.recipe is not None and "algorithm" in self.model_fields_set:
+            raise ValueError("give either --recipe or --algorithm, not both (a GPTQ recipe holds a GPTQModifier)")
         if self.recipe is not None and self.ignore is not None:
             raise ValueError("give ignore patterns inside the recipe, not with --ignore, when --recipe is used")
         if self.evaluate and (is_remote(self.source) or is_remote(self.dest)):

@@ -13,24 +13,27 @@ import torch
 
 from nvfp4_ray.architecture import LayerSpec
 from nvfp4_ray.errors import InputError
+from nvfp4_ray.formats import fp8_block
 from nvfp4_ray.formats import linear as formats
-from nvfp4_ray.io.tensors import FLOAT_DTYPES, LocalRead, TensorBundle, to_device_in_pieces, torch_dtype
+from nvfp4_ray.io.tensors import FLOAT_DTYPES, LocalRead, TensorBundle, safetensors_dtype, to_device_in_pieces, torch_dtype
 
 
 def to_device_checked(
     tensors: TensorBundle | LocalRead, device: torch.device, check: bool = True, pieces: list | None = None
 ) -> dict[str, torch.Tensor]:
-    """Every tensor of the unit on ``device``; with ``check``, a NaN or Inf in any
-    floating-point one fails the unit (one host sync for all of them). To a GPU the unit
-    crosses whole, through ``pieces`` (``to_device_in_pieces``), and its tensors are views
-    of the copy there; on a CPU they are views of the bundle (a LocalRead is read first)."""
+    """Every tensor of the unit on ``device``, an FP8 SOURCE's weights dequantized to bf16
+    (their block scales dropped); with ``check``, a NaN or Inf in any floating-point one
+    fails the unit (one host sync for all of them). To a GPU the unit crosses whole,
+    through ``pieces`` (``to_device_in_pieces``), and its tensors are views of the copy
+    there; on a CPU they are views of the bundle (a LocalRead is read first)."""
     if device.type == "cuda":
         whole = to_device_in_pieces(tensors, device, pieces)
         on_device = {name: _view(whole, entry) for name, entry in tensors.entries.items()}
     else:
         bundle = tensors.read() if isinstance(tensors, LocalRead) else tensors
         on_device = {name: bundle.tensor(name) for name in bundle.names()}
-    floats = [name for name, entry in tensors.entries.items() if entry[1] in FLOAT_DTYPES] if check else []
+    on_device = fp8_block.dequantize_weights(on_device)  # what calibration and quantization both see
+    floats = [name for name, tensor in on_device.items() if safetensors_dtype(tensor.dtype) in FLOAT_DTYPES] if check else []
     finite = torch.stack([torch.isfinite(on_device[name]).all() for name in floats]).tolist() if floats else []
     for name, ok in zip(floats, finite):
         if not ok:

@@ -1,7 +1,7 @@
 """Quantization recipes: llm-compressor's own parser, so users keep the recipes they have.
 
-A recipe (``--recipe FILE.yaml``) or the ``--scheme``/``--ignore`` options become one
-llm-compressor ``QuantizationModifier``; its resolved compressed-tensors config gives the
+A recipe (``--recipe FILE.yaml``) or the ``--scheme``/``--ignore``/``--algorithm`` options
+become one llm-compressor ``QuantizationModifier`` or ``GPTQModifier``; its resolved compressed-tensors config gives the
 config groups (targets and scheme per group), the ignore patterns and the KV-cache
 scheme. llm-compressor is imported here, on the driver only: workers receive plain data.
 """
@@ -20,6 +20,23 @@ os.environ.setdefault("LLM_COMPRESSOR_LOG_DISABLED", "true")
 SUPPORTED_SCHEMES = ("NVFP4", "NVFP4A16", "FP8", "FP8_DYNAMIC")
 
 
+# GPTQ: the schemes whose weights formats/gptq.py solves (tested against llm-compressor)
+GPTQ_SCHEMES = ("NVFP4", "NVFP4A16")
+
+
+@dataclass(frozen=True)
+class GptqOptions:
+    """A GPTQModifier's arguments, as plain data for the workers."""
+
+    block_size: int
+    dampening_frac: float
+    ordered: bool  # actorder static (= weight): columns by descending Hessian diagonal
+
+    def key(self) -> dict:
+        return {"algorithm": "gptq", "block_size": self.block_size, "dampening_frac": self.dampening_frac,
+                "actorder": "static" if self.ordered else None}  # fmt: skip
+
+
 @dataclass(frozen=True)
 class Recipe:
     modifier: object  # llmcompressor QuantizationModifier (driver only)
@@ -28,31 +45,37 @@ class Recipe:
     ignore: list[str]
     yaml_text: str
     notes: tuple[str, ...] = ()  # things the user should know about how the recipe is run
+    gptq: GptqOptions | None = None  # a GPTQModifier recipe; None: round-to-nearest
 
     @property
     def needs_calibration(self) -> bool:
         from nvfp4_ray.formats.linear import needs_calibration
 
         groups = self.config_groups.values()
-        return self.quantization_config.kv_cache_scheme is not None or any(
+        return self.gptq is not None or self.quantization_config.kv_cache_scheme is not None or any(
             needs_calibration(group.input_activations) for group in groups
         )
 
 
-def load_recipe(recipe_path: str | None, scheme: str, ignore: list[str], always_ignore: list[str] = ()) -> Recipe:
-    """The recipe file, or one QuantizationModifier built from --scheme/--ignore.
+def load_recipe(
+    recipe_path: str | None, scheme: str, ignore: list[str], always_ignore: list[str] = (), algorithm: str = "rtn"
+) -> Recipe:
+    """The recipe file, or one QuantizationModifier (``algorithm`` gptq: GPTQModifier with
+    its defaults) built from --scheme/--ignore.
 
     ``always_ignore`` (the vision tower of multimodal models) is appended to the modifier's
     ignore list, so recipe.yaml and quantization_config say what was actually done.
     """
+    from llmcompressor.modifiers.gptq import GPTQModifier
     from llmcompressor.modifiers.quantization import QuantizationModifier
     from llmcompressor.recipe import Recipe as LLMCRecipe
 
     if recipe_path is None:
         if scheme.upper() not in SUPPORTED_SCHEMES:
             raise InputError(f"scheme {scheme!r} is not supported (valid: {', '.join(SUPPORTED_SCHEMES)})")
+        modifier_class = GPTQModifier if algorithm == "gptq" else QuantizationModifier
         try:
-            modifier = QuantizationModifier(targets="Linear", scheme=scheme.upper(), ignore=list(ignore))
+            modifier = modifier_class(targets="Linear", scheme=scheme.upper(), ignore=list(ignore))
         except Exception as exc:  # pydantic validation inside llm-compressor
             raise InputError(f"invalid quantization options: {_first_line(exc)}") from None
         llmc_recipe = LLMCRecipe.create_instance(modifier)
@@ -60,10 +83,10 @@ def load_recipe(recipe_path: str | None, scheme: str, ignore: list[str], always_
         llmc_recipe = _parse_recipe_file(recipe_path, LLMCRecipe)
         modifiers = [m for m in llmc_recipe.modifiers]
         names = [type(m).__name__ for m in modifiers]
-        if len(modifiers) != 1 or not isinstance(modifiers[0], QuantizationModifier):
+        if len(modifiers) != 1 or not isinstance(modifiers[0], (QuantizationModifier, GPTQModifier)):
             raise InputError(
-                f"recipe {recipe_path}: only a single QuantizationModifier is supported, found {names or 'none'} "
-                "(GPTQ, AWQ, SmoothQuant and other modifiers need llm-compressor's oneshot)"
+                f"recipe {recipe_path}: only a single QuantizationModifier or GPTQModifier is supported, found "
+                f"{names or 'none'} (AWQ, SmoothQuant and other modifiers need llm-compressor's oneshot)"
             )
         modifier = modifiers[0]
     missing = [pattern for pattern in always_ignore if pattern not in modifier.ignore]
@@ -80,6 +103,7 @@ def load_recipe(recipe_path: str | None, scheme: str, ignore: list[str], always_
                 f"recipe group {name!r} (targets {group.targets}) uses a scheme that is not supported "
                 f"(valid: {', '.join(SUPPORTED_SCHEMES)})"
             )
+    gptq = _gptq_options(modifier, resolved) if isinstance(modifier, GPTQModifier) else None
     kv = resolved.kv_cache_scheme
     if kv is not None and not _is_fp8_static_tensor(kv):
         raise InputError(
@@ -105,7 +129,35 @@ def load_recipe(recipe_path: str | None, scheme: str, ignore: list[str], always_
         ignore=list(modifier.ignore),
         yaml_text=llmc_recipe.yaml(),
         notes=notes,
+        gptq=gptq,
     )
+
+
+def _gptq_options(modifier, resolved) -> GptqOptions:
+    """The GPTQModifier's arguments, refused where nvfp4-ray would not compute what
+    llm-compressor computes."""
+    from compressed_tensors.quantization import ActivationOrdering
+
+    for name, group in resolved.config_groups.items():
+        if scheme_name(group) not in GPTQ_SCHEMES:
+            raise InputError(f"GPTQ recipe group {name!r}: GPTQ is implemented for {', '.join(GPTQ_SCHEMES)} only")
+    if resolved.kv_cache_scheme is not None:
+        raise InputError("GPTQ with a kv_cache_scheme is not implemented; quantize the KV cache with a QuantizationModifier")
+    orders = {group.weights.actorder for group in resolved.config_groups.values()}
+    if len(orders) != 1 or not orders <= {None, ActivationOrdering.WEIGHT}:  # STATIC is an alias of WEIGHT
+        found = ", ".join(sorted(str(getattr(order, "value", order)) for order in orders))
+        raise InputError(f"GPTQ actorder {found} is not implemented (valid: static, weight, null)")
+    if not isinstance(modifier.block_size, int) or modifier.block_size < 1:
+        raise InputError(f"GPTQ block_size must be a positive integer, not {modifier.block_size!r}")
+    damp = modifier.dampening_frac
+    if not isinstance(damp, (int, float)) or not 0 <= damp < 1:
+        raise InputError(f"GPTQ dampening_frac must be a number in [0, 1), not {damp!r}")
+    if modifier.batched_quantization not in ("auto", None, 1):
+        raise InputError(
+            f"GPTQ batched_quantization {modifier.batched_quantization} is not implemented (it changes llm-compressor's "
+            "numerics); use auto, 1 or null: nvfp4-ray solves one Linear at a time, as llm-compressor does on CPUs"
+        )
+    return GptqOptions(modifier.block_size, float(damp), orders == {ActivationOrdering.WEIGHT})
 
 
 def _parse_recipe_file(path: str, llmc_recipe_class):

@@ -23,7 +23,7 @@ os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 import pytest  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(__file__))
-from models import EQUAL_LENGTH_ROWS, MULTIMODAL_IGNORE, build_model, random_rows, save_model, write_rows  # noqa: E402
+from models import EQUAL_LENGTH_ROWS, MULTIMODAL_IGNORE, add_mtp_layer, build_model, random_rows, save_model, write_rows  # noqa: E402
 from seaweed import SeaweedServer  # noqa: E402
 
 NUM_ROWS = 6
@@ -193,7 +193,10 @@ def family_case(tmp_path_factory, smollm2):
     def get(family: str) -> FamilyCase:
         if family not in cache:
             folder = tmp_path_factory.mktemp(family)
-            source = save_model(build_model(family), str(folder / "source"), smollm2)
+            model = build_model(family)
+            source = save_model(model, str(folder / "source"), smollm2)
+            if family == "deepseek_v3":  # its checkpoints carry a layer transformers does not load
+                add_mtp_layer(source, model.config.hidden_size)
             lengths = dict(min_len=40, max_len=40) if family in EQUAL_LENGTH_ROWS else {}
             rows = random_rows(NUM_ROWS, 2048, seed=len(family), **lengths)
             calibration = write_rows(rows, str(folder / "calibration.parquet"))
@@ -260,3 +263,23 @@ def session_processes(title_prefix: str) -> list[int]:
         except FileNotFoundError:
             continue
     return found
+
+
+@pytest.fixture(scope="session")
+def gptq_reference(tmp_path_factory, family_case):
+    """family -> folder of llm-compressor's GPTQ NVFP4 checkpoint (GPTQModifier defaults,
+    samples in file order) for that family's case."""
+    from llmcompressor.modifiers.gptq import GPTQModifier
+    from reference import run_llmcompressor
+
+    cache: dict[str, str] = {}
+
+    def get(family: str) -> str:
+        if family not in cache:
+            case = family_case(family)
+            out = str(tmp_path_factory.mktemp(f"{family}-gptq-reference"))
+            recipe = GPTQModifier(targets="Linear", scheme="NVFP4", ignore=list(case.ignore))
+            cache[family] = run_llmcompressor(case.source, case.rows, case.ignore, out, recipe=recipe, shuffle=False)
+        return cache[family]
+
+    return get

@@ -114,6 +114,23 @@ def save_model(model, path: str, tokenizer_dir: str, max_shard_size: str = "150K
     return path
 
 
+def add_mtp_layer(path: str, hidden: int, index: int = 61) -> None:
+    """Tensors of a multi-token-prediction layer, as DeepSeek-V3 checkpoints carry at layer
+    61, in a shard of their own: transformers does not load them (nor writes them back)."""
+    import json
+
+    from safetensors.torch import save_file
+
+    tensors = {f"model.layers.{index}.eh_proj.weight": torch.randn(hidden, 2 * hidden).to(torch.bfloat16),
+               f"model.layers.{index}.enorm.weight": torch.ones(hidden, dtype=torch.bfloat16),
+               f"model.layers.{index}.hnorm.weight": torch.ones(hidden, dtype=torch.bfloat16)}  # fmt: skip
+    save_file(tensors, os.path.join(path, "model-mtp.safetensors"), metadata={"format": "pt"})
+    index_path = os.path.join(path, "model.safetensors.index.json")
+    index_json = json.load(open(index_path))
+    index_json["weight_map"].update(dict.fromkeys(tensors, "model-mtp.safetensors"))
+    json.dump(index_json, open(index_path, "w"), indent=2)
+
+
 def random_rows(count: int, vocab: int, min_len: int = 8, max_len: int = 48, seed: int = 0) -> list[list[int]]:
     generator = torch.Generator().manual_seed(seed)
     rows = []

@@ -28,6 +28,7 @@ def run_llmcompressor(
     model = loader.from_pretrained(source, dtype=torch.bfloat16)
     tokenizer = AutoTokenizer.from_pretrained(source)
     recipe = recipe or QuantizationModifier(targets="Linear", scheme=scheme, ignore=list(ignore))
+    _metric_log_level()
     if rows is None:
         oneshot(model=model, processor=tokenizer, recipe=recipe)
     else:
@@ -44,6 +45,17 @@ def run_llmcompressor(
         )
     model.save_pretrained(out, save_compressed=True)
     return out
+
+
+def _metric_log_level() -> None:
+    """GPTQModifier logs each solve at llm-compressor's METRIC level, which exists only where
+    its logging is configured (the tests disable it: LLM_COMPRESSOR_LOG_DISABLED)."""
+    from loguru import logger
+
+    try:
+        logger.level("METRIC")
+    except ValueError:
+        logger.level("METRIC", no=38)
 
 
 def load_tensors(folder: str) -> dict[str, tuple[str, tuple, bytes]]:

@@ -17,7 +17,6 @@ import torch
 from nvfp4_ray.architecture import build_meta_model, find_backbone
 from nvfp4_ray.calibration.batches import Batch
 from nvfp4_ray.calibration.graphs import MIN_GRAPH_BATCHES, LayerGraphs, group_batches, merge
-from nvfp4_ray.experts import experts_modules
 
 
 class _StopForward(Exception):
@@ -131,11 +130,14 @@ class DecoderRunner:
 
     @torch.no_grad()
     def run_layer(
-        self, index: int, weights: dict[str, torch.Tensor], record: list[str], attention: list[str] = ()
+        self, index: int, weights: dict[str, torch.Tensor], record: list[str], attention: list[str] = (),
+        advance: bool = True, inputs_to: dict | None = None,
     ) -> dict[str, float]:
         """Advance every batch through layer ``index``; return the amax of each recorded
         Linear's input and, for each named attention module, of its keys and values
-        ("<attention>.k", "<attention>.v")."""
+        ("<attention>.k", "<attention>.v"). ``advance`` False: the hidden states stay
+        (GPTQ runs the layer again with its quantized weights). ``inputs_to``: module name
+        -> callable(batch index, input), given each batch's input of that module."""
         if len(attention) > 1:
             raise ValueError("one attention module per decoder layer is supported for KV-cache scales")
         layer = self.layers[index]
@@ -163,7 +165,7 @@ class DecoderRunner:
         def forward(state: _BatchState, hidden: torch.Tensor, sink: dict) -> torch.Tensor:
             """``state``'s batch through the layer from ``hidden``; its amax go to ``sink``."""
             current.clear()
-            current["valid"], current["sink"] = state.valid, sink
+            current["valid"], current["sink"], current["batch"] = state.valid, sink, state.batch.index
             kwargs = state.layer_kwargs[index]
             if attention:
                 recorder = _KVRecorder(state.valid)
@@ -175,16 +177,18 @@ class DecoderRunner:
             return out[0] if isinstance(out, tuple) else out
 
         handles = [modules[name].register_forward_pre_hook(make_hook(name)) for name in record]
+        for name, take in (inputs_to or {}).items():
+            handles.append(modules[name].register_forward_pre_hook(lambda _m, args, take=take: take(current["batch"], args[0])))
         try:
-            # routed experts pick their tokens with data-dependent shapes: no CUDA graph
-            graphed = self.graphed and not experts_modules(layer)
-            groups = group_batches(self.states, index, self.graphs.equal) if graphed else [self.states]
+            groups = group_batches(self.states, index, self.graphs.equal) if self.graphed else [self.states]
             for group in groups:
-                if graphed and len(group) >= MIN_GRAPH_BATCHES:
+                if self.graphed and len(group) >= MIN_GRAPH_BATCHES:
                     self.graphs.run(group, forward, amax)
                     continue
                 for state in group:
-                    state.hidden = forward(state, state.hidden, amax)
+                    out = forward(state, state.hidden, amax)
+                    if advance:
+                        state.hidden = out
         finally:
             for handle in handles:
                 handle.remove()

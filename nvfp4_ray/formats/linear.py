@@ -40,9 +40,9 @@ def _absmax(min_vals: torch.Tensor, max_vals: torch.Tensor) -> torch.Tensor:
     return torch.maximum(max_vals.max(), -min_vals.min())
 
 
-def quantize_group(weights: list[torch.Tensor], scheme: QuantizationScheme) -> list[Tensors]:
-    """Fused siblings (or one Linear) -> the weight tensors each writes, by suffix."""
-    args = scheme.weights
+def weight_qparams(weights: list[torch.Tensor], args: QuantizationArgs) -> tuple[torch.Tensor | None, list[tuple]]:
+    """Fused siblings (or one Linear) -> their shared global scale (tensor-group schemes,
+    else None) and each weight's (scale, zero point), the scale in the weight's dtype."""
     observed = [_observe(weight, args) for weight in weights]
     global_scale = None
     if args.strategy == QuantizationStrategy.TENSOR_GROUP:
@@ -51,11 +51,23 @@ def quantize_group(weights: list[torch.Tensor], scheme: QuantizationScheme) -> l
         for stats in observed[1:]:
             group_amax = torch.maximum(group_amax, _absmax(*stats))
         global_scale = generate_gparam(-group_amax.reshape(1), group_amax.reshape(1))
-    compressor = BaseCompressor.get_value_from_registry(scheme.format.value)
-    outputs = []
+    qparams = []
     for weight, (min_vals, max_vals) in zip(weights, observed):
         scale, zero_point = calculate_qparams(min_vals, max_vals, args, global_scale=global_scale)
-        scale = scale.to(weight.dtype)  # stored in a parameter of the weight's dtype
+        qparams.append((scale.to(weight.dtype), zero_point))  # stored in a parameter of the weight's dtype
+    return global_scale, qparams
+
+
+def quantize_group(
+    weights: list[torch.Tensor], scheme: QuantizationScheme, qparams: tuple | None = None
+) -> list[Tensors]:
+    """Fused siblings (or one Linear) -> the weight tensors each writes, by suffix.
+    ``qparams``: ``weight_qparams`` of other weights (GPTQ: the weights as loaded)."""
+    args = scheme.weights
+    global_scale, scales = qparams if qparams is not None else weight_qparams(weights, args)
+    compressor = BaseCompressor.get_value_from_registry(scheme.format.value)
+    outputs = []
+    for weight, (scale, zero_point) in zip(weights, scales):
         if scheme.format == CompressionFormat.nvfp4_pack_quantized:
             packed = nvfp4.encode(weight, scale, global_scale)  # what the compressor computes, faster
             outputs.append({"weight_packed": packed, "weight_scale": scale.to(args.scale_dtype), "weight_global_scale": global_scale})

@@ -18,6 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from nvfp4_ray.errors import InputError
+from nvfp4_ray.formats.fp8_block import check_source_config
 from nvfp4_ray.io.safetensors_format import TensorEntry, header_length, parse_header
 from nvfp4_ray.io.storage import FileInfo, Store
 
@@ -124,9 +125,8 @@ def _parse_config(data: bytes, store: Store) -> dict:
         raise InputError(f"{store.display(CONFIG_NAME)} is not valid JSON: {exc}") from None
     if not isinstance(config, dict) or not isinstance(config.get("model_type"), str):
         raise InputError(f"{store.display(CONFIG_NAME)} has no 'model_type'; is SOURCE a transformers checkpoint?")
-    if "quantization_config" in config:
-        method = config["quantization_config"].get("quant_method", "?") if isinstance(config["quantization_config"], dict) else "?"
-        raise InputError(f"SOURCE is already quantized (quantization_config: {method}); start from the unquantized checkpoint")
+    if "quantization_config" in config:  # only FP8 with block scales, dequantized as it is read
+        check_source_config(config["quantization_config"])
     return config
 
 

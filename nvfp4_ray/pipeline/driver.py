@@ -29,6 +29,7 @@ from nvfp4_ray.io import destination, versions
 from nvfp4_ray.io.storage import Store, is_remote
 from nvfp4_ray.io.tensors import TensorShard, WrittenFile, torch_dtype
 from nvfp4_ray.layer_quantizer import scale_tensors
+from nvfp4_ray.pipeline.device_memory import plan_device
 from nvfp4_ray.pipeline.events import Events
 from nvfp4_ray.pipeline.layer_flow import LOST, LayerFlow, WorkerLost, lost_worker_error
 from nvfp4_ray.pipeline.placement import Placement
@@ -52,6 +53,7 @@ class Calibration:
     load_wait_s: float = 0.0  # of compute_s, the longest wait for a layer's load (read and copy)
     snapshot_write_s: float = 0.0  # the slowest worker's seconds writing snapshots (beside the layers)
     cuda_graphs: bool = False  # every worker replayed its layers as CUDA graphs to the end
+    max_layers_held: int = 0  # the most calibrated layers a worker's device held at once
     last_checkpoint_time: float = field(default_factory=time.monotonic)
     writing: dict[int, int] = field(default_factory=dict)  # snapshot layer -> workers still writing it
     digests: dict[int, dict] = field(default_factory=dict)  # snapshot layer -> file -> sha256, so far
@@ -107,6 +109,7 @@ class Execution:
         self.startup: list[dict] = []  # each worker's start-up seconds, step by step
         self.calibration_workers = calibration_worker_count(placement.size, self.config, plan.samples)
         self.scales: WrittenFile | None = None
+        self.device_plan = None  # layers ahead and writes queued, once the workers' devices are known
         self.persisting = ThreadPoolExecutor(1, thread_name_prefix="persist")
         self.persisted: list = []
 
@@ -135,6 +138,7 @@ class Execution:
             infos = self._get(self._wait([w.describe.remote() for w in self.workers]))
             self.startup = [info["startup"] for info in infos]
             self.events.info("workers ready", startup=self.startup)
+            self._fit_device_memory(infos)
             if self.calibration_workers:
                 self.calibration = self._prepare_calibration(infos[: self.calibration_workers], embeds)
             else:
@@ -147,6 +151,21 @@ class Execution:
                 self._record([written])
         if self.calibration is not None:
             self._write_scales()
+
+    def _fit_device_memory(self, infos: list[dict]) -> None:
+        """Layers loaded ahead and quantized layers queued for writing, as many as the
+        smallest device's memory allows (device_memory.py); refused if one layer won't fit."""
+        config, plan = self.config, self.plan
+        budget = None if config.device_memory_gib is None else int(config.device_memory_gib * 2**30)
+        totals = [info["device_memory"] for info in infos if info.get("device_memory")]
+        if budget is None and totals:
+            budget = int(0.9 * min(totals))
+        shares = deal(make_batches(plan.samples, config.batch_tokens), self.calibration_workers) if self.calibration_workers else []
+        text_config = plan.source.config.get("text_config") or plan.source.config
+        self.device_plan = plan_device(plan.layer_units, shares, text_config, budget)
+        self.flow.ahead_loads = self.device_plan.ahead
+        self._get([worker.limit_writes.remote(self.device_plan.writes_queued) for worker in self.workers])
+        self.events.info("device memory planned", **self.device_plan.record())
 
     def _key_of(self, file_name: str) -> str:
         return file_name.rsplit("-", 1)[1].removesuffix(".safetensors")
@@ -186,7 +205,7 @@ class Execution:
         keys = calibration_keys(plan, signature)
         first, checkpoint = self._resume_point(keys)
         calibration = Calibration(
-            shares=deal(batches, self.calibration_workers),
+            shares=self._shares(batches),
             keys=keys,
             first=first,
             checkpoint=checkpoint,
@@ -213,6 +232,10 @@ class Execution:
                 self._start_calibration(calibration, workers, embeds)  # the workers that restored theirs, too
             self.flow.start(self.workers, calibration.first)
         return calibration
+
+    def _shares(self, batches: list) -> list[list]:
+        """The batches of each calibration worker."""
+        return deal(batches, self.calibration_workers)
 
     def _resume_point(self, keys: list[str]) -> tuple[int, int | None]:
         """First layer to calibrate, and the layer whose hidden states to start from."""
@@ -281,6 +304,7 @@ class Execution:
             self.calibration.load_wait_s = round(max(s["load_wait_s"] for s in seconds), 3)
             self.calibration.snapshot_write_s = round(max(s["snapshot_write_s"] for s in seconds), 3)
             self.calibration.cuda_graphs = all(s["cuda_graphs"] for s in seconds)
+            self.calibration.max_layers_held = max(s["max_layers_held"] for s in seconds)
             for note in dict.fromkeys(note for s in seconds for note in s["notes"]):
                 self.events.warning(note)
 

@@ -79,11 +79,15 @@ def run_quantize(config: QuantizeConfig, events: Events) -> dict:
                 f"Linears to quantize, {len(plan.samples or [])} calibration samples",
                 model=plan.spec.architecture,
             )
-            execution = Execution(plan, placement, events, workers)
+            run_class = Execution
+            if plan.recipe.gptq is not None:  # its own per-layer loop: calibrate, solve, propagate
+                from nvfp4_ray.pipeline.gptq_flow import GptqExecution as run_class
+            execution = run_class(plan, placement, events, workers)
             execution.run()
         finally:
             placement.release()
         report = _report(plan, execution, events, started)
+        report.update(getattr(execution, "report_fields", dict)())  # GPTQ: Linears that fell back to RTN
         with events.stage("commit"):
             small = checkpoint_files(plan, execution.files())
         quality = None
@@ -173,6 +177,7 @@ def _report(plan, execution, events: Events, started: float) -> dict:
         "calibration_load_wait_s": calibration.load_wait_s if calibration else 0.0,
         "snapshot_write_s": calibration.snapshot_write_s if calibration else 0.0,
         "calibration_cuda_graphs": calibration.cuda_graphs if calibration else False,
+        "device_memory": {**execution.device_plan.record(), "max_layers_held": calibration.max_layers_held if calibration else 0},
         "worker_startup_s": execution.startup,
         "worker_replacements": execution.replacements,
         "layer_reads_per_node": dict(sorted(execution.reads.items())),

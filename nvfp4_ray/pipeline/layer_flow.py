@@ -14,7 +14,7 @@ For each layer, in order:
   load   onto each worker that needs it: its owner (worker ``index % workers``), which
          quantizes it from the device copy when its unit is not done yet, and every
          calibration worker when the layer is calibrated in this run, which keeps it on
-         the device for run_layer; calibrated layers load at most AHEAD layers past the one
+         the device for run_layer; calibrated layers load at most ``ahead`` layers past the one
          being calibrated (GPU memory), layers that are only quantized as reads allow;
   write  by the owner, from its write threads, as soon as it has quantized the layer;
          its ``written`` call returns the unit's file.
@@ -31,11 +31,11 @@ from dataclasses import dataclass, field
 import ray
 
 from nvfp4_ray.io.tensors import LocalRead
+from nvfp4_ray.pipeline.device_memory import MAX_AHEAD
 from nvfp4_ray.pipeline.placement import Placement
 from nvfp4_ray.pipeline.plan import Plan
 from nvfp4_ray.pipeline.workers import copy_unit_task, read_ahead_task, read_tensors_task
 
-AHEAD = 2  # calibrated layers on a worker's device beyond the one it computes
 # Layers being read at once: each read already keeps many requests in flight, and every
 # concurrent task is a worker process that Ray may have to start (seconds of CPU on a
 # small node, taken from the workers' own start-up)
@@ -89,6 +89,7 @@ class LayerFlow:
         self.done_keys = done_keys
         self.calibration_workers = calibration_workers
         self.workers: list = []
+        self.ahead_loads = MAX_AHEAD  # calibrated layers loaded past the one computing (device_memory.py)
         # None until start() knows where calibration resumes: until then every layer is read
         # for calibration, and none is loaded (it could travel to a device twice)
         self.calibrate_from: int | None = None if calibration_workers else len(self.units)
@@ -166,7 +167,7 @@ class LayerFlow:
         if not self.workers:
             return
         for index, layer in sorted(self.layers.items()):
-            if self.calibrated(index) and (current is None or index > current + AHEAD):
+            if self.calibrated(index) and (current is None or index > current + self.ahead_loads):
                 break
             if not layer.loaded:
                 self._load(layer, self._loaders(layer))

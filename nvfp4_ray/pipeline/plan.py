@@ -130,14 +130,18 @@ def read_inputs(config: QuantizeConfig) -> Inputs:
     source, notes = with_config_overrides(open_checkpoint(config.source), config.config_override or [])
     _check_preprocessor_option(config, source)
     model_type = source.config.get("model_type")
-    recipe = load_recipe(config.recipe, config.scheme, config.ignore_patterns, ALWAYS_IGNORED.get(model_type, []))
+    recipe = load_recipe(
+        config.recipe, config.scheme, config.ignore_patterns, ALWAYS_IGNORED.get(model_type, []), config.algorithm
+    )
+    if recipe.gptq is not None and config.batch_tokens is not None:
+        raise InputError("GPTQ computes one sample per forward, as llm-compressor does; drop --batch-tokens")
     spec, quantized_model = describe_model(source.config, source.tensors, recipe)
     dest = Store(config.dest)
     previous = destination.check_dest(dest, config.overwrite)
     samples = None
     if recipe.needs_calibration:
         if config.calibration is None:
-            raise InputError("--calibration is required: this recipe has static activation or KV-cache scales, which come from calibration data")
+            raise InputError("--calibration is required: this recipe has GPTQ, static activation or KV-cache scales, which need calibration data")
         text_config = source.config.get("text_config") or source.config
         samples = read_samples(
             config.calibration, config.num_samples, config.max_seq_len, int(text_config["vocab_size"]), source
@@ -152,9 +156,14 @@ def read_inputs(config: QuantizeConfig) -> Inputs:
         "recipe_sha256": hashlib.sha256(recipe.yaml_text.encode()).hexdigest(),
         "calibration": samples_hash(samples) if samples is not None else None,
         "calibration_options": _calibration_options(config, source),
+        # GPTQ: its Hessians are summed in one block with --exact, in fixed blocks otherwise
+        **({"gptq": {**recipe.gptq.key(), "exact": config.exact}} if recipe.gptq else {}),
         # calibration numerics follow torch and transformers: an upgrade is a change
         "software": {"torch": torch.__version__, "transformers": transformers.__version__},
     }
+    if spec.dropped_tensors:
+        notes = [*notes, f"{len(spec.dropped_tensors)} tensors of SOURCE that transformers does not load (such as "
+                 f"{spec.dropped_tensors[0]}: a multi-token-prediction layer) are left out of DEST, as llm-compressor leaves them out"]  # fmt: skip
     inputs = Inputs(source, recipe, spec, quantized_model, samples, fingerprint, previous, [*notes, *recipe.notes])
     if previous is not None and not inputs.unchanged and not (config.overwrite or config.if_changed):
         raise InputError(
@@ -199,13 +208,14 @@ def build_plan(config: QuantizeConfig, inputs: Inputs) -> Plan:
     width = max(3, len(str(len(spec.layers) - 1)))
     layer_units = []
     for layer in spec.layers:
-        tensors = [source.tensors[name] for name in sorted(layer.tensors)]
+        tensors = [source.tensors[name] for name in sorted([*layer.tensors, *layer.fp8_scales])]
         key = digest(
             {
                 **scheme_tag,
                 "kind": "layer",
                 "tensors": [tensor_identity(source, t) for t in tensors],
                 "groups": [[(linear.checkpoint, linear.scheme.model_dump_json()) for linear in group] for group in layer.groups],
+                **({"gptq": inputs.fingerprint["gptq"]} if recipe.gptq else {}),
             }
         )
         layer_units.append(LayerUnit(layer, tensors, key, f"model-layer-{layer.index:0{width}d}-{key}.safetensors"))
@@ -222,6 +232,7 @@ def build_plan(config: QuantizeConfig, inputs: Inputs) -> Plan:
             "embed": tensor_identity(source, source.tensors[spec.embed_tensor]),
             "config": digest(layer_config(forward_config, text_model_type(source.config), tables is not None)),
             "rotary": tables,
+            **({"gptq": inputs.fingerprint["gptq"]} if recipe.gptq else {}),  # later layers see solved weights
         }
     destination.probe_writable(Store(config.dest))
     return Plan(

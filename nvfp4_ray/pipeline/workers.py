@@ -183,7 +183,11 @@ class LayerWorker:
         self.snapshot_writer = ThreadPoolExecutor(1, thread_name_prefix="snapshot")
         self.snapshots: dict[str, Future] = {}  # folder -> hidden-state write in progress or done
         self.writer = ThreadPoolExecutor(WRITES_QUEUED, thread_name_prefix="write")
-        self.write_room = threading.Semaphore(WRITES_QUEUED)
+        # Quantized layers queued for the write threads: at most writes_limit (set from the
+        # device's memory, device_memory.py); the most there ever were, and layers held
+        self.write_room = threading.Condition()
+        self.writes_limit = WRITES_QUEUED
+        self.writes_queued = self.max_writes_queued = self.max_layers_held = 0
         self.writes: dict[int, Future] = {}  # layer -> its unit's WrittenFile, once written
 
     def _lap(self) -> float:
@@ -216,13 +220,16 @@ class LayerWorker:
             # Calibration numerics depend on the kernels: results persisted for resume are
             # reused only on the same kind of device and the same torch.
             "signature": f"torch-{torch.__version__}/{name}",
+            "device_memory": torch.cuda.get_device_properties(self.device).total_memory if self.device.type == "cuda" else None,
             "startup": self.startup,
         }
 
     # ---- the load thread ---------------------------------------------------------------
     def _slot(self, index: int) -> _Loaded:
         with self.lock:
-            return self.loaded.setdefault(index, _Loaded())
+            slot = self.loaded.setdefault(index, _Loaded())
+            self.max_layers_held = max(self.max_layers_held, len(self.loaded))
+            return slot
 
     @ray.method(concurrency_group="load")
     def load(self, index: int, tensors: TensorBundle | LocalRead, tensor_names: dict, keep: bool, unit=None) -> None:
@@ -265,6 +272,14 @@ class LayerWorker:
                 self._write_slot(index).set_exception(exc)
             raise
 
+    @ray.method(concurrency_group="load")
+    def limit_writes(self, limit: int) -> None:
+        """At most ``limit`` quantized layers wait for the write threads (device memory);
+        in the load group, so it applies to every load submitted after it."""
+        with self.write_room:
+            self.writes_limit = max(1, min(limit, WRITES_QUEUED))
+            self.write_room.notify_all()
+
     def _write_slot(self, index: int) -> Future:
         with self.lock:
             return self.writes.setdefault(index, Future())
@@ -273,7 +288,10 @@ class LayerWorker:
         """Write layer ``index``'s unit in a write thread, once fewer than WRITES_QUEUED
         are ahead of it (the load thread waits until then)."""
         slot = self._write_slot(index)
-        self.write_room.acquire()
+        with self.write_room:
+            self.write_room.wait_for(lambda: self.writes_queued < self.writes_limit)
+            self.writes_queued += 1
+            self.max_writes_queued = max(self.max_writes_queued, self.writes_queued)
 
         def write():
             copier = (None, None) if self.device.type == "cpu" else self.write_copiers.get()
@@ -285,7 +303,9 @@ class LayerWorker:
             finally:
                 if copier[0] is not None:
                     self.write_copiers.put(copier)
-                self.write_room.release()
+                with self.write_room:
+                    self.writes_queued -= 1
+                    self.write_room.notify_all()
 
         self.writer.submit(write)
 
@@ -352,6 +372,15 @@ class LayerWorker:
         self.busy_s += time.monotonic() - began
         return {"amax": amax, "snapshots": self._finished_snapshots(block=False)}
 
+    def gptq(self, step: str, *args):
+        """A GPTQ step (pipeline/gptq_worker.py) on this worker's runner and device."""
+        from nvfp4_ray.pipeline.gptq_worker import GptqSteps
+
+        if getattr(self, "gptq_steps", None) is None:
+            self.gptq_steps = GptqSteps(self)
+        self._compute_threads()
+        return getattr(self.gptq_steps, step)(*args)
+
     def _finished_snapshots(self, block: bool) -> list[tuple[str, dict]]:
         done = []
         for folder, future in list(self.snapshots.items()):
@@ -370,7 +399,8 @@ class LayerWorker:
     def seconds(self) -> dict:
         """Where the calibration time went, and what the runner noted about how it ran."""
         return {"run_layer_s": self.busy_s, "load_wait_s": self.load_wait_s, "snapshot_write_s": self.snapshot_s,
-                "cuda_graphs": self.runner.graphed, "notes": self.runner.notes}  # fmt: skip
+                "cuda_graphs": self.runner.graphed, "notes": self.runner.notes, "max_layers_held": self.max_layers_held,
+                "max_writes_queued": self.max_writes_queued}  # fmt: skip
 
     def load_hidden(self, dest_url: str, folder: str) -> bool:
         """Restore this worker's hidden states from a snapshot; False (nothing restored) when

@@ -1,0 +1,105 @@
+"""How many layers a worker's device holds (pipeline/device_memory.py), at real model
+shapes (headers only: no weights are made) and in a real job with a tight budget."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+from conftest import quantize
+from reference import load_tensors
+
+from nvfp4_ray.errors import InputError
+from nvfp4_ray.io.checkpoint import SourceTensor
+from nvfp4_ray.io.safetensors_format import TensorEntry
+from nvfp4_ray.pipeline.device_memory import estimate, plan_device
+
+GIB = 2**30
+
+
+def headers_only_units(config: dict) -> list:
+    """The layer units of a model of ``config``, from checkpoint headers that describe
+    its bf16 tensors (as the planner sees a real checkpoint's), without any tensor data."""
+    from types import SimpleNamespace
+
+    from nvfp4_ray.architecture import build_meta_model, describe_model
+    from nvfp4_ray.recipe import load_recipe
+
+    meta = build_meta_model(config)
+    tensors, offset = {}, 0
+    for name, tensor in meta.state_dict().items():
+        size = math.prod(tensor.shape) * 2
+        tensors[name] = SourceTensor("model.safetensors", TensorEntry(name, "BF16", tuple(tensor.shape), offset, offset + size))
+        offset += size
+    spec, _ = describe_model(config, tensors, load_recipe(None, "NVFP4", ["lm_head"]))
+    return [SimpleNamespace(spec=layer, tensors=[tensors[name] for name in layer.tensors]) for layer in spec.layers]
+
+
+def calibration_shares(workers: int, samples: int, length: int) -> list[list]:
+    from nvfp4_ray.calibration.batches import deal, make_batches
+
+    return deal(make_batches([[0] * length] * samples, None), workers)
+
+
+@pytest.fixture(scope="module")
+def deepseek_v3():
+    """DeepSeek-V3's own dimensions (transformers' defaults): a dense layer, then an MoE
+    layer of 256 experts of 2048 and a shared expert; 2 layers stand for the 61."""
+    from transformers import DeepseekV3Config
+
+    config = DeepseekV3Config(num_hidden_layers=2, first_k_dense_replace=1).to_dict()
+    return config, headers_only_units(config)
+
+
+def test_deepseek_v3_fits_one_80gb_gpu_with_256_x_1024_tokens(deepseek_v3):
+    config, units = deepseek_v3
+    need, parts = estimate(units, calibration_shares(1, 256, 1024), config)
+    assert 21 * GIB < parts["layer"] < 22 * GIB  # 256 x 3 x 7168 x 2048 x 2 bytes of experts, and attention
+    plan = plan_device(units, calibration_shares(1, 256, 1024), config, int(0.9 * 80 * GIB))
+    assert (plan.ahead, plan.writes_queued) == (1, 2)
+    assert plan.need_bytes <= 0.9 * 80 * GIB
+    # an RTX 5090 (32 GB) cannot hold one such layer with its output: refused before any work
+    with pytest.raises(InputError, match=r"needs about \d+\.\d GiB of device memory for one layer at a time"):
+        plan_device(units, calibration_shares(1, 256, 1024), config, int(0.9 * 32 * GIB))
+
+
+@pytest.mark.usefixtures("ray_instance")
+def test_the_memory_plan_holds_in_a_real_job(family_case, tmp_path):
+    """A budget that fits one layer and one queued write: the job loads no layer ahead,
+    its device never held more than one calibrated layer, and the bytes are the same as
+    with no budget (a CPU worker's default)."""
+    from nvfp4_ray.config import QuantizeConfig
+    from nvfp4_ray.pipeline.plan import build_plan, read_inputs
+
+    case = family_case("glm4_moe")
+    config = QuantizeConfig(source=case.source, dest=str(tmp_path / "probe"), calibration=case.calibration,
+                            num_samples=6, max_seq_len=64)  # fmt: skip
+    plan = build_plan(config, read_inputs(config))
+    text = plan.source.config
+    need, _ = estimate(plan.layer_units, calibration_shares(1, 6, 40), text)
+    budget_gib = (need(0, 1) + need(0, 2)) / 2 / GIB  # room for one queued write, not two
+
+    tight, free = str(tmp_path / "tight"), str(tmp_path / "free")
+    summary = quantize(case.source, tight, case.calibration, device_memory_gib=budget_gib)
+    assert summary["device_memory"]["layers_ahead"] == 0 and summary["device_memory"]["writes_queued"] == 1
+    assert summary["device_memory"]["max_layers_held"] == 1
+    default = quantize(case.source, free, case.calibration)
+    assert default["device_memory"]["layers_ahead"] == 2 and default["device_memory"]["budget_gib"] is None
+    assert load_tensors(tight) == load_tensors(free)
+
+
+@pytest.mark.usefixtures("ray_instance")
+def test_a_budget_too_small_for_one_layer_is_refused(family_case, tmp_path):
+    import json
+    import os
+
+    from conftest import run_cli
+
+    case = family_case("glm4_moe")
+    dest = str(tmp_path / "dest")
+    code, stdout, stderr = run_cli("quantize", case.source, dest, "--calibration", case.calibration,
+                                   "--num-samples", "6", "--max-seq-len", "64", "--device-memory-gib", "0.0001")  # fmt: skip
+    assert code == 2, stderr
+    assert "of device memory for one layer at a time" in json.loads(stdout.strip().splitlines()[-1])["error"]
+    written = os.listdir(dest) if os.path.exists(dest) else []
+    assert "_SUCCESS" not in written and not any(name.endswith(".safetensors") for name in written)  # no layer was loaded
