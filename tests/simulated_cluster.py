@@ -4,11 +4,12 @@ Every node is a real set of Ray processes on this machine and advertises one fak
 so the job places one calibration worker per node. Used by tests/test_ray_jobs.py in a
 subprocess (a process can join only one Ray cluster).
 
-usage: simulated_cluster.py NODES SOURCE DEST CALIBRATION NUM_SAMPLES [--late-gpus]
+usage: simulated_cluster.py NODES SOURCE DEST CALIBRATION NUM_SAMPLES [--late-gpus] [--gptq]
 
 --late-gpus: the cluster starts without any GPU node and the job asks for NODES GPU
 workers (worker_device=gpu); the GPU nodes join a few seconds after the job started,
 as an autoscaler would add them.
+--gptq: quantize with GPTQ (--algorithm gptq).
 """
 
 import io
@@ -24,6 +25,7 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 def main() -> None:
     nodes, source, dest, calibration, num_samples = sys.argv[1:6]
     late = "--late-gpus" in sys.argv[6:]
+    algorithm = "gptq" if "--gptq" in sys.argv[6:] else "rtn"
     import ray
     from ray.cluster_utils import Cluster
 
@@ -41,7 +43,8 @@ def main() -> None:
     try:
         options = {"worker_device": "gpu", "num_workers": int(nodes)} if late else {}
         config = QuantizeConfig(
-            source=source, dest=dest, calibration=calibration, num_samples=int(num_samples), max_seq_len=64, **options
+            source=source, dest=dest, calibration=calibration, num_samples=int(num_samples), max_seq_len=64,
+            algorithm=algorithm, **options
         )
         result: dict = {}
         job = threading.Thread(target=lambda: result.update(run_quantize(config, Events("json", stream=io.StringIO()))))

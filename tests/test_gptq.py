@@ -1,0 +1,94 @@
+"""formats/gptq.py against llm-compressor 0.14's own GPTQ functions, bit for bit, on random
+weights and inputs (no model, no oneshot: seconds)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from compressed_tensors.quantization import ActivationOrdering
+
+from nvfp4_ray.formats import gptq, linear, nvfp4
+
+NVFP4 = linear.preset("NVFP4")
+
+
+def reference_args(ordered: bool = True):
+    args = NVFP4.weights.model_copy()
+    args.actorder = ActivationOrdering.STATIC if ordered else None  # STATIC: GPTQModifier's default
+    return args
+
+
+def random_inputs(columns: int, seed: int) -> list[torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    shapes = [(1, 7, columns), (1, 12, columns), (1, 3, columns)]
+    return [(torch.randn(shape, generator=generator) * 3).to(torch.bfloat16) for shape in shapes]
+
+
+def reference_hessian(columns: int, inputs: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    from llmcompressor.modifiers.gptq.helpers import accumulate_hessian, make_empty_hessian
+
+    module = torch.nn.Linear(columns, 8, bias=False)
+    hessian, count = make_empty_hessian(module), torch.zeros(())
+    for x in inputs:
+        hessian, count = accumulate_hessian(x, module, hessian, count)
+    return hessian, count
+
+
+def reference_solve(weight, hessian, count, scale, global_scale, block_size, dampening, ordered=True):
+    from llmcompressor.modifiers.gptq.gptq_quantize import quantize_weight
+
+    quantized, _, fell_back = quantize_weight(
+        weight.to(torch.float32).unsqueeze(0), (hessian / count).unsqueeze(0), scale.unsqueeze(0),
+        torch.zeros_like(scale).unsqueeze(0), global_scale.reshape(1), reference_args(ordered), block_size, dampening,
+    )  # fmt: skip
+    return quantized[0].to(weight.dtype), bool(fell_back[0])
+
+
+def test_hessian_accumulates_exactly_as_llmcompressor():
+    inputs = random_inputs(96, seed=1)
+    hessian, count = gptq.new_hessian(96, torch.device("cpu"))
+    for x in inputs:
+        gptq.add_to_hessian(hessian, count, x)
+    expected, expected_count = reference_hessian(96, inputs)
+    assert torch.equal(hessian, expected)
+    assert count.item() == expected_count.item() == 3
+
+
+@pytest.mark.parametrize("rows, columns, block_size, ordered", [(24, 96, 32, True), (16, 80, 128, True), (40, 160, 48, False)])
+def test_solve_is_bit_identical_to_llmcompressor(rows, columns, block_size, ordered):
+    generator = torch.Generator().manual_seed(rows + columns)
+    weights = [(torch.randn(rows, columns, generator=generator) * 0.05).to(torch.bfloat16) for _ in range(2)]
+    weights[1][:, 5] *= 20  # an outlier column, and a sibling with a larger amax
+    inputs = random_inputs(columns, seed=columns)
+    for x in inputs:
+        x[..., 7] = 0  # a dead input column: zeroed in the weight
+    hessian, count = gptq.new_hessian(columns, torch.device("cpu"))
+    for x in inputs:
+        gptq.add_to_hessian(hessian, count, x)
+
+    solved = gptq.solve_group(weights, hessian, count, NVFP4, block_size, 0.01, ordered)
+
+    global_scale, qparams = linear.weight_qparams(weights, NVFP4.weights)
+    for weight, (scale, _), result in zip(weights, qparams, solved):
+        expected, fell_back = reference_solve(weight, hessian, count, scale, global_scale, block_size, 0.01, ordered)
+        assert not fell_back and not result.fell_back
+        assert torch.equal(result.weight.view(torch.int16), expected.view(torch.int16))
+        assert torch.equal(result.tensors["weight_packed"], nvfp4.encode(expected, scale, global_scale))
+        assert torch.equal(result.tensors["weight_global_scale"], global_scale)
+    # GPTQ really moved weights away from round-to-nearest
+    rtn = linear.quantize_group(weights, NVFP4)
+    assert not torch.equal(rtn[0]["weight_packed"], solved[0].tensors["weight_packed"])
+
+
+def test_non_positive_definite_hessian_falls_back_to_round_to_nearest():
+    generator = torch.Generator().manual_seed(3)
+    weight = (torch.randn(16, 64, generator=generator) * 0.05).to(torch.bfloat16)
+    hessian = -torch.eye(64) * 4  # negative definite: its Cholesky fails
+    count = torch.tensor(2.0)
+
+    (result,) = gptq.solve_group([weight], hessian, count, NVFP4, 128, 0.01)
+
+    global_scale, [(scale, _)] = linear.weight_qparams([weight], NVFP4.weights)
+    expected, fell_back = reference_solve(weight, hessian, count, scale, global_scale, 128, 0.01)
+    assert fell_back and result.fell_back
+    assert torch.equal(result.weight.view(torch.int16), expected.view(torch.int16))
