@@ -1,5 +1,5 @@
-"""Benchmark inputs: a Llama-shaped checkpoint with random weights, a tokenizer built in
-code, and random calibration rows.
+"""Benchmark inputs: a Llama-shaped (or Qwen3-MoE-shaped) checkpoint with random weights, a
+tokenizer built in code, and random calibration rows.
 
 The checkpoint is written tensor by tensor as sharded bf16 safetensors with the Hugging
 Face names, so the whole model is never in memory (the largest tensor is). Weights are
@@ -30,33 +30,76 @@ PRESETS = {
     "tiny": dict(hidden=512, layers=4, intermediate=1536, heads=8, kv_heads=2, vocab=8192, samples=32, seq_len=128),
     # a ~1B model for CPU boxes: big enough that loading, saving and two passes per layer count
     "1b-cpu": dict(hidden=2048, layers=16, intermediate=5632, heads=16, kv_heads=4, vocab=32000, samples=16, seq_len=256),
+    # the decoder layer of Mistral-Medium-3.5 (128B), Llama layout, a few layers: per-layer seconds and GPU memory
+    "mm35": dict(hidden=12288, layers=4, intermediate=28672, heads=96, kv_heads=8, vocab=131072, samples=256, seq_len=1024),
+    # Qwen3-30B-A3B with 8 of its 48 layers: 128 experts (8 per token), head_dim 128 (> hidden / heads), q/k norms
+    "moe": dict(arch="qwen3_moe", hidden=2048, layers=8, intermediate=6144, moe_intermediate=768, experts=128,
+                experts_per_tok=8, heads=32, kv_heads=4, head_dim=128, vocab=151936, samples=256, seq_len=1024),
 }  # fmt: skip
-SHAPE_KEYS = ("hidden", "layers", "intermediate", "heads", "kv_heads", "vocab")
-SHARD_BYTES = {"8b": 5 * 10**9, "8b-16": 5 * 10**9, "tiny": 10**7, "1b-cpu": 5 * 10**8}  # tiny: several shards all the same
+CALIBRATION_KEYS = ("samples", "seq_len")  # the rest of a preset is the model's shape
+# tiny: several shards all the same; the others: every decoder layer spans two shards or more
+SHARD_BYTES = {"8b": 5 * 10**9, "8b-16": 5 * 10**9, "tiny": 10**7, "1b-cpu": 5 * 10**8, "mm35": 2 * 10**9, "moe": 10**9}
 OUTLIER_CHANNELS = 4
 SPEC_FILE = "bench-model.json"  # written last: a folder without it holds no finished model
 SPECIAL_TOKENS = ["<unk>", "<s>", "</s>"]
 
 
+def preset_shape(preset: dict) -> dict:
+    """The model's shape from a preset: everything but the calibration set."""
+    return {key: value for key, value in preset.items() if key not in CALIBRATION_KEYS}
+
+
 def tensor_shapes(shape: dict) -> list[tuple[str, tuple[int, ...]]]:
     """Every tensor of the checkpoint, in Hugging Face order."""
-    hidden, inter, head_dim = shape["hidden"], shape["intermediate"], shape["hidden"] // shape["heads"]
-    q, kv = shape["heads"] * head_dim, shape["kv_heads"] * head_dim
+    hidden, layer = shape["hidden"], _qwen3_moe_layer if shape.get("arch") == "qwen3_moe" else _llama_layer
     tensors = [("model.embed_tokens.weight", (shape["vocab"], hidden))]
     for i in range(shape["layers"]):
-        prefix = f"model.layers.{i}"
-        tensors += [
-            (f"{prefix}.input_layernorm.weight", (hidden,)),
-            (f"{prefix}.self_attn.q_proj.weight", (q, hidden)),
-            (f"{prefix}.self_attn.k_proj.weight", (kv, hidden)),
-            (f"{prefix}.self_attn.v_proj.weight", (kv, hidden)),
-            (f"{prefix}.self_attn.o_proj.weight", (hidden, q)),
-            (f"{prefix}.post_attention_layernorm.weight", (hidden,)),
-            (f"{prefix}.mlp.gate_proj.weight", (inter, hidden)),
-            (f"{prefix}.mlp.up_proj.weight", (inter, hidden)),
-            (f"{prefix}.mlp.down_proj.weight", (hidden, inter)),
-        ]
+        tensors += [(f"model.layers.{i}.{name}", size) for name, size in layer(shape)]
     tensors += [("model.norm.weight", (hidden,)), ("lm_head.weight", (shape["vocab"], hidden))]
+    return tensors
+
+
+def _attention(shape: dict, norms: bool) -> list[tuple[str, tuple[int, ...]]]:
+    hidden, head_dim = shape["hidden"], shape.get("head_dim", shape["hidden"] // shape["heads"])
+    q, kv = shape["heads"] * head_dim, shape["kv_heads"] * head_dim
+    tensors = [
+        ("self_attn.q_proj.weight", (q, hidden)),
+        ("self_attn.k_proj.weight", (kv, hidden)),
+        ("self_attn.v_proj.weight", (kv, hidden)),
+        ("self_attn.o_proj.weight", (hidden, q)),
+    ]
+    if norms:  # Qwen3: RMSNorm of each head's queries and keys
+        tensors += [("self_attn.q_norm.weight", (head_dim,)), ("self_attn.k_norm.weight", (head_dim,))]
+    return tensors
+
+
+def _llama_layer(shape: dict) -> list[tuple[str, tuple[int, ...]]]:
+    hidden, inter = shape["hidden"], shape["intermediate"]
+    return [
+        ("input_layernorm.weight", (hidden,)),
+        *_attention(shape, norms=False),
+        ("post_attention_layernorm.weight", (hidden,)),
+        ("mlp.gate_proj.weight", (inter, hidden)),
+        ("mlp.up_proj.weight", (inter, hidden)),
+        ("mlp.down_proj.weight", (hidden, inter)),
+    ]
+
+
+def _qwen3_moe_layer(shape: dict) -> list[tuple[str, tuple[int, ...]]]:
+    """As Qwen3-MoE checkpoints hold it: the router (mlp.gate) and one 2D tensor per expert and projection."""
+    hidden, inter = shape["hidden"], shape["moe_intermediate"]
+    tensors = [
+        ("input_layernorm.weight", (hidden,)),
+        *_attention(shape, norms=True),
+        ("post_attention_layernorm.weight", (hidden,)),
+        ("mlp.gate.weight", (shape["experts"], hidden)),
+    ]
+    for e in range(shape["experts"]):
+        tensors += [
+            (f"mlp.experts.{e}.gate_proj.weight", (inter, hidden)),
+            (f"mlp.experts.{e}.up_proj.weight", (inter, hidden)),
+            (f"mlp.experts.{e}.down_proj.weight", (hidden, inter)),
+        ]
     return tensors
 
 
@@ -137,24 +180,44 @@ def _random_tensor(name: str, shape: tuple, generator: torch.Generator, device: 
 
 
 def _write_config(folder: str, shape: dict) -> None:
-    from transformers import LlamaConfig
+    from transformers import LlamaConfig, Qwen3MoeConfig
 
-    LlamaConfig(
-        architectures=["LlamaForCausalLM"],
+    common = dict(
         hidden_size=shape["hidden"],
         intermediate_size=shape["intermediate"],
         num_hidden_layers=shape["layers"],
         num_attention_heads=shape["heads"],
         num_key_value_heads=shape["kv_heads"],
         vocab_size=shape["vocab"],
-        max_position_embeddings=8192,
-        rms_norm_eps=1e-5,
-        rope_parameters={"rope_type": "default", "rope_theta": 500000.0},
-        bos_token_id=1,
+        bos_token_id=1,  # the tokenizer's <s> and </s>
         eos_token_id=2,
         tie_word_embeddings=False,
         dtype="bfloat16",
-    ).save_pretrained(folder)
+    )
+    if shape.get("arch") == "qwen3_moe":  # Qwen3-30B-A3B's settings
+        config = Qwen3MoeConfig(
+            architectures=["Qwen3MoeForCausalLM"],
+            head_dim=shape["head_dim"],
+            moe_intermediate_size=shape["moe_intermediate"],
+            num_experts=shape["experts"],
+            num_experts_per_tok=shape["experts_per_tok"],
+            norm_topk_prob=True,
+            decoder_sparse_step=1,
+            mlp_only_layers=[],
+            max_position_embeddings=40960,
+            rms_norm_eps=1e-6,
+            rope_parameters={"rope_type": "default", "rope_theta": 1000000.0},
+            **common,
+        )
+    else:
+        config = LlamaConfig(
+            architectures=["LlamaForCausalLM"],
+            max_position_embeddings=8192,
+            rms_norm_eps=1e-5,
+            rope_parameters={"rope_type": "default", "rope_theta": 500000.0},
+            **common,
+        )
+    config.save_pretrained(folder)
 
 
 def _write_tokenizer(folder: str, vocab: int) -> None:

@@ -41,7 +41,9 @@ from bench.compare import checkpoint_tensors, compare_checkpoints, quantized_wei
 from bench.measure import (  # noqa: E402
     GIB, PAGE_CACHE_METHODS, PeakSampler, device_name, drop_page_cache, files_under, host_memory_gib, nvml, read_files,
 )  # fmt: skip
-from bench.model import PRESETS, SHAPE_KEYS, SHARD_BYTES, SPEC_FILE, model_is_written, write_calibration  # noqa: E402
+from bench.model import (  # noqa: E402
+    PRESETS, SHARD_BYTES, SPEC_FILE, model_is_written, preset_shape, write_calibration,
+)  # fmt: skip
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -64,6 +66,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--hidden-snapshots", type=int, help="nvfp4-ray's --hidden-snapshots (default: the job's default)")
     parser.add_argument("--prefetch-gib", type=float, help="nvfp4-ray's read-ahead budget (default: the job's default)")
     parser.add_argument("--readahead-gib", type=float, help="nvfp4-ray's page-cache read-ahead (default: the job's default)")
+    parser.add_argument(
+        "--exact",
+        action=argparse.BooleanOptionalAction,
+        help="nvfp4-ray's --exact (default: on for the model types whose causal mask llm-compressor 0.14 drops in "
+        "calibration, qwen3_moe among them (nvfp4_ray.architecture.REFERENCE_DROPS_CAUSAL_MASK), so that the outputs "
+        "can be byte-identical; off for the others)",
+    )
     parser.add_argument(
         "--page-cache",
         choices=PAGE_CACHE_METHODS,
@@ -122,6 +131,8 @@ def main(argv: list[str] | None = None) -> dict:
     # job options the command line sets (the rest: the job's defaults)
     chosen = (("prefetch_gib", args.prefetch_gib), ("readahead_gib", args.readahead_gib), ("hidden_snapshots", args.hidden_snapshots))
     options = {k: v for k, v in chosen if v is not None}
+    if args.exact if args.exact is not None else reference_drops_causal_mask(shape):
+        options["exact"] = True
     timed_run = functools.partial(nvfp4_ray_run, source, calibration, work, samples, seq_len, make_cold=make_cold, options=options)
     if gpus > 1:
         if args.baseline:
@@ -146,7 +157,7 @@ def main(argv: list[str] | None = None) -> dict:
         load_average=load_average, preloaded=preloaded,
     )  # fmt: skip
     os.makedirs(args.out, exist_ok=True)
-    stamp, model = record["date"][:16].replace(":", ""), record["model"].removeprefix("random-llama-")
+    stamp, model = record["date"][:16].replace(":", ""), record["model"].split("-", 2)[2]  # random-<family>-<model>
     path = os.path.join(args.out, f"{stamp}-{slug(record['device'])}-{model}-{gpus}gpu.json")
     with open(path, "w") as handle:
         json.dump(record, handle, indent=2)
@@ -166,7 +177,7 @@ def prepare_model(args, preset: dict, work: str) -> tuple[str, dict, float | Non
             spec = json.load(handle)["spec"]
         log(f"reusing the model in {folder}")
         return folder, spec, None
-    shape = {key: preset[key] for key in SHAPE_KEYS}
+    shape = preset_shape(preset)
     if args.layers:
         shape["layers"] = args.layers
     spec = {"shape": shape, "seed": args.seed, "shard_bytes": SHARD_BYTES[args.preset]}
@@ -175,12 +186,20 @@ def prepare_model(args, preset: dict, work: str) -> tuple[str, dict, float | Non
         log(f"reusing the model in {folder} (same shape and seed)")
         return folder, spec, None
     shutil.rmtree(folder, ignore_errors=True)
-    log(f"writing a random Llama {shape} to {folder}")
+    log(f"writing a random {shape.get('arch', 'llama')} {shape} to {folder}")
     start = time.monotonic()
     subprocess.run([sys.executable, "-m", "bench.model", json.dumps(spec), folder], check=True)
     seconds = time.monotonic() - start
     log(f"model written in {seconds:.1f}s")
     return folder, spec, seconds
+
+
+def reference_drops_causal_mask(shape: dict) -> bool:
+    """Whether llm-compressor 0.14 calibrates this model type without its causal mask, which
+    nvfp4-ray reproduces only with exact=True."""
+    from nvfp4_ray.architecture import REFERENCE_DROPS_CAUSAL_MASK
+
+    return shape.get("arch", "llama") in REFERENCE_DROPS_CAUSAL_MASK
 
 
 # ---- the reference --------------------------------------------------------------------
@@ -277,9 +296,11 @@ def nvfp4_ray_run(source, calibration, work, samples, seq_len, gpus, make_cold, 
             summary = run_quantize(config, Events("text", stream=_LogStream()))
             seconds = time.monotonic() - start
         log(f"nvfp4-ray: done in {seconds:.1f}s")
-        timeline = os.environ.get("NVFP4_BENCH_TIMELINE")
+        timeline, run_layer_s = os.environ.get("NVFP4_BENCH_TIMELINE"), None
         if timeline:  # Ray's Chrome trace of every task and actor call, for diagnosis
-            ray.timeline(filename=f"{timeline}-{gpus}gpu{'-preloaded' if preload else ''}.json")
+            timeline = f"{timeline}-{gpus}gpu{'-preloaded' if preload else ''}.json"
+            ray.timeline(filename=timeline)
+            run_layer_s = run_layer_seconds(timeline)
     finally:
         ray.shutdown()
     if not os.path.exists(os.path.join(dest, "_SUCCESS")):
@@ -291,6 +312,7 @@ def nvfp4_ray_run(source, calibration, work, samples, seq_len, gpus, make_cold, 
         "prefetch_gib": round(config.prefetch_bytes / GIB, 3),
         "readahead_gib": config.readahead_gib,
         "hidden_snapshots": config.hidden_snapshots,
+        "exact": config.exact,
         "nvfp4_ray_s": round(seconds, 3),
         "stages_s": stages,
         # calibration runs inside the layer loop, beside the weight quantization: both stages count
@@ -300,6 +322,7 @@ def nvfp4_ray_run(source, calibration, work, samples, seq_len, gpus, make_cold, 
         "calibration_load_wait_s": summary["calibration_load_wait_s"],
         "snapshot_write_s": summary["snapshot_write_s"],
         "calibration_cuda_graphs": summary["calibration_cuda_graphs"],
+        "run_layer_s": run_layer_s,
         "page_cache": page_cache,
         "summary": {key: summary[key] for key in (
             "layers", "linears_quantized", "bytes_in", "bytes_out", "calibration_tokens", "calibration_workers",
@@ -313,6 +336,17 @@ def nvfp4_ray_run(source, calibration, work, samples, seq_len, gpus, make_cold, 
         run["comparison"] = compare_checkpoints(dest, os.path.join(work, "reference"))
         log(f"outputs_equal={run['comparison']['outputs_equal']}")
     return run
+
+
+def run_layer_seconds(timeline: str) -> list[list[float]]:
+    """From Ray's timeline: per calibration worker, the seconds of each run_layer call (one
+    per decoder layer), in order."""
+    with open(timeline) as handle:
+        events = [e for e in json.load(handle) if e.get("cat") == "task::LayerWorker.run_layer" and e.get("ph") == "X"]
+    workers: dict[str, list] = {}
+    for event in sorted(events, key=lambda e: e["ts"]):
+        workers.setdefault(event["tid"], []).append(round(event["dur"] / 1e6, 3))
+    return list(workers.values())
 
 
 def wait_for_idle_workers() -> None:
@@ -358,6 +392,7 @@ def make_record(*, command, device, gpus, machine_gpus, spec, source, samples, s
     workers = max(run["summary"]["calibration_workers"], 1)
     llmcompressor_s = reference["seconds"] if reference else None
     comparison = run.get("comparison")
+    layers = run["summary"]["layers"]
     record = {
         "device": device,
         "date": now_iso(),
@@ -391,6 +426,16 @@ def make_record(*, command, device, gpus, machine_gpus, spec, source, samples, s
         "calibration_load_wait_s": run["calibration_load_wait_s"],
         "snapshot_write_s": run["snapshot_write_s"],
         "calibration_cuda_graphs": run["calibration_cuda_graphs"],
+        "exact": run["exact"],
+        # each figure over the decoder layers: the mean seconds of one layer
+        "seconds_per_layer": {
+            "nvfp4_ray_layers_stage": round(run["stages_s"]["layers"] / layers, 3),
+            "nvfp4_ray_calibration_compute": round(run["calibration_compute_s"] / layers, 3),
+            "llmcompressor_oneshot": round(reference["stages_s"]["oneshot"] / layers, 3) if reference else None,
+            # the median layer of run_layer_s (the slowest worker's call per layer): without the first layer's warm-up
+            "nvfp4_ray_run_layer_median": _median_layer(run["run_layer_s"]),
+        },
+        "run_layer_s": run["run_layer_s"],
         # what the figures above are made of
         "model_shape": shape,
         "model_seed": spec["seed"],
@@ -438,6 +483,13 @@ def make_record(*, command, device, gpus, machine_gpus, spec, source, samples, s
     return record
 
 
+def _median_layer(run_layer_s: list[list[float]] | None) -> float | None:
+    if not run_layer_s:
+        return None
+    slowest = sorted(max(calls) for calls in zip(*run_layer_s))
+    return slowest[len(slowest) // 2]
+
+
 def _baseline_summary(baseline: dict | None) -> dict | None:
     if baseline is None or "record" in baseline:
         return baseline
@@ -461,15 +513,17 @@ def _preloaded_summary(preloaded: dict | None, llmcompressor_s: float | None) ->
 
 
 def model_name(shape: dict) -> str:
-    """random-llama-<preset> for a preset's shape, -<N>L appended when only the depth differs."""
-    presets = {name: {k: p[k] for k in SHAPE_KEYS} for name, p in PRESETS.items()}
+    """random-<family>-<preset> (random-llama-8b, random-qwen3moe-moe) for a preset's shape,
+    -<N>L appended when only the depth differs."""
+    family = shape.get("arch", "llama").replace("_", "")
+    presets = {name: preset_shape(p) for name, p in PRESETS.items()}
     for name, preset in presets.items():
         if preset == shape:
-            return f"random-llama-{name}"
+            return f"random-{family}-{name}"
     for name, preset in presets.items():
         if {**preset, "layers": shape["layers"]} == shape:
-            return f"random-llama-{name}-{shape['layers']}L"
-    return "random-llama-" + "-".join(f"{k}{shape[k]}" for k in SHAPE_KEYS)
+            return f"random-{family}-{name}-{shape['layers']}L"
+    return f"random-{family}-" + "-".join(f"{k}{v}" for k, v in shape.items() if k != "arch")
 
 
 def now_iso() -> str:
@@ -536,6 +590,8 @@ def print_table(record: dict) -> None:
         ("  waiting for loads", show(record["calibration_load_wait_s"], "s", 2) + " (of it: reads and copies behind)"),
         ("snapshot_write_s", show(record["snapshot_write_s"], "s", 2) + " (hidden-state snapshots, beside the layers)"),
         ("calibration_cuda_graphs", str(record["calibration_cuda_graphs"])),
+        ("exact", str(record["exact"])),
+        ("seconds_per_layer", ", ".join(f"{k} {show(v, 's', 2)}" for k, v in record["seconds_per_layer"].items())),
         ("calibration_speedup_vs_1gpu", show(record["calibration_speedup_vs_1gpu"], "x", 2)
             + ("" if baseline is None else f" (1 GPU: calibration {baseline['calibration_s']:.1f}s, "
                f"job {baseline['nvfp4_ray_s']:.1f}s)")),

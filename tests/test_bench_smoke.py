@@ -48,3 +48,30 @@ def test_tiny_benchmark_writes_a_complete_record(tmp_path):
     assert record["calibration_speedup_vs_1gpu"] is None  # one run, on the CPU
     assert set(record["page_cache_drop"].values()) == {"fadvise"}
     assert "speedup_vs_llmcompressor" in done.stdout  # the table
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3_moe"])
+def test_bench_checkpoint_is_what_transformers_saves(tmp_path, family):
+    """bench/model.py's checkpoint (the presets' layouts at a small size): the tensors and
+    shapes transformers' save_pretrained writes for the same config.json, loaded with none
+    missing or unexpected."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    if REPO not in sys.path:  # bench/ is imported from the checkout
+        sys.path.insert(0, REPO)
+    from bench.compare import checkpoint_tensors
+    from bench.model import tensor_shapes, write_model
+
+    shape = dict(hidden=64, layers=2, intermediate=96, heads=4, kv_heads=2, vocab=256)
+    if family == "qwen3_moe":
+        shape = dict(arch="qwen3_moe", **shape, moe_intermediate=32, experts=8, experts_per_tok=2, head_dim=32)
+    ours = str(tmp_path / "ours")
+    write_model({"shape": shape, "seed": 0, "shard_bytes": 10**5}, ours)
+    config = AutoConfig.from_pretrained(ours)
+    assert config.model_type == family
+    AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16).save_pretrained(str(tmp_path / "hf"))
+    names = lambda folder: {n: tuple(e[2]) for n, e in checkpoint_tensors(folder).items()}  # noqa: E731
+    assert names(ours) == names(str(tmp_path / "hf")) == dict(tensor_shapes(shape))
+    _, info = AutoModelForCausalLM.from_pretrained(ours, dtype=torch.bfloat16, output_loading_info=True)
+    assert not any(info[key] for key in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
