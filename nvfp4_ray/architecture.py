@@ -26,6 +26,9 @@ SUPPORTED_MODEL_TYPES = {
     "mistral3": ("ministral3", "mistral", "ministral"),
     **dict.fromkeys(MOE_MODEL_TYPES),
 }  # fmt: skip
+# Model types transformers does not know, naming another family's layers: Kimi-K2's
+# config.json says kimi_k2 (for its remote code) over DeepSeek-V3's architecture.
+MODEL_TYPE_ALIASES = {"kimi_k2": "deepseek_v3"}
 # Vision parts of multimodal models are never quantized (vLLM runs them unquantized).
 ALWAYS_IGNORED = {"mistral3": ["re:.*vision_tower.*", "re:.*multi_modal_projector.*"]}
 # llm-compressor 0.14 traces the model with `mask_function` on its tracing_ignore list; the
@@ -106,7 +109,7 @@ def build_meta_model(config: dict, attn_implementation: str = "eager", dtype: to
     import transformers
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
-    hf_config = CONFIG_MAPPING[config["model_type"]].from_dict(config)
+    hf_config = CONFIG_MAPPING[MODEL_TYPE_ALIASES.get(config["model_type"], config["model_type"])].from_dict(config)
     architecture = (config.get("architectures") or [None])[0]
     model_class = getattr(transformers, architecture, None) if architecture else None
     if model_class is None:
@@ -120,7 +123,9 @@ def build_meta_model(config: dict, attn_implementation: str = "eager", dtype: to
 
 
 def text_model_type(config: dict) -> str:
-    return (config.get("text_config") or config).get("model_type")
+    """The family of the decoder layers (an alias resolved)."""
+    model_type = (config.get("text_config") or config).get("model_type")
+    return MODEL_TYPE_ALIASES.get(model_type, model_type)
 
 
 def find_backbone(model) -> tuple[str, torch.nn.Module]:
@@ -248,8 +253,8 @@ def _counts_as_linear(module: torch.nn.Module) -> bool:
 
 
 def _check_supported(config: dict) -> None:
-    model_type = config.get("model_type")
-    valid = ", ".join(sorted(SUPPORTED_MODEL_TYPES))
+    model_type = MODEL_TYPE_ALIASES.get(config.get("model_type"), config.get("model_type"))
+    valid = ", ".join(sorted([*SUPPORTED_MODEL_TYPES, *MODEL_TYPE_ALIASES]))
     if model_type not in SUPPORTED_MODEL_TYPES:
         raise InputError(f"model type {model_type!r} is not supported: no decoder layers this tool can run (valid: {valid})")
     inner = SUPPORTED_MODEL_TYPES[model_type]

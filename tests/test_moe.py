@@ -186,3 +186,22 @@ def test_an_expert_changed_in_source_recomputes_its_layer(family_case, moe_runs,
     quantize(source, fresh, case.calibration)
     assert index_files(dest) == index_files(fresh)
     assert load_tensors(dest) == load_tensors(fresh)
+
+
+def test_kimi_k2_config_runs_as_deepseek_v3(family_case, moe_runs, tmp_path):
+    """Kimi-K2's config.json says model_type kimi_k2 (its remote code), over DeepSeek-V3's
+    layers: the same tensors as the DeepSeek-V3 run, and config.json keeps kimi_k2."""
+    import shutil
+
+    case = family_case("deepseek_v3")
+    source = str(tmp_path / "kimi")
+    shutil.copytree(case.source, source)
+    config_path = os.path.join(source, "config.json")
+    config = json.load(open(config_path))
+    config.update(model_type="kimi_k2", auto_map={"AutoConfig": "configuration_deepseek.DeepseekV3Config"})
+    json.dump(config, open(config_path, "w"), indent=2)
+    out = str(tmp_path / "out")
+    quantize(source, out, case.calibration)
+    assert load_tensors(out) == load_tensors(moe_runs("deepseek_v3", exact=False))
+    written = json.load(open(os.path.join(out, "config.json")))
+    assert written["model_type"] == "kimi_k2" and written["quantization_config"]["format"] == "nvfp4-pack-quantized"
