@@ -16,8 +16,12 @@ from __future__ import annotations
 import json
 import math
 import re
+from typing import TYPE_CHECKING
 
 from nvfp4_ray.errors import InputError
+
+if TYPE_CHECKING:
+    import torch
 
 BLOCK = 128
 SCALE_SUFFIX = ".weight_scale_inv"

@@ -338,14 +338,19 @@ class Execution:
         return len(written)
 
     def _calibrate_layer(self, index: int) -> None:
-        calibration = self.calibration
         snapshot = self._wants_snapshot(index)
         calls = [(self.workers[i], self._submit_layer(i, index, snapshot)) for i in range(self.calibration_workers)]
         self._wait([call for _, call in calls])
         results = [self._layer_result(i, index, snapshot, *call) for i, call in enumerate(calls)]
+        self._finish_layer(index, results, snapshot, results)
+
+    def _finish_layer(self, index: int, amax_results: list[dict], snapshot: str | None, snapshot_results: list[dict]) -> None:
+        """Layer ``index`` calibrated: the workers' amax max-reduced (exact: max is
+        order-free) and persisted, and the hidden-state snapshots they finished taken in."""
+        calibration = self.calibration
         reduced = {}
         for local in self.plan.record_sets()[index]:
-            values = [result["amax"][local] for result in results if local in result["amax"]]
+            values = [result["amax"][local] for result in amax_results if local in result["amax"]]
             reduced[local] = math.nan if any(math.isnan(v) for v in values) else max(values)
         self.layer_amax[index] = reduced
         self._persist(self.dest.write_text, f"{CALIBRATION_DIR}/{calibration.keys[index]}.json", json.dumps(reduced, sort_keys=True))
@@ -353,7 +358,7 @@ class Execution:
         if snapshot is not None:
             calibration.writing[index] = self.calibration_workers
             calibration.last_checkpoint_time = time.monotonic()
-        self._snapshots_done([done for result in results for done in result["snapshots"]])
+        self._snapshots_done([done for result in snapshot_results for done in result["snapshots"]])
 
     def _submit_layer(self, i: int, index: int, snapshot: str | None = None):
         unit = self.plan.layer_units[index]

@@ -22,9 +22,7 @@ depend on all of them. A lost worker fails the job; running it again resumes.
 
 from __future__ import annotations
 
-import json
 import math
-import time
 from dataclasses import replace
 
 from nvfp4_ray.calibration.batches import make_batches
@@ -32,7 +30,7 @@ from nvfp4_ray.calibration.hessians import block_size, blocks_of, reference_orde
 from nvfp4_ray.errors import JobError
 from nvfp4_ray.io import destination
 from nvfp4_ray.io.storage import is_remote
-from nvfp4_ray.pipeline.driver import CALIBRATION_DIR, Execution, reference_drops_causal_mask
+from nvfp4_ray.pipeline.driver import Execution, reference_drops_causal_mask
 from nvfp4_ray.pipeline.layer_flow import LayerFlow
 from nvfp4_ray.pipeline.plan import digest
 
@@ -121,7 +119,7 @@ class GptqExecution(Execution):
         return owners
 
     def _calibrate_layer(self, index: int) -> None:
-        calibration, unit = self.calibration, self.plan.layer_units[index]
+        unit = self.plan.layer_units[index]
         spec, workers = unit.spec, self.workers[: self.calibration_workers]
         passes = [worker.gptq.remote("hessian_pass", index, spec, self.block) for worker in workers]
         partials = {group[0].local: [w.gptq.remote("partials_of", index, group[0].local) for w in workers]
@@ -142,18 +140,8 @@ class GptqExecution(Execution):
             self._record([results[-1]])
         for group in results[len(passes) : len(passes) + len(solved)]:
             self.fell_back += [f"{spec.module}.{local}" for local, (_, _, fell_back) in group.items() if fell_back]
-        reduced = {}
-        for local in self.plan.record_sets()[index]:
-            values = [result["amax"][local] for result in results[: len(passes)] if local in result["amax"]]
-            reduced[local] = math.nan if any(math.isnan(v) for v in values) else max(values)
-        self.layer_amax[index] = reduced
-        self._persist(self.dest.write_text, f"{CALIBRATION_DIR}/{calibration.keys[index]}.json", json.dumps(reduced, sort_keys=True))
-        calibration.done_through = index
-        if snapshot is not None:
-            calibration.writing[index] = self.calibration_workers
-            calibration.last_checkpoint_time = time.monotonic()
         propagated = results[len(passes) + len(solved) + len(staged) : len(passes) + len(solved) + len(staged) + len(propagate)]
-        self._snapshots_done([done for result in propagated for done in result["snapshots"]])
+        self._finish_layer(index, results[: len(passes)], snapshot, propagated)
 
     def _replace_worker(self, i: int, error: Exception) -> None:
         raise JobError(f"worker {i} was lost during GPTQ ({type(error).__name__}); run the same command again to resume")
