@@ -55,7 +55,8 @@ DENSE_FAMILIES = sorted(set(FAMILIES) - set(MOE_FAMILIES)) + ["mistral3"]
 MULTIMODAL_IGNORE = ["lm_head", "re:.*vision_tower.*", "re:.*multi_modal_projector.*"]
 
 
-def build_model(family: str, seed: int = 0):
+def build_model(family: str, seed: int = 0, **overrides):
+    """``overrides``: config arguments in place of the family's (not for mistral3)."""
     import transformers
 
     torch.manual_seed(seed)
@@ -73,7 +74,7 @@ def build_model(family: str, seed: int = 0):
         model = Mistral3ForConditionalGeneration(config)
     else:
         class_name, kwargs = FAMILIES[family]
-        config = getattr(transformers, class_name)(**kwargs)
+        config = getattr(transformers, class_name)(**{**kwargs, **overrides})
         model = transformers.AutoModelForCausalLM.from_config(config)
     model = model.to(torch.bfloat16).eval()
     generator = torch.Generator().manual_seed(seed + 1)

@@ -4,12 +4,15 @@ Every node is a real set of Ray processes on this machine and advertises one fak
 so the job places one calibration worker per node. Used by tests/test_ray_jobs.py in a
 subprocess (a process can join only one Ray cluster).
 
-usage: simulated_cluster.py NODES SOURCE DEST CALIBRATION NUM_SAMPLES [--late-gpus] [--gptq]
+usage: simulated_cluster.py NODES SOURCE DEST CALIBRATION NUM_SAMPLES [--late-gpus] [--gptq] [--workers N,N,...]
 
 --late-gpus: the cluster starts without any GPU node and the job asks for NODES GPU
 workers (worker_device=gpu); the GPU nodes join a few seconds after the job started,
 as an autoscaler would add them.
 --gptq: quantize with GPTQ (--algorithm gptq).
+--workers N,N,...: one job after the other on the same cluster, job i with num_workers N_i
+(one worker per GPU node, so on N_i nodes) into DEST/workers-N_i; the last line is then a
+JSON list of their summaries (a cluster started once instead of once per job).
 """
 
 import io
@@ -26,6 +29,9 @@ def main() -> None:
     nodes, source, dest, calibration, num_samples = sys.argv[1:6]
     late = "--late-gpus" in sys.argv[6:]
     algorithm = "gptq" if "--gptq" in sys.argv[6:] else "rtn"
+    jobs = None
+    if "--workers" in sys.argv[6:]:
+        jobs = [int(n) for n in sys.argv[sys.argv.index("--workers") + 1].split(",")]
     import ray
     from ray.cluster_utils import Cluster
 
@@ -41,6 +47,16 @@ def main() -> None:
     ray.init(address=cluster.address, log_to_driver=False)
 
     try:
+        if jobs is not None:
+            summaries = []
+            for workers in jobs:
+                config = QuantizeConfig(
+                    source=source, dest=os.path.join(dest, f"workers-{workers}"), calibration=calibration,
+                    num_samples=int(num_samples), max_seq_len=64, algorithm=algorithm, num_workers=workers,
+                )
+                summaries.append(run_quantize(config, Events("json", stream=io.StringIO())))
+            print(json.dumps(summaries))
+            return
         options = {"worker_device": "gpu", "num_workers": int(nodes)} if late else {}
         config = QuantizeConfig(
             source=source, dest=dest, calibration=calibration, num_samples=int(num_samples), max_seq_len=64,

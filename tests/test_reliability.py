@@ -172,3 +172,36 @@ def test_disk_full_fails_cleanly_and_resumes_elsewhere(family_case, mount_tmpfs,
     assert "Traceback" not in stderr
     assert not os.path.exists(os.path.join(dest, "_SUCCESS"))
     assert json.loads(stdout.strip().splitlines()[-1])["exit_code"] == 3
+
+
+def test_gptq_driver_killed_mid_run_resumes_byte_identical(smollm2, tmp_path):
+    """GPTQ solves each layer before the next one calibrates: a run killed after a few
+    layers resumes from the last hidden-state snapshot, keeps the unit files already
+    written, solves the rest and writes the bytes of an uninterrupted run. A random
+    8-layer Llama (1-2 s a layer here) gives the kill room."""
+    from models import build_model, random_rows, save_model, write_rows
+
+    source = save_model(build_model("llama", num_hidden_layers=8), str(tmp_path / "source"), smollm2)
+    calibration = write_rows(random_rows(6, 2048, seed=12), str(tmp_path / "calibration.parquet"))
+    clean = str(tmp_path / "clean")
+    quantize(source, clean, calibration, algorithm="gptq")
+
+    dest = str(tmp_path / "out")
+    command = [os.path.join(os.path.dirname(sys.executable), "nvfp4-ray"), "quantize", source, dest,
+               "--calibration", calibration, "--num-samples", "6", "--max-seq-len", "64", "--algorithm", "gptq",
+               "--checkpoint-minutes", "0"]  # fmt: skip
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+    job = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        wait_for(lambda: calibrated_layers(dest) >= 3, what="three solved layers")
+    finally:
+        subprocess.run(["pkill", "-9", "-s", str(job.pid)])  # the job's whole process session
+        job.wait()
+    assert not os.path.exists(os.path.join(dest, "_SUCCESS"))
+    assert calibrated_layers(dest) < 8  # killed mid-run
+
+    resumed = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "resuming calibration at layer" in resumed.stderr
+    assert json.loads(resumed.stdout.strip().splitlines()[-1])["units_reused"] > 0
+    assert_same_checkpoint(dest, clean)
