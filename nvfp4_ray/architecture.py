@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import torch
 
 from nvfp4_ray.errors import InputError
-from nvfp4_ray.experts import MOE_MODEL_TYPES, check_expert_schemes, linearize
+from nvfp4_ray.experts import MOE_MODEL_TYPES, check_expert_schemes, fuses_experts, linearize
 from nvfp4_ray.formats import fp8_block
 from nvfp4_ray.io.tensors import torch_dtype
 
@@ -109,7 +109,7 @@ def build_meta_model(config: dict, attn_implementation: str = "eager", dtype: to
     import transformers
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
-    hf_config = CONFIG_MAPPING[MODEL_TYPE_ALIASES.get(config["model_type"], config["model_type"])].from_dict(config)
+    hf_config = CONFIG_MAPPING[family(config["model_type"])].from_dict(config)
     architecture = (config.get("architectures") or [None])[0]
     model_class = getattr(transformers, architecture, None) if architecture else None
     if model_class is None:
@@ -122,10 +122,14 @@ def build_meta_model(config: dict, attn_implementation: str = "eager", dtype: to
     return model
 
 
+def family(model_type: str | None) -> str | None:
+    """The model type whose layers ``model_type`` has (an alias resolved)."""
+    return MODEL_TYPE_ALIASES.get(model_type, model_type)
+
+
 def text_model_type(config: dict) -> str:
     """The family of the decoder layers (an alias resolved)."""
-    model_type = (config.get("text_config") or config).get("model_type")
-    return MODEL_TYPE_ALIASES.get(model_type, model_type)
+    return family((config.get("text_config") or config).get("model_type"))
 
 
 def find_backbone(model) -> tuple[str, torch.nn.Module]:
@@ -253,7 +257,7 @@ def _counts_as_linear(module: torch.nn.Module) -> bool:
 
 
 def _check_supported(config: dict) -> None:
-    model_type = MODEL_TYPE_ALIASES.get(config.get("model_type"), config.get("model_type"))
+    model_type = family(config.get("model_type"))
     valid = ", ".join(sorted([*SUPPORTED_MODEL_TYPES, *MODEL_TYPE_ALIASES]))
     if model_type not in SUPPORTED_MODEL_TYPES:
         raise InputError(f"model type {model_type!r} is not supported: no decoder layers this tool can run (valid: {valid})")
@@ -273,10 +277,7 @@ def _checkpoint_to_model_names(model, checkpoint_tensors: dict) -> dict[str, str
     renamings = [c for c in conversions if isinstance(c, WeightRenaming)]
     # the converters that fuse per-expert tensors into 3D parameters do not apply: the
     # experts are linearized (experts.py), one parameter per checkpoint tensor
-    converters = [
-        c for c in conversions
-        if isinstance(c, WeightConverter) and not any(".experts." in t for t in c.target_patterns)
-    ]  # fmt: skip
+    converters = [c for c in conversions if isinstance(c, WeightConverter) and not fuses_experts(c)]
     params = dict(model.named_parameters(remove_duplicate=False))
     params.update(dict(model.named_buffers(remove_duplicate=False)))
     unloaded = getattr(model, "_keys_to_ignore_on_load_unexpected", None) or []

@@ -19,18 +19,26 @@ times their routing weights, in expert order: the same products and sums, so the
 from __future__ import annotations
 
 import contextlib
+from dataclasses import dataclass
 
 import torch
 
 from nvfp4_ray.errors import InputError
 
-# Model types whose routed experts are linearized here (each tested against llm-compressor),
-# and the names their checkpoints give an expert's gate, up and down projections.
+
+@dataclass(frozen=True)
+class MoeFamily:
+    projections: tuple[str, str, str]  # the checkpoint's names of an expert's gate, up and down
+    experts_class: str  # transformers' fused experts class, in its modeling_<model_type> module
+
+
+# Model types whose routed experts are linearized here (each tested against llm-compressor)
+_GATE_UP_DOWN = ("gate_proj", "up_proj", "down_proj")
 MOE_MODEL_TYPES = {
-    "qwen3_moe": ("gate_proj", "up_proj", "down_proj"),
-    "glm4_moe": ("gate_proj", "up_proj", "down_proj"),
-    "deepseek_v3": ("gate_proj", "up_proj", "down_proj"),
-    "mixtral": ("w1", "w3", "w2"),
+    "qwen3_moe": MoeFamily(_GATE_UP_DOWN, "Qwen3MoeExperts"),
+    "glm4_moe": MoeFamily(_GATE_UP_DOWN, "Glm4MoeExperts"),
+    "deepseek_v3": MoeFamily(_GATE_UP_DOWN, "DeepseekV3Experts"),
+    "mixtral": MoeFamily(("w1", "w3", "w2"), "MixtralExperts"),
 }
 
 
@@ -91,14 +99,10 @@ class LinearExperts(torch.nn.ModuleList):
         return final
 
 
-def is_moe(model_type: str) -> bool:
-    return model_type in MOE_MODEL_TYPES
-
-
-def linearize(model: torch.nn.Module, model_type: str) -> int:
+def linearize(model: torch.nn.Module, model_type: str) -> None:
     """Replace every fused experts module of ``model`` (on any device, usually meta) by
-    LinearExperts with empty weights; the number replaced."""
-    names = MOE_MODEL_TYPES[model_type]
+    LinearExperts with empty weights."""
+    names = MOE_MODEL_TYPES[model_type].projections
     fused = [(name, module) for name, module in model.named_modules() if _is_fused_experts(module)]
     for name, module in fused:
         if (module.has_gate, module.has_bias, module.is_transposed, module.is_concatenated) != (True, False, False, True):
@@ -108,7 +112,6 @@ def linearize(model: torch.nn.Module, model_type: str) -> int:
         with torch.device(device):
             experts = [ExpertMLP(names, hidden, double_intermediate // 2, module.act_fn, dtype) for _ in range(count)]
         model.set_submodule(name, LinearExperts(experts))
-    return len(fused)
 
 
 def _is_fused_experts(module: torch.nn.Module) -> bool:
@@ -140,6 +143,14 @@ def check_expert_schemes(model: torch.nn.Module, targeted: dict) -> None:
             )
 
 
+def fuses_experts(conversion) -> bool:
+    """Whether a transformers weight conversion fuses per-expert tensors into the 3D
+    parameters that linearized experts do not have."""
+    from transformers.core_model_loading import WeightConverter
+
+    return isinstance(conversion, WeightConverter) and any(".experts." in t for t in conversion.target_patterns)
+
+
 @contextlib.contextmanager
 def loading_linearized(model_type: str):
     """Inside: transformers' ``from_pretrained`` builds ``model_type``'s experts as
@@ -149,17 +160,16 @@ def loading_linearized(model_type: str):
     import importlib
 
     from transformers.conversion_mapping import get_checkpoint_conversion_mapping, register_checkpoint_conversion_mapping
-    from transformers.core_model_loading import WeightConverter
 
     if model_type not in MOE_MODEL_TYPES:
         yield
         return
     original = get_checkpoint_conversion_mapping(model_type) or []
-    kept = [c for c in original if not (isinstance(c, WeightConverter) and any(".experts." in t for t in c.target_patterns))]
+    kept = [c for c in original if not fuses_experts(c)]
     # The class is swapped in its own modeling module only: transformers' patch mapping
     # walks every transformers module, importing all model families (some need torchvision).
     modeling = importlib.import_module(f"transformers.models.{model_type}.modeling_{model_type}")
-    class_name = _EXPERTS_CLASSES[model_type]
+    class_name = MOE_MODEL_TYPES[model_type].experts_class
     fused_class = getattr(modeling, class_name)
     setattr(modeling, class_name, _config_built(model_type))
     register_checkpoint_conversion_mapping(model_type, kept, overwrite=True)
@@ -170,15 +180,9 @@ def loading_linearized(model_type: str):
         register_checkpoint_conversion_mapping(model_type, original, overwrite=True)
 
 
-_EXPERTS_CLASSES = {
-    "qwen3_moe": "Qwen3MoeExperts", "glm4_moe": "Glm4MoeExperts", "deepseek_v3": "DeepseekV3Experts",
-    "mixtral": "MixtralExperts",
-}  # fmt: skip
-
-
 def _config_built(model_type: str) -> type:
     """LinearExperts constructed as the fused class it stands for: ``cls(config)``."""
-    names = MOE_MODEL_TYPES[model_type]
+    names = MOE_MODEL_TYPES[model_type].projections
 
     class ConfigBuiltExperts(LinearExperts):
         def __init__(self, config):

@@ -69,21 +69,28 @@ def run_in_background(**kwargs) -> tuple[threading.Thread, dict]:
     return thread, result
 
 
+def killed_after(command: list[str], dest: str, layers: int) -> dict:
+    """Start the job ``command`` and kill -9 all of it, the driver and every Ray process it
+    started (one process session), once ``layers`` layers are calibrated; no checkpoint is
+    left. The environment to run it again with."""
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+    job = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        wait_for(lambda: calibrated_layers(dest) >= layers, what=f"{layers} calibrated layers")
+    finally:
+        subprocess.run(["pkill", "-9", "-s", str(job.pid)])
+        job.wait()
+    assert not os.path.exists(os.path.join(dest, "_SUCCESS"))
+    return env
+
+
 def test_driver_killed_mid_run_resumes_byte_identical(smol_job, tmp_path):
     source, calibration, clean = smol_job
     dest = str(tmp_path / "out")
     command = [os.path.join(os.path.dirname(sys.executable), "nvfp4-ray"), "quantize", source, dest,
                "--calibration", calibration, "--num-samples", str(SAMPLES), "--max-seq-len", str(SEQ_LEN),
                "--checkpoint-minutes", "0"]  # fmt: skip
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
-    job = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    try:
-        wait_for(lambda: calibrated_layers(dest) >= 8, what="eight calibrated layers")
-    finally:
-        # kill -9 of the whole job: the driver and every Ray process it started (one session)
-        subprocess.run(["pkill", "-9", "-s", str(job.pid)])
-        job.wait()
-    assert not os.path.exists(os.path.join(dest, "_SUCCESS"))
+    env = killed_after(command, dest, 8)
 
     resumed = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
@@ -190,14 +197,7 @@ def test_gptq_driver_killed_mid_run_resumes_byte_identical(smollm2, tmp_path):
     command = [os.path.join(os.path.dirname(sys.executable), "nvfp4-ray"), "quantize", source, dest,
                "--calibration", calibration, "--num-samples", "6", "--max-seq-len", "64", "--algorithm", "gptq",
                "--checkpoint-minutes", "0"]  # fmt: skip
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
-    job = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    try:
-        wait_for(lambda: calibrated_layers(dest) >= 3, what="three solved layers")
-    finally:
-        subprocess.run(["pkill", "-9", "-s", str(job.pid)])  # the job's whole process session
-        job.wait()
-    assert not os.path.exists(os.path.join(dest, "_SUCCESS"))
+    env = killed_after(command, dest, 3)
     assert calibrated_layers(dest) < 8  # killed mid-run
 
     resumed = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)

@@ -160,7 +160,7 @@ class Execution:
         totals = [info["device_memory"] for info in infos if info.get("device_memory")]
         if budget is None and totals:
             budget = int(0.9 * min(totals))
-        shares = deal(make_batches(plan.samples, config.batch_tokens), self.calibration_workers) if self.calibration_workers else []
+        shares = self._shares(make_batches(plan.samples, config.batch_tokens)) if self.calibration_workers else []
         text_config = plan.source.config.get("text_config") or plan.source.config
         self.device_plan = plan_device(plan.layer_units, shares, text_config, budget)
         self.flow.ahead_loads = self.device_plan.ahead
@@ -472,6 +472,10 @@ class Execution:
         else:
             self.reused.append(file_name)
         self.scales = done
+
+    def report_fields(self) -> dict:
+        """What this kind of run adds to the summary (GPTQ: the Linears that fell back to RTN)."""
+        return {}
 
     def calibration_record(self) -> dict | None:
         """Per layer: the calibration key and the reduced amax, and the layers whose hidden

@@ -87,7 +87,7 @@ def run_quantize(config: QuantizeConfig, events: Events) -> dict:
         finally:
             placement.release()
         report = _report(plan, execution, events, started)
-        report.update(getattr(execution, "report_fields", dict)())  # GPTQ: Linears that fell back to RTN
+        report.update(execution.report_fields())
         with events.stage("commit"):
             small = checkpoint_files(plan, execution.files())
         quality = None

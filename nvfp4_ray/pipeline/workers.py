@@ -184,10 +184,11 @@ class LayerWorker:
         self.snapshots: dict[str, Future] = {}  # folder -> hidden-state write in progress or done
         self.writer = ThreadPoolExecutor(WRITES_QUEUED, thread_name_prefix="write")
         # Quantized layers queued for the write threads: at most writes_limit (set from the
-        # device's memory, device_memory.py); the most there ever were, and layers held
+        # device's memory, device_memory.py); and the most calibrated layers held at once
         self.write_room = threading.Condition()
         self.writes_limit = WRITES_QUEUED
-        self.writes_queued = self.max_writes_queued = self.max_layers_held = 0
+        self.writes_queued = self.max_layers_held = 0
+        self.gptq_steps = None  # pipeline/gptq_worker.py, on a GPTQ job's first step
         self.writes: dict[int, Future] = {}  # layer -> its unit's WrittenFile, once written
 
     def _lap(self) -> float:
@@ -285,13 +286,12 @@ class LayerWorker:
             return self.writes.setdefault(index, Future())
 
     def _write_behind(self, index: int, output: list, ready, file_name: str, key: str, dest_url: str) -> None:
-        """Write layer ``index``'s unit in a write thread, once fewer than WRITES_QUEUED
+        """Write layer ``index``'s unit in a write thread, once fewer than ``writes_limit``
         are ahead of it (the load thread waits until then)."""
         slot = self._write_slot(index)
         with self.write_room:
             self.write_room.wait_for(lambda: self.writes_queued < self.writes_limit)
             self.writes_queued += 1
-            self.max_writes_queued = max(self.max_writes_queued, self.writes_queued)
 
         def write():
             copier = (None, None) if self.device.type == "cpu" else self.write_copiers.get()
@@ -376,7 +376,7 @@ class LayerWorker:
         """A GPTQ step (pipeline/gptq_worker.py) on this worker's runner and device."""
         from nvfp4_ray.pipeline.gptq_worker import GptqSteps
 
-        if getattr(self, "gptq_steps", None) is None:
+        if self.gptq_steps is None:
             self.gptq_steps = GptqSteps(self)
         self._compute_threads()
         return getattr(self.gptq_steps, step)(*args)
@@ -399,8 +399,8 @@ class LayerWorker:
     def seconds(self) -> dict:
         """Where the calibration time went, and what the runner noted about how it ran."""
         return {"run_layer_s": self.busy_s, "load_wait_s": self.load_wait_s, "snapshot_write_s": self.snapshot_s,
-                "cuda_graphs": self.runner.graphed, "notes": self.runner.notes, "max_layers_held": self.max_layers_held,
-                "max_writes_queued": self.max_writes_queued}  # fmt: skip
+                "cuda_graphs": self.runner.graphed, "notes": self.runner.notes,
+                "max_layers_held": self.max_layers_held}  # fmt: skip
 
     def load_hidden(self, dest_url: str, folder: str) -> bool:
         """Restore this worker's hidden states from a snapshot; False (nothing restored) when
