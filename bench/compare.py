@@ -57,6 +57,14 @@ def _same_bytes(a: tuple, b: tuple) -> bool:
     return all(x == y for x, y in zip(_read(a[0], a[3], a[4]), _read(b[0], b[3], b[4])))
 
 
+def _equal_bytes(a: tuple, b: tuple) -> int:
+    """How many bytes at the same offsets of two tensors of one size are equal."""
+    return sum(
+        int((torch.frombuffer(bytearray(x), dtype=torch.uint8) == torch.frombuffer(bytearray(y), dtype=torch.uint8)).sum())
+        for x, y in zip(_read(a[0], a[3], a[4]), _read(b[0], b[3], b[4]))
+    )
+
+
 def _scale(entry: tuple) -> float:
     (raw,) = _read(entry[0], entry[3], entry[4])
     return torch.frombuffer(bytearray(raw), dtype=SCALE_DTYPES[entry[1]]).float().item()
@@ -72,12 +80,15 @@ def compare_checkpoints(ours: str, reference: str) -> dict:
     """Every tensor of both checkpoints: same names, dtypes, shapes and bytes.
     ``outputs_equal``: weights byte-identical and input scales bit-identical."""
     mine, theirs = checkpoint_tensors(ours), checkpoint_tensors(reference)
-    different, steps = [], 0
+    different, steps, packed, packed_equal = [], 0, 0, 0
     for name in sorted(set(mine) & set(theirs)):
         a, b = mine[name], theirs[name]
         equal = a[1:3] == b[1:3] and _same_bytes(a, b)
         if not equal:
             different.append(name)
+        if name.endswith(".weight_packed") and a[1:3] == b[1:3]:
+            packed += a[4] - a[3]
+            packed_equal += a[4] - a[3] if equal else _equal_bytes(a, b)
         if name.endswith(".input_global_scale") and a[1:3] == b[1:3]:
             steps = max(steps, bf16_steps(_scale(a), _scale(b)))
     only_ours, only_reference = sorted(set(mine) - set(theirs)), sorted(set(theirs) - set(mine))
@@ -89,7 +100,11 @@ def compare_checkpoints(ours: str, reference: str) -> dict:
         "input_scales_equal": scales_equal,
         "max_input_scale_diff_bf16_steps": steps,
         "tensors_compared": len(set(mine) & set(theirs)),
+        "tensors_different_count": len(different),
         "tensors_different": different[:20],
+        # of the FP4 weight bytes (two codes each), the share equal at the same place: GPTQ
+        # outputs made with other summation orders agree on most codes, not all
+        "weight_packed_bytes_equal_fraction": round(packed_equal / packed, 6) if packed else None,
         "tensors_only_in_ours": only_ours[:20],
         "tensors_only_in_reference": only_reference[:20],
     }

@@ -1,13 +1,15 @@
 """The reference: llm-compressor 0.14 as a user runs it, in a process of its own (so that its
 memory is measured alone).
 
-    python -m bench.llmcompressor_run SOURCE CALIBRATION.parquet OUT SAMPLES SEQ_LEN RESULT.json
+    python -m bench.llmcompressor_run SOURCE CALIBRATION.parquet OUT SAMPLES SEQ_LEN RESULT.json [rtn|gptq]
 
 ``from_pretrained(dtype=bfloat16)`` loads the model on the CPU; ``oneshot`` with the
 sequential pipeline then onloads one decoder layer at a time onto the accelerator when
 there is one (llmcompressor.utils.dev.get_main_device), batch size 1, and
 ``save_pretrained(save_compressed=True)`` writes the NVFP4 checkpoint. The arguments are
-those of tests/reference.py, which the byte-identity tests use.
+those of tests/reference.py, which the byte-identity tests use. ``gptq``: GPTQModifier with
+the NVFP4 preset and samples not shuffled (its default shuffles them with an unseeded RNG,
+which changes no timing); on CUDA its block updates run in its Triton kernel, as users run it.
 """
 
 from __future__ import annotations
@@ -23,11 +25,12 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 from bench import log  # noqa: E402
 
 
-def main(source: str, calibration: str, out: str, samples: int, seq_len: int, result: str) -> None:
+def main(source: str, calibration: str, out: str, samples: int, seq_len: int, result: str, algorithm: str = "rtn") -> None:
     import pyarrow.parquet as pq
     import torch
     from datasets import Dataset
     from llmcompressor import oneshot
+    from llmcompressor.modifiers.gptq import GPTQModifier
     from llmcompressor.modifiers.quantization import QuantizationModifier
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -38,13 +41,15 @@ def main(source: str, calibration: str, out: str, samples: int, seq_len: int, re
     model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.bfloat16)
     tokenizer = AutoTokenizer.from_pretrained(source)
     loaded = time.monotonic()
-    log(f"llm-compressor: oneshot, {len(rows)} samples x {seq_len} tokens, sequential pipeline")
+    modifier = GPTQModifier if algorithm == "gptq" else QuantizationModifier
+    log(f"llm-compressor: oneshot, {algorithm}, {len(rows)} samples x {seq_len} tokens, sequential pipeline")
     oneshot(
         model=model,
         processor=tokenizer,
         dataset=dataset,
-        recipe=QuantizationModifier(targets="Linear", scheme="NVFP4", ignore=["lm_head"]),
+        recipe=modifier(targets="Linear", scheme="NVFP4", ignore=["lm_head"]),
         pipeline="sequential",
+        shuffle_calibration_samples=algorithm == "rtn",  # RTN: its default (order-free statistics)
         num_calibration_samples=len(rows),
         max_seq_length=seq_len,
     )
@@ -59,5 +64,5 @@ def main(source: str, calibration: str, out: str, samples: int, seq_len: int, re
 
 
 if __name__ == "__main__":
-    source, calibration, out, samples, seq_len, result = sys.argv[1:]
-    main(source, calibration, out, int(samples), int(seq_len), result)
+    source, calibration, out, samples, seq_len, result, *algorithm = sys.argv[1:]
+    main(source, calibration, out, int(samples), int(seq_len), result, *algorithm)

@@ -63,6 +63,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="do not run llm-compressor; compare with (and take the timings of) the reference of an earlier run "
         "in --work if it was made from the same model and rows",
     )
+    parser.add_argument(
+        "--algorithm",
+        choices=("rtn", "gptq"),
+        default="rtn",
+        help="round-to-nearest (default), or GPTQ: llm-compressor's GPTQModifier (samples not shuffled) against "
+        "nvfp4-ray's --algorithm gptq",
+    )
     parser.add_argument("--hidden-snapshots", type=int, help="nvfp4-ray's --hidden-snapshots (default: the job's default)")
     parser.add_argument("--prefetch-gib", type=float, help="nvfp4-ray's read-ahead budget (default: the job's default)")
     parser.add_argument("--readahead-gib", type=float, help="nvfp4-ray's page-cache read-ahead (default: the job's default)")
@@ -125,12 +132,16 @@ def main(argv: list[str] | None = None) -> dict:
     log(f"source read once, cold: {source_bytes / 1e9:.2f} GB in {source_read_s:.1f}s (page cache: {page_cache})")
 
     inputs_key = [[os.path.relpath(p, work), os.path.getsize(p), os.stat(p).st_mtime_ns] for p in timed_inputs]
-    reference = run_reference(source, calibration, work, samples, seq_len, make_cold, inputs_key, args.skip_reference)
+    inputs_key.append(args.algorithm)
+    reference = run_reference(source, calibration, work, samples, seq_len, make_cold, inputs_key, args.skip_reference,
+                              args.algorithm)  # fmt: skip
 
     baseline = None
     # job options the command line sets (the rest: the job's defaults)
     chosen = (("prefetch_gib", args.prefetch_gib), ("readahead_gib", args.readahead_gib), ("hidden_snapshots", args.hidden_snapshots))
     options = {k: v for k, v in chosen if v is not None}
+    if args.algorithm == "gptq":
+        options["algorithm"] = "gptq"
     if args.exact if args.exact is not None else reference_drops_causal_mask(shape):
         options["exact"] = True
     timed_run = functools.partial(nvfp4_ray_run, source, calibration, work, samples, seq_len, make_cold=make_cold, options=options)
@@ -158,7 +169,8 @@ def main(argv: list[str] | None = None) -> dict:
     )  # fmt: skip
     os.makedirs(args.out, exist_ok=True)
     stamp, model = record["date"][:16].replace(":", ""), record["model"].split("-", 2)[2]  # random-<family>-<model>
-    path = os.path.join(args.out, f"{stamp}-{slug(record['device'])}-{model}-{gpus}gpu.json")
+    suffix = "" if args.algorithm == "rtn" else f"-{args.algorithm}"
+    path = os.path.join(args.out, f"{stamp}-{slug(record['device'])}-{model}-{gpus}gpu{suffix}.json")
     with open(path, "w") as handle:
         json.dump(record, handle, indent=2)
         handle.write("\n")
@@ -203,10 +215,12 @@ def reference_drops_causal_mask(shape: dict) -> bool:
 
 
 # ---- the reference --------------------------------------------------------------------
-def run_reference(source, calibration, work, samples, seq_len, make_cold, inputs_key, skip: bool) -> dict | None:
+def run_reference(source, calibration, work, samples, seq_len, make_cold, inputs_key, skip: bool,
+                  algorithm: str) -> dict | None:  # fmt: skip
     """llm-compressor in a child process (bench/llmcompressor_run.py), its memory sampled;
     or, with ``skip``, the record of an earlier reference run made from the same inputs."""
-    out, record_path = os.path.join(work, "reference"), os.path.join(work, "reference.json")
+    name = "reference" if algorithm == "rtn" else f"reference-{algorithm}"
+    out, record_path = os.path.join(work, name), os.path.join(work, f"{name}.json")
     if skip:
         try:
             with open(record_path) as handle:
@@ -215,7 +229,7 @@ def run_reference(source, calibration, work, samples, seq_len, make_cold, inputs
             earlier = None
         if earlier and earlier["inputs"] == inputs_key and os.path.exists(out):
             log(f"skipping llm-compressor: reusing its output and timings from an earlier run ({earlier['date']})")
-            return {**earlier, "reused": True}
+            return {**earlier, "reused": True, "output": out}
         log("skipping llm-compressor: no earlier reference from the same inputs, so no comparison")
         return None
     # a run that fails half-way must leave nothing for --skip-reference to reuse
@@ -223,7 +237,8 @@ def run_reference(source, calibration, work, samples, seq_len, make_cold, inputs
         os.remove(record_path)
     shutil.rmtree(out, ignore_errors=True)
     result_path, log_path = os.path.join(work, "reference-result.json"), os.path.join(work, "reference.log")
-    command = [sys.executable, "-m", "bench.llmcompressor_run", source, calibration, out, str(samples), str(seq_len), result_path]
+    command = [sys.executable, "-m", "bench.llmcompressor_run", source, calibration, out, str(samples), str(seq_len),
+               result_path, algorithm]  # fmt: skip
     page_cache = make_cold()
     log(f"llm-compressor: starting (page cache: {page_cache}; its output goes to {log_path})")
     start = time.monotonic()
@@ -248,6 +263,7 @@ def run_reference(source, calibration, work, samples, seq_len, make_cold, inputs
         "process_s": round(time.monotonic() - start, 3),
         "page_cache": page_cache,
         **{key: memory[key] for key in ("peak_rss_gib", "peak_gpu_gib", "peak_pss_gib", "peak_pss_by_kind_gib")},
+        "output": out,
     }
     with open(record_path, "w") as handle:
         json.dump(reference, handle, indent=2)
@@ -278,7 +294,8 @@ def nvfp4_ray_run(source, calibration, work, samples, seq_len, gpus, make_cold, 
     from nvfp4_ray.pipeline.job import run_quantize
     from nvfp4_ray.pipeline.workers import PRELOAD_MODULES
 
-    dest = os.path.join(work, f"nvfp4-ray-{gpus}gpu" + ("-preloaded" if preload else ""))
+    algorithm = options.get("algorithm", "rtn")
+    dest = os.path.join(work, f"nvfp4-ray-{gpus}gpu" + ("-preloaded" if preload else "") + ("" if algorithm == "rtn" else f"-{algorithm}"))
     shutil.rmtree(dest, ignore_errors=True)  # units already at DEST would be reused, not computed
     config = QuantizeConfig(
         source=source, dest=dest, calibration=calibration, num_samples=samples, max_seq_len=seq_len, num_workers=gpus or None,
@@ -328,12 +345,14 @@ def nvfp4_ray_run(source, calibration, work, samples, seq_len, gpus, make_cold, 
             "layers", "linears_quantized", "bytes_in", "bytes_out", "calibration_tokens", "calibration_workers",
             "calibration_devices", "layer_reads_per_node", "worker_startup_s", "worker_replacements", "total_s",
         )},  # fmt: skip
+        "algorithm": algorithm,
+        "gptq_seconds": summary.get("gptq_seconds"),
         "dest": dest,
         **sampler.result(),
     }
     if reference is not None:
         log("comparing the outputs with llm-compressor's, tensor by tensor")
-        run["comparison"] = compare_checkpoints(dest, os.path.join(work, "reference"))
+        run["comparison"] = compare_checkpoints(dest, reference["output"])
         log(f"outputs_equal={run['comparison']['outputs_equal']}")
     return run
 
@@ -427,6 +446,14 @@ def make_record(*, command, device, gpus, machine_gpus, spec, source, samples, s
         "snapshot_write_s": run["snapshot_write_s"],
         "calibration_cuda_graphs": run["calibration_cuda_graphs"],
         "exact": run["exact"],
+        "algorithm": run["algorithm"],
+        # GPTQ: each step's seconds per layer on the busiest worker (calibration_pass: amax and
+        # Hessians; reduction: the partials added on the owner; solves; propagation_pass: the
+        # layer run again with the solved weights)
+        "gptq_seconds_per_layer": (
+            {step: round(seconds / layers, 3) for step, seconds in run["gptq_seconds"].items()}
+            if run["gptq_seconds"] else None
+        ),
         # each figure over the decoder layers: the mean seconds of one layer
         "seconds_per_layer": {
             "nvfp4_ray_layers_stage": round(run["stages_s"]["layers"] / layers, 3),
@@ -591,6 +618,9 @@ def print_table(record: dict) -> None:
         ("snapshot_write_s", show(record["snapshot_write_s"], "s", 2) + " (hidden-state snapshots, beside the layers)"),
         ("calibration_cuda_graphs", str(record["calibration_cuda_graphs"])),
         ("exact", str(record["exact"])),
+        ("algorithm", record["algorithm"]),
+        ("gptq_seconds_per_layer", "-" if not record["gptq_seconds_per_layer"] else
+            ", ".join(f"{k} {v:.2f}s" for k, v in record["gptq_seconds_per_layer"].items())),
         ("seconds_per_layer", ", ".join(f"{k} {show(v, 's', 2)}" for k, v in record["seconds_per_layer"].items())),
         ("calibration_speedup_vs_1gpu", show(record["calibration_speedup_vs_1gpu"], "x", 2)
             + ("" if baseline is None else f" (1 GPU: calibration {baseline['calibration_s']:.1f}s, "

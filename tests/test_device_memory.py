@@ -63,6 +63,35 @@ def test_deepseek_v3_fits_one_80gb_gpu_with_256_x_1024_tokens(deepseek_v3):
         plan_device(units, calibration_shares(1, 256, 1024), config, int(0.9 * 32 * GIB))
 
 
+def test_gptq_hessians_enter_the_plan_at_the_128b_shape():
+    """The Mistral-Medium-3.5 decoder layer (hidden 12288, intermediate 28672) with GPTQ:
+    a worker holding all 16 blocks keeps up to 5 Hessian sums of the layer's four inputs
+    (5.1 GB) and solves down_proj (4 x 28672^2 x 4 + 12288 x 28672 x 4 bytes); with
+    --exact (one block) a single sum. That fits an 80 GB GPU with the layer, its output
+    and 256 x 1024 tokens of hidden states; RTN's plan of the same layer is the smaller."""
+    from transformers import LlamaConfig
+
+    from nvfp4_ray.calibration.hessians import device_bytes
+
+    config = LlamaConfig(hidden_size=12288, intermediate_size=28672, num_attention_heads=96, num_key_value_heads=8,
+                         num_hidden_layers=1, vocab_size=1024).to_dict()  # fmt: skip
+    units = headers_only_units(config)
+    groups = [unit.spec.groups for unit in units]
+    sums = (3 * 12288**2 + 28672**2) * 4
+    down = 4 * 28672**2 * 4 + 12288 * 28672 * 4
+    assert device_bytes(groups, 16) == 5 * sums + down
+    assert device_bytes(groups, 1) == sums + down
+    assert device_bytes(groups, 2) == 2 * sums + down
+    shares = calibration_shares(1, 256, 1024)
+    rtn = plan_device(units, shares, config, int(0.9 * 80 * GIB))
+    gptq = plan_device(units, shares, config, int(0.9 * 80 * GIB), device_bytes(groups, 16))
+    assert (gptq.ahead, gptq.writes_queued) == (rtn.ahead, rtn.writes_queued) == (2, 4)
+    assert gptq.need_bytes - rtn.need_bytes == 5 * sums + down
+    assert gptq.need_bytes < 0.9 * 80 * GIB
+    with pytest.raises(InputError, match=r"GPTQ's Hessians 3\d\.\d\d GiB"):
+        plan_device(units, shares, config, int(0.9 * 32 * GIB), device_bytes(groups, 16))
+
+
 @pytest.mark.usefixtures("ray_instance")
 def test_the_memory_plan_holds_in_a_real_job(family_case, tmp_path):
     """A budget that fits one layer and one queued write: the job loads no layer ahead,

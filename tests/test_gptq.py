@@ -92,3 +92,36 @@ def test_non_positive_definite_hessian_falls_back_to_round_to_nearest():
     expected, fell_back = reference_solve(weight, hessian, count, scale, global_scale, 128, 0.01)
     assert fell_back and result.fell_back
     assert torch.equal(result.weight.view(torch.int16), expected.view(torch.int16))
+
+
+@pytest.mark.parametrize("blocks", [16, 12, 7, 1])
+def test_hessian_tree_is_the_same_for_any_split_of_the_blocks(blocks):
+    """Workers holding contiguous runs of blocks, each adding its own in the tree and
+    shipping whole subtrees: the owner's sum has the same bits for every split, and a
+    worker never holds more than log2(16) + 1 sums (its pending subtrees)."""
+    from nvfp4_ray.calibration.hessians import HessianBlocks, reduce_partials
+
+    generator = torch.Generator().manual_seed(blocks)
+    # three forwards per block, of varied lengths and magnitudes: float sums that depend on order
+    forwards = [torch.randn(1, 5 + i % 7, 24, generator=generator) * (1 + i % 5) ** 3 for i in range(3 * blocks)]
+    results = set()
+    for workers in sorted({1, 2, 3, 5, blocks}):
+        subtrees, most_held = [], 0
+        for w in range(workers):
+            run = range(blocks * w // workers, blocks * (w + 1) // workers)
+            sums = HessianBlocks({"x": 24}, 3, torch.device("cpu"))
+            for block in run:
+                for batch in range(3 * block, 3 * block + 3):
+                    sums.add("x", batch, forwards[batch])
+                most_held = max(most_held, len(sums.subtrees["x"]) + 1)
+            subtrees += sums.partials()["x"] if len(run) else []
+        hessian, count = reduce_partials(subtrees, torch.device("cpu"))
+        assert count.item() == 3 * blocks
+        assert most_held <= 5
+        results.add(hessian.numpy().tobytes())
+    assert len(results) == 1
+    # the tree's sum is not the running sum: a split-dependent order would show
+    running, _ = gptq.new_hessian(24, torch.device("cpu"))
+    for x in forwards:
+        gptq.add_to_hessian(running, torch.zeros(()), x)
+    assert blocks == 1 or running.numpy().tobytes() not in results

@@ -1,26 +1,31 @@
-"""GPTQ Hessians of one decoder layer, one partial sum per block of samples.
+"""GPTQ Hessians of one decoder layer, as partial sums over fixed blocks of samples added
+in a fixed binary tree.
 
-The samples are cut into fixed blocks of consecutive batches (a function of the samples
-alone, never of the workers), and every block lies on one worker. A worker sums each
-block's forwards in batch order, as llm-compressor sums all of them; the owner of a
-Linear adds the blocks' partials in block order, whichever worker computed them. So the
-Hessian, and every byte after it, is the same on any number of workers and nodes; with
-a single block over the samples in llm-compressor's order (``--exact``) it is
-llm-compressor's sum itself.
+The samples are cut into at most 16 blocks of consecutive batches (a function of the
+samples alone, never of the workers), and each worker gets a contiguous run of blocks. A
+worker sums each block's forwards in batch order, as llm-compressor sums all of them, and
+adds finished blocks pairwise as soon as both halves of an aligned node of the tree are
+done (blocks 0+1, then 2+3, then (0+1)+(2+3), ...), so it keeps at most log2(16) + 1 sums
+of a Linear input and ships its largest whole subtrees, one to four. The owner of a
+Linear adds the subtrees of every worker in the same tree. So the Hessian, and every byte
+after it, is the same on any number of workers and nodes; with a single block over the
+samples in llm-compressor's order (``--exact``) it is llm-compressor's sum itself.
 
 Fused siblings (q/k/v, gate/up) receive the same input, hence one Hessian per group,
 taken from its first Linear.
 
-Memory, per decoder layer (in: a group's in_features; 4 bytes per fp32 entry):
-  device of a calibration worker   sum over the layer's groups of in^2 x 4 (the block
-                                   being summed), beside the layer and its activations;
-                                   Llama-3-8B: 3 x 4096^2 x 4 + 14336^2 x 4 = 1.0 GB
-  host of a calibration worker     its blocks x the same sum (finished partials waiting)
-  device of an owner, per solve    3 x in^2 x 4 (the sum, the working copy, its inverse
-                                   factor in place) + out x in x 4 (working weight)
-  reduction traffic                every block's partial of a group to its owner, through
-                                   Ray's object store: blocks x in^2 x 4 per group (a
-                                   128B model's down_proj: 28672^2 x 4 = 3.3 GB per block)
+Memory, per decoder layer (in: a group's in_features; S = sum over the layer's groups of
+in^2 x 4 bytes; Llama-3-8B: 3 x 4096^2 x 4 + 14336^2 x 4 = 1.0 GB; a 128B layer 5.1 GB),
+in device_bytes (the device memory plan adds it):
+  device of a calibration worker   (1 + log2 of its blocks, at most 5) x S: the tree's
+                                   pending sums and the block being summed; 1 x S with --exact
+  device of an owner, per solve    4 x in^2 x 4 (the sum, a subtree arriving, the working
+                                   copy, its inverse factor in place) + out x in x 4
+                                   (the float32 working weight of the group)
+  reduction traffic                the subtrees of the workers that do not own the group,
+                                   through Ray's object store: at most 4 x in^2 x 4 per
+                                   worker and group; none on one worker (the owner's own
+                                   stay on its device)
 """
 
 from __future__ import annotations
@@ -48,6 +53,21 @@ def block_size(batches: int, exact: bool) -> int:
     return batches if exact else math.ceil(batches / min(HESSIAN_BLOCKS, batches))
 
 
+def device_bytes(layer_groups: list[list], blocks_per_worker: int) -> int:
+    """A calibration worker's device bytes for GPTQ beside the layer and its activations,
+    at the largest layer (``layer_groups``: each layer's fused groups of LinearSpecs): its
+    pending sums (1 + log2 of its blocks, at most 5) over the layer's distinct inputs, and
+    an owner's solve of the largest group (the sum and two working copies of the Hessian,
+    a subtree arriving, the float32 working weight)."""
+    pending = min(1 + math.ceil(math.log2(max(blocks_per_worker, 1))), 5)
+    need = 0
+    for groups in filter(None, layer_groups):
+        sums = sum(group[0].in_features ** 2 * 4 for group in groups)
+        solve = max(4 * g[0].in_features ** 2 * 4 + sum(l.out_features for l in g) * g[0].in_features * 4 for g in groups)
+        need = max(need, pending * sums + solve)
+    return need
+
+
 def blocks_of(batches: list, size: int) -> list[list]:
     """Consecutive batches (by index), ``size`` at a time."""
     ordered = sorted(batches, key=lambda batch: batch.index)
@@ -60,7 +80,8 @@ class HessianBlocks:
         in_features."""
         self.inputs, self.size, self.device = inputs, block_size, device
         self.current: dict[str, tuple[int, torch.Tensor, torch.Tensor]] = {}  # name -> block, hessian, count
-        self.finished: dict[str, list[tuple[int, torch.Tensor, torch.Tensor]]] = {name: [] for name in inputs}
+        # name -> the finished aligned subtrees, oldest first: (first block, blocks, hessian, count)
+        self.subtrees: dict[str, list[tuple[int, int, torch.Tensor, torch.Tensor]]] = {name: [] for name in inputs}
 
     def hooks(self) -> dict:
         """For DecoderRunner.run_layer(inputs_to=...)."""
@@ -77,20 +98,41 @@ class HessianBlocks:
 
     def _finish(self, name: str) -> None:
         block, hessian, count = self.current.pop(name)
-        self.finished[name].append((block, hessian.cpu(), count.cpu()))
+        stack = self.subtrees[name]
+        stack.append((block, 1, hessian, count))
+        # two neighbours of one size whose left one starts a node of twice the size: that node
+        while len(stack) > 1 and stack[-2][1] == stack[-1][1] and stack[-2][0] % (2 * stack[-2][1]) == 0 \
+                and stack[-2][0] + stack[-2][1] == stack[-1][0]:  # fmt: skip
+            (first, size, left, left_count), (_, _, right, right_count) = stack[-2], stack.pop()
+            left += right
+            left_count += right_count
+            stack[-1] = (first, 2 * size, left, left_count)
 
     def partials(self) -> dict[str, list]:
-        """Every block's (block index, hessian, count), on the host, by input name."""
+        """Every input's finished subtrees (first block, blocks, hessian, count), on the device."""
         for name in list(self.current):
             self._finish(name)
-        return self.finished
+        return self.subtrees
 
 
-def reduce_partials(partials: list[tuple[int, torch.Tensor, torch.Tensor]], device: torch.device):
-    """The Hessian and count over all blocks: partial sums added in block order."""
-    ordered = sorted(partials, key=lambda partial: partial[0])
-    hessian, count = ordered[0][1].to(device), ordered[0][2].to(device)
-    for _, more, more_count in ordered[1:]:
-        hessian += more.to(device)
-        count += more_count.to(device)
-    return hessian, count
+def reduce_partials(subtrees: list[tuple[int, int, torch.Tensor, torch.Tensor]], device: torch.device):
+    """The Hessian and count over all blocks from the workers' subtrees, added in the tree."""
+    found = {(first, size): (hessian, count) for first, size, hessian, count in subtrees}
+    blocks = max(first + size for first, size, _, _ in subtrees)
+
+    def node(first: int, size: int):
+        if (first, size) in found:
+            hessian, count = found.pop((first, size))
+            return hessian.to(device), count.to(device)
+        if first >= blocks or size == 1:
+            return None
+        left, right = node(first, size // 2), node(first + size // 2, size // 2)
+        if right is None:
+            return left
+        left[0].add_(right[0])
+        left[1].add_(right[1])
+        return left
+
+    total = node(0, 1 << (blocks - 1).bit_length())
+    assert not found, f"subtrees outside the tree: {sorted(found)}"
+    return total

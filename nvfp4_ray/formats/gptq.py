@@ -14,7 +14,8 @@ its batch dimension of one so that every kernel sees the tensors it sees there:
   scale), or in their order (``actorder: null``); dead columns (zero diagonal) zeroed; ``H += damp * mean(diag) * I``;
   Cholesky, inverse, upper Cholesky; a Cholesky that fails falls back to the identity,
   which is round-to-nearest. Then blocks of columns, each quantized column's error
-  spread over the rest of its block, each block's over the columns after it.
+  spread over the rest of its block (llm-compressor's ``gptq_block_update`` itself: its
+  Triton kernel on CUDA, as the reference runs), each block's over the columns after it.
 
 The solved weight (dequantized, in the weight's dtype) is what the next layers see; the
 checkpoint holds it quantized again with the same scales, as llm-compressor saves it.
@@ -26,13 +27,13 @@ import math
 from dataclasses import dataclass
 
 import torch
-from compressed_tensors.quantization import QuantizationScheme, QuantizationStrategy
+from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme, QuantizationStrategy
+from llmcompressor.modifiers.gptq.gptq_quantize import gptq_block_update
 
 from nvfp4_ray.formats import linear
 
 PRECISION = torch.float32
 GROUP_SIZE = 16  # NVFP4: one FP8 scale per 16 input columns
-FP4_MAX = 6.0
 
 
 def new_hessian(in_features: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -78,7 +79,9 @@ def solve_group(
     normalized = hessian / count.to(device=hessian.device)
     solved = []
     for weight, (scale, _) in zip(weights, scales):
-        quantized, fell_back = quantize_weight(weight, normalized.clone(), scale, global_scale, block_size, dampening, ordered)
+        quantized, fell_back = quantize_weight(
+            weight, normalized.clone(), scale, global_scale, args, block_size, dampening, ordered
+        )
         solved.append((quantized, fell_back))
     packed = linear.quantize_group([q for q, _ in solved], scheme, qparams)
     return [Solved(q, tensors, fell_back) for (q, fell_back), tensors in zip(solved, packed)]
@@ -89,6 +92,7 @@ def quantize_weight(
     hessian: torch.Tensor,
     scale: torch.Tensor,
     global_scale: torch.Tensor,
+    args: QuantizationArgs,
     block_size: int,
     dampening: float,
     ordered: bool = True,
@@ -109,23 +113,16 @@ def quantize_weight(
         work.copy_(torch.gather(work, -1, perm.unsqueeze(-2).expand(-1, rows, -1)))
         group_of = torch.gather(group_of.unsqueeze(0).expand(1, -1), 1, perm)[0]  # each column keeps its group
     Hinv, fell_back = _factorize(work, H, dampening)
-    scale = scale.unsqueeze(0)
+    scale, global_scale = scale.unsqueeze(0), global_scale.reshape(1, -1)
     for i1 in range(0, columns, block_size):
         i2 = min(i1 + block_size, columns)
         W1 = work[:, :, i1:i2].clone()
-        Q1 = torch.zeros_like(W1)
-        Err1 = torch.zeros_like(W1)
-        Hinv1 = Hinv[:, i1:i2, i1:i2]
-        groups = group_of[i1:i2].long()
-        effective = torch.gather(scale, -1, groups.unsqueeze(-2).expand(1, rows, i2 - i1))
-        effective = (effective / global_scale.reshape(1, 1, 1)).expand(1, rows, i2 - i1).contiguous()
-        for i in range(i2 - i1):
-            w = W1[:, :, i]
-            q = _fake_quantize(w.transpose(0, 1), effective[:, :, i].transpose(0, 1)).transpose(0, 1)
-            error = (w - q) / Hinv1[:, i, i][:, None]
-            Q1[:, :, i] = q
-            Err1[:, :, i] = error
-            W1[:, :, i:] -= error.unsqueeze(-1) * Hinv1[:, i, i:].unsqueeze(1)
+        Q1, Err1, losses1 = torch.zeros_like(W1), torch.zeros_like(W1), torch.zeros_like(W1)
+        # llm-compressor's own block update: on CUDA its Triton kernel (one launch per block),
+        # elsewhere or with LLMCOMPRESSOR_DISABLE_GPTQ_TRITON=1 its eager column loop, as the
+        # reference chooses; both quantize each column with compressed-tensors' rounding
+        gptq_block_update(W1, Hinv[:, i1:i2, i1:i2], Q1, Err1, losses1, scale=scale, zero_point=None,
+                          global_scale=global_scale, g_idx=group_of.unsqueeze(0), quant_args=args, i1=i1)  # fmt: skip
         work[:, :, i1:i2] = Q1
         work[:, :, i2:] -= torch.bmm(Err1, Hinv[:, i1:i2, i2:])
     if perm is not None:
@@ -152,23 +149,3 @@ def _factorize(work: torch.Tensor, H: torch.Tensor, dampening: float) -> tuple[t
     torch.cholesky_inverse(item, out=item)
     torch.linalg.cholesky(item, upper=True, out=item)
     return H, False
-
-
-def _fake_quantize(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """compressed-tensors' quantize-dequantize onto the FP4 grid, with its rounding."""
-    scaled = (x / scale).clamp(-FP4_MAX, FP4_MAX)
-    sign = torch.sign(scaled)
-    magnitude = scaled.abs()
-    rounded = torch.zeros_like(magnitude)
-    for low, high, low_in, high_in, value in _FP4_BINS:
-        above = magnitude >= low if low_in else magnitude > low
-        below = magnitude <= high if high_in else magnitude < high
-        rounded = torch.where(above & below, value, rounded)
-    return (rounded * sign).to(scale.dtype) * scale
-
-
-# (low, high, low inclusive, high inclusive, FP4 value): ties go to the even code
-_FP4_BINS = (
-    (0.25, 0.75, False, False, 0.5), (0.75, 1.25, True, True, 1.0), (1.25, 1.75, False, False, 1.5),
-    (1.75, 2.5, True, True, 2.0), (2.5, 3.5, False, False, 3.0), (3.5, 5.0, True, True, 4.0), (5.0, math.inf, False, True, 6.0),
-)  # fmt: skip

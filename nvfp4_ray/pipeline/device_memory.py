@@ -12,6 +12,7 @@ A calibration worker's device holds, in bytes:
   work      2 x heads x T^2 x 4      one sample's eager attention scores, twice
             + 4 x T x I x 2          its MLP (or one expert's) intermediates (I: the widest)
             + 12 x N                 the quantizer's float32 copies of the largest Linear (N weights)
+            + GPTQ's Hessians        with --algorithm gptq: calibration/hessians.device_bytes
 
 With ``ahead`` <= 2 and ``queued`` <= 4 (what layers of an 8B model use), both shrink,
 ``ahead`` first, until the sum fits the budget; at ``ahead`` 0 and ``queued`` 1 a layer
@@ -63,24 +64,26 @@ def layer_sizes(unit) -> tuple[int, int, int]:
     return held, packed, largest
 
 
-def plan_device(units: list, shares: list[list], text_config: dict, budget_bytes: int | None) -> DevicePlan:
+def plan_device(units: list, shares: list[list], text_config: dict, budget_bytes: int | None, extra: int = 0) -> DevicePlan:
     """The largest ``ahead`` and ``writes_queued`` whose estimate fits ``budget_bytes``
-    (None: no budget, the defaults). ``shares``: each calibration worker's batches."""
-    need, parts = estimate(units, shares, text_config)
+    (None: no budget, the defaults). ``shares``: each calibration worker's batches;
+    ``extra``: what the algorithm adds (GPTQ's Hessians: calibration/hessians.py)."""
+    need, parts = estimate(units, shares, text_config, extra)
     if budget_bytes is None:
         return DevicePlan(MAX_AHEAD, MAX_WRITES_QUEUED, None, need(MAX_AHEAD, MAX_WRITES_QUEUED))
     for ahead, queued in ((2, 4), (1, 4), (1, 2), (0, 2), (0, 1)):
         if need(ahead, queued) <= budget_bytes:
             return DevicePlan(ahead, queued, budget_bytes, need(ahead, queued))
+    hessians = f", GPTQ's Hessians {parts['algorithm'] / 2**30:.2f} GiB" if parts["algorithm"] else ""
     raise InputError(
         f"a worker needs about {need(0, 1) / 2**30:.1f} GiB of device memory for one layer at a time "
         f"(largest layer {parts['layer'] / 2**30:.2f} GiB, its output {parts['output'] / 2**30:.2f} GiB, hidden "
-        f"states {parts['hidden'] / 2**30:.2f} GiB), over the {budget_bytes / 2**30:.1f} GiB budget: use more GPUs "
+        f"states {parts['hidden'] / 2**30:.2f} GiB{hessians}), over the {budget_bytes / 2**30:.1f} GiB budget: use more GPUs "
         "(fewer samples each), fewer calibration tokens, or a larger --device-memory-gib"
     )
 
 
-def estimate(units: list, shares: list[list], text_config: dict):
+def estimate(units: list, shares: list[list], text_config: dict, extra: int = 0):
     """``need(ahead, queued)``: the formula above in bytes, and its parts by name."""
     sizes = [layer_sizes(unit) for unit in units]
     held = max(size[0] for size in sizes)
@@ -91,9 +94,9 @@ def estimate(units: list, shares: list[list], text_config: dict):
     length = max((b.input_ids.shape[-1] for share in shares for b in share), default=0)
     heads = int(text_config.get("num_attention_heads", 0))
     width = max(int(text_config.get(k) or 0) for k in ("intermediate_size", "moe_intermediate_size", "hidden_size"))
-    fixed = 2 * tokens * hidden * 2 + 2 * heads * length**2 * 4 + 4 * length * width * 2 + 12 * largest
+    fixed = 2 * tokens * hidden * 2 + 2 * heads * length**2 * 4 + 4 * length * width * 2 + 12 * largest + extra
 
     def need(ahead: int, queued: int) -> int:
         return fixed + (1 + ahead) * held + queued * packed
 
-    return need, {"layer": held, "output": packed, "hidden": 2 * tokens * hidden * 2, "fixed": fixed}
+    return need, {"layer": held, "output": packed, "hidden": 2 * tokens * hidden * 2, "fixed": fixed, "algorithm": extra}

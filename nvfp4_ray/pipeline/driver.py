@@ -54,6 +54,7 @@ class Calibration:
     snapshot_write_s: float = 0.0  # the slowest worker's seconds writing snapshots (beside the layers)
     cuda_graphs: bool = False  # every worker replayed its layers as CUDA graphs to the end
     max_layers_held: int = 0  # the most calibrated layers a worker's device held at once
+    gptq_s: dict = field(default_factory=dict)  # GPTQ step -> the busiest worker's seconds in it
     last_checkpoint_time: float = field(default_factory=time.monotonic)
     writing: dict[int, int] = field(default_factory=dict)  # snapshot layer -> workers still writing it
     digests: dict[int, dict] = field(default_factory=dict)  # snapshot layer -> file -> sha256, so far
@@ -162,10 +163,14 @@ class Execution:
             budget = int(0.9 * min(totals))
         shares = self._shares(make_batches(plan.samples, config.batch_tokens)) if self.calibration_workers else []
         text_config = plan.source.config.get("text_config") or plan.source.config
-        self.device_plan = plan_device(plan.layer_units, shares, text_config, budget)
+        self.device_plan = plan_device(plan.layer_units, shares, text_config, budget, self._algorithm_device_bytes(shares))
         self.flow.ahead_loads = self.device_plan.ahead
         self._get([worker.limit_writes.remote(self.device_plan.writes_queued) for worker in self.workers])
         self.events.info("device memory planned", **self.device_plan.record())
+
+    def _algorithm_device_bytes(self, shares: list[list]) -> int:
+        """Device bytes a worker needs beside the layers and activations (GPTQ's Hessians)."""
+        return 0
 
     def _key_of(self, file_name: str) -> str:
         return file_name.rsplit("-", 1)[1].removesuffix(".safetensors")
@@ -305,6 +310,8 @@ class Execution:
             self.calibration.snapshot_write_s = round(max(s["snapshot_write_s"] for s in seconds), 3)
             self.calibration.cuda_graphs = all(s["cuda_graphs"] for s in seconds)
             self.calibration.max_layers_held = max(s["max_layers_held"] for s in seconds)
+            self.calibration.gptq_s = {step: round(max(s["gptq_s"].get(step, 0.0) for s in seconds), 3)
+                                       for step in seconds[0]["gptq_s"]}  # fmt: skip
             for note in dict.fromkeys(note for s in seconds for note in s["notes"]):
                 self.events.warning(note)
 

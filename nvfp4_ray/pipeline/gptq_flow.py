@@ -3,11 +3,11 @@ before the next one starts (GPTQ needs the layer's inputs, which depend on the l
 before it solved: round-to-nearest layers are quantized ahead of calibration instead).
 
 For each layer, in order:
-  1. every calibration worker runs its batches through the layer as loaded: input amax,
-     and one Hessian partial per block of samples (calibration/hessians.py);
+  1. every calibration worker runs its blocks of samples through the layer as loaded:
+     input amax, and the Hessian subtrees of its blocks (calibration/hessians.py);
   2. each fused group gets an owner among the calibration workers (the largest Hessians
-     first, each to the least loaded); the partials of every worker reach it through
-     Ray's object store and it adds them in block order, then solves the group;
+     first, each to the least loaded); the other workers' subtrees reach it through Ray's
+     object store and it adds them and its own in the fixed tree, then solves the group;
   3. one worker writes the layer's unit file from the solved groups;
   4. every calibration worker runs its batches through the layer again with the solved
      weights, which gives the next layer's inputs (and hidden-state snapshots).
@@ -26,7 +26,7 @@ import math
 from dataclasses import replace
 
 from nvfp4_ray.calibration.batches import make_batches
-from nvfp4_ray.calibration.hessians import block_size, blocks_of, reference_order
+from nvfp4_ray.calibration.hessians import block_size, blocks_of, device_bytes, reference_order
 from nvfp4_ray.errors import JobError
 from nvfp4_ray.io import destination
 from nvfp4_ray.io.storage import is_remote
@@ -50,13 +50,15 @@ class GptqExecution(Execution):
             worker.configure.remote(plan.source.config, False, drop_mask, False)  # batches in index order
 
     def _shares(self, batches: list) -> list[list]:
-        """Whole blocks to each worker, balancing tokens (largest first)."""
-        shares, load = [[] for _ in range(self.calibration_workers)], [0] * self.calibration_workers
-        for block in sorted(blocks_of(batches, self.block), key=lambda b: (-sum(x.tokens for x in b), b[0].index)):
-            target = min(range(len(shares)), key=lambda w: (load[w], w))
-            shares[target].extend(block)
-            load[target] += sum(batch.tokens for batch in block)
-        return [sorted(share, key=lambda batch: batch.index) for share in shares]
+        """A contiguous run of whole blocks to each worker (so that it adds whole subtrees
+        of the tree), as even in blocks as can be."""
+        blocks, workers = blocks_of(batches, self.block), self.calibration_workers
+        runs = [blocks[len(blocks) * w // workers : len(blocks) * (w + 1) // workers] for w in range(workers)]
+        return [[batch for block in run for batch in block] for run in runs]
+
+    def _algorithm_device_bytes(self, shares: list[list]) -> int:
+        blocks = max((len(blocks_of(share, self.block)) for share in shares), default=1)
+        return device_bytes([unit.spec.groups for unit in self.plan.layer_units], blocks)
 
     def run(self) -> None:
         plan = self.plan
@@ -122,29 +124,34 @@ class GptqExecution(Execution):
         unit = self.plan.layer_units[index]
         spec, workers = unit.spec, self.workers[: self.calibration_workers]
         passes = [worker.gptq.remote("hessian_pass", index, spec, self.block) for worker in workers]
-        partials = {group[0].local: [w.gptq.remote("partials_of", index, group[0].local) for w in workers]
-                    for group in spec.groups}  # fmt: skip
         owners = self._owners(spec.groups)
+        ship = len(workers) > 1  # one worker keeps every result on its device
         solved = [
-            workers[owner].gptq.remote("solve", index, group, self.options, *partials[group[0].local])
+            workers[owner].gptq.options(num_returns=2).remote("solve", index, group, self.options, ship, *[
+                worker.gptq.remote("partials_of", index, group[0].local) for w, worker in enumerate(workers) if w != owner
+            ])
             for group, owner in zip(spec.groups, owners)
-        ]
-        write = None
+        ]  # fmt: skip
+        fell_back = [flags for flags, _ in solved]
+        # each worker gets the results of the groups the others solved (the driver never fetches them)
+        shipped = [[results for (_, results), owner in zip(solved, owners) if owner != w] for w in range(len(workers))]
+        write = []
         if unit.key not in self.written:
-            write = workers[0].gptq.remote("write_unit", index, spec, unit.file, unit.key, self.config.dest, *solved)
-        staged = [worker.gptq.remote("stage", index, *solved) for worker in workers]
+            write = [workers[0].gptq.remote("write_unit", index, spec, unit.file, unit.key, self.config.dest, *shipped[0])]
+        staged = [worker.gptq.remote("stage", index, *shipped[w]) for w, worker in enumerate(workers)]
         snapshot = self._wants_snapshot(index)
         propagate = [worker.run_layer.remote(index, [], [], snapshot, self.config.dest) for worker in workers]
-        results = self._get(self._wait([*passes, *solved, *staged, *propagate] + ([write] if write else [])))
-        if write is not None:
-            self._record([results[-1]])
-        for group in results[len(passes) : len(passes) + len(solved)]:
-            self.fell_back += [f"{spec.module}.{local}" for local, (_, _, fell_back) in group.items() if fell_back]
-        propagated = results[len(passes) + len(solved) + len(staged) : len(passes) + len(solved) + len(staged) + len(propagate)]
-        self._finish_layer(index, results[: len(passes)], snapshot, propagated)
+        self._wait([*passes, *fell_back, *staged, *propagate, *write])
+        amax, flags, propagated, written = (self._get(refs) for refs in (passes, fell_back, propagate, write))
+        self._record(written)
+        self.fell_back += [f"{spec.module}.{local}" for group in flags for local in group]
+        self._finish_layer(index, amax, snapshot, propagated)
 
     def _replace_worker(self, i: int, error: Exception) -> None:
         raise JobError(f"worker {i} was lost during GPTQ ({type(error).__name__}); run the same command again to resume")
 
     def report_fields(self) -> dict:
-        return {"gptq_round_to_nearest": self.fell_back}
+        """The RTN fallbacks, and each step's seconds on the busiest worker (the propagation
+        pass is run_layer's time; Ray's transfer of the partials lies between the steps)."""
+        steps = {**self.calibration.gptq_s, "propagation_pass": self.calibration.compute_s} if self.calibration else {}
+        return {"gptq_round_to_nearest": self.fell_back, "gptq_seconds": steps}

@@ -1,18 +1,21 @@
 """The GPTQ steps a LayerWorker runs for one decoder layer (LayerWorker.gptq), in order:
 
   hessian_pass  its batches through the layer as loaded: input amax (as calibration
-                records them) and the Hessian partial of each block of its samples;
-                the hidden states stay
-  partials      the partials of one fused group, for the group's owner
-  solve         (owner) the group's Hessian from every block's partial, in block order,
-                and its GPTQ solve with scales from the loaded weights
+                records them) and the Hessian subtrees of its blocks of samples
+                (calibration/hessians.py), kept on the device; the hidden states stay
+  partials_of   (the workers that do not own a group) its subtrees, on the host
+  solve         (owner) the group's Hessian from its own subtrees and the others', in the
+                tree, and its GPTQ solve with scales from the loaded weights
   write_unit    (one worker) the layer's unit file: the solved groups' tensors and the
                 layer's other tensors as loaded
   stage         the layer with its solved weights, for run_layer to propagate through
-                (llm-compressor's propagate_error)
+                (llm-compressor's propagate_error); the owner's solved weights never
+                left its device
 """
 
 from __future__ import annotations
+
+import time
 
 import torch
 
@@ -27,7 +30,10 @@ class GptqSteps:
         self.worker = worker  # the LayerWorker: its runner, device and loaded layers
         self.index: int | None = None
         self.tensors: dict = {}  # the layer as loaded: parameter name inside it -> device tensor
-        self.partials: dict[str, list] = {}
+        self.partials: dict[str, list] = {}  # input name -> this worker's subtrees, on the device
+        self.solved_here: dict[str, tuple] = {}  # local Linear name -> its solved weight and tensors, on the device
+        # seconds in each step, for the summary (the propagation pass is run_layer's)
+        self.seconds = {"calibration_pass": 0.0, "reduction": 0.0, "solves": 0.0}
 
     def hessian_pass(self, index: int, spec, block_size: int) -> dict:
         worker = self.worker
@@ -35,50 +41,77 @@ class GptqSteps:
         inputs = {group[0].local: group[0].in_features for group in spec.groups}
         blocks = HessianBlocks(inputs, block_size, worker.device)
         attention = [a.local for a in spec.attention]
+        began = time.monotonic()
         amax = worker.runner.run_layer(index, self.tensors, list(spec.recorded), attention, advance=False,
                                        inputs_to=blocks.hooks())  # fmt: skip
         self.partials = blocks.partials()
+        if worker.device.type == "cuda":
+            torch.cuda.synchronize(worker.device)
+        self.seconds["calibration_pass"] += time.monotonic() - began
         return {"amax": amax, "snapshots": []}
 
     def partials_of(self, index: int, group: str) -> list:
         assert index == self.index
-        return self.partials.pop(group)
+        return [(first, size, hessian.cpu(), count.cpu()) for first, size, hessian, count in self.partials.pop(group)]
 
-    def solve(self, index: int, group_linears: list, options, *worker_partials) -> dict:
-        """``group_linears``: the group's LinearSpecs; ``worker_partials``: each calibration
-        worker's partials of the group. -> local name -> (weight, tensors, fell back), on the host."""
+    def solve(self, index: int, group_linears: list, options, ship: bool, *others: list) -> tuple[list, dict | None]:
+        """``group_linears``: the group's LinearSpecs; ``others``: the other calibration
+        workers' subtrees of the group. The results stay on this device for this worker's
+        write and propagation; ``ship``: also return them, on the host, for the others.
+        -> (the Linears that fell back to round-to-nearest, local name -> (weight, tensors) or None)."""
         assert index == self.index
         device = self.worker.device
-        hessian, count = reduce_partials([p for partials in worker_partials for p in partials], device)
+        began = time.monotonic()  # the others' subtrees are here: Ray fetched them before the call
+        subtrees = self.partials.pop(group_linears[0].local, []) + [p for partials in others for p in partials]
+        hessian, count = reduce_partials(subtrees, device)
+        del subtrees
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        reduced = time.monotonic()
         weights = [self.tensors[f"{linear.local}.weight"] for linear in group_linears]
         solved = gptq.solve_group(
             weights, hessian, count, group_linears[0].scheme, options.block_size, options.dampening_frac, options.ordered
         )
-        return {
-            linear.local: (result.weight.cpu(), {k: _portable(t.cpu()) for k, t in result.tensors.items()}, result.fell_back)
-            for linear, result in zip(group_linears, solved)
-        }
+        self.solved_here.update((linear.local, (result.weight, result.tensors)) for linear, result in zip(group_linears, solved))
+        shipped = None
+        if ship:
+            shipped = {linear.local: (result.weight.cpu(), {k: _portable(t.cpu()) for k, t in result.tensors.items()})
+                       for linear, result in zip(group_linears, solved)}  # fmt: skip
+        elif device.type == "cuda":
+            torch.cuda.synchronize(device)
+        self.seconds["reduction"] += reduced - began
+        self.seconds["solves"] += time.monotonic() - reduced
+        return [linear.local for linear, result in zip(group_linears, solved) if result.fell_back], shipped
 
-    def write_unit(self, index: int, spec, file_name: str, key: str, dest_url: str, *solved: dict):
-        """The unit file, as layer_quantizer.quantize_layer lays it out."""
+    def _solved(self, shipped: tuple) -> dict:
+        """local name -> (weight, tensors): this worker's solves, and the others' as shipped."""
+        results = dict(self.solved_here)
+        for group in shipped:
+            results.update((local, (weight, {k: _restored(t) for k, t in tensors.items()}))
+                           for local, (weight, tensors) in group.items())  # fmt: skip
+        return results
+
+    def write_unit(self, index: int, spec, file_name: str, key: str, dest_url: str, *shipped: dict):
+        """The unit file, as layer_quantizer.quantize_layer lays it out. ``shipped``: the
+        results of the groups other workers solved."""
         from nvfp4_ray.pipeline.workers import write_unit
 
         assert index == self.index
-        results = {local: result for group in solved for local, result in group.items()}
+        results = self._solved(shipped)
         out, replaced = [], set()
         for linear in spec.linears:
-            out.extend((f"{linear.checkpoint}.{suffix}", _restored(t)) for suffix, t in results[linear.local][1].items())
+            out.extend((f"{linear.checkpoint}.{suffix}", t.cpu()) for suffix, t in results[linear.local][1].items())
             replaced.add(f"{linear.checkpoint}.weight")
         out.extend((name, self.tensors[local].cpu()) for name, local in spec.tensors.items() if name not in replaced)
         return write_unit(Store(dest_url), key, TensorShard(file_name, out))
 
-    def stage(self, index: int, *solved: dict) -> None:
+    def stage(self, index: int, *shipped: dict) -> None:
         """Hand run_layer the layer with every solved weight in place of the loaded one."""
         assert index == self.index
         tensors = dict(self.tensors)
-        for group in solved:
-            for local, (weight, _, _) in group.items():
-                tensors[f"{local}.weight"] = weight.to(self.worker.device)
+        for local, (weight, _) in self._solved(shipped).items():
+            tensors[f"{local}.weight"] = weight.to(self.worker.device)
+        self.solved_here = {}
         slot = self.worker._slot(index)
         slot.tensors = tensors
         slot.ready.set()

@@ -374,9 +374,14 @@ class LayerWorker:
 
     def gptq(self, step: str, *args):
         """A GPTQ step (pipeline/gptq_worker.py) on this worker's runner and device."""
-        from nvfp4_ray.pipeline.gptq_worker import GptqSteps
-
         if self.gptq_steps is None:
+            # GPTQ runs llm-compressor's own block update (its Triton kernel on CUDA), and
+            # importing llm-compressor imports pandas: no longer "absent" here
+            for name in UNUSED_BY_WORKERS:
+                if name in sys.modules and sys.modules[name] is None:
+                    del sys.modules[name]
+            from nvfp4_ray.pipeline.gptq_worker import GptqSteps
+
             self.gptq_steps = GptqSteps(self)
         self._compute_threads()
         return getattr(self.gptq_steps, step)(*args)
@@ -400,7 +405,8 @@ class LayerWorker:
         """Where the calibration time went, and what the runner noted about how it ran."""
         return {"run_layer_s": self.busy_s, "load_wait_s": self.load_wait_s, "snapshot_write_s": self.snapshot_s,
                 "cuda_graphs": self.runner.graphed, "notes": self.runner.notes,
-                "max_layers_held": self.max_layers_held}  # fmt: skip
+                "max_layers_held": self.max_layers_held,
+                "gptq_s": self.gptq_steps.seconds if self.gptq_steps else {}}  # fmt: skip
 
     def load_hidden(self, dest_url: str, folder: str) -> bool:
         """Restore this worker's hidden states from a snapshot; False (nothing restored) when

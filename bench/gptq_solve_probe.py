@@ -1,0 +1,69 @@
+"""GPTQ solves alone, on the machine's accelerator: nvfp4-ray's solve_group against
+llm-compressor 0.14's quantize_weight on the same weights and Hessians, at the 8B shapes
+(q/k/v and gate/up share a Hessian; o_proj; down_proj). Prints, per shape, whether the
+solved weights are bit-identical and the seconds of each.
+
+    python -m bench.gptq_solve_probe [--tokens 4096]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import torch
+
+from bench import log
+
+# (name, out_features of each sibling, in_features): Llama-3-8B
+SHAPES = [("qkv", (4096, 1024, 1024), 4096), ("o", (4096,), 4096), ("gate_up", (14336, 14336), 4096), ("down", (4096,), 14336)]
+
+
+def _sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def main() -> None:
+    from compressed_tensors.quantization import ActivationOrdering
+    from llmcompressor.modifiers.gptq.gptq_quantize import quantize_weight
+
+    from nvfp4_ray.formats import gptq, linear
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--tokens", type=int, default=4096, help="tokens in the random Hessian")
+    args = parser.parse_args()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    scheme = linear.preset("NVFP4")
+    reference_args = scheme.weights.model_copy()
+    reference_args.actorder = ActivationOrdering.STATIC  # GPTQModifier's default, ours too
+    generator = torch.Generator(device=device).manual_seed(0)
+    results = []
+    for name, outs, columns in SHAPES:
+        x = torch.randn(args.tokens, columns, device=device, generator=generator)
+        hessian, count = gptq.new_hessian(columns, device)
+        gptq.add_to_hessian(hessian, count, x.unsqueeze(0))
+        weights = [(torch.randn(rows, columns, device=device, generator=generator) * 0.02).to(torch.bfloat16) for rows in outs]
+        _sync()
+        start = time.monotonic()
+        ours = gptq.solve_group(weights, hessian, count, scheme, 128, 0.01)
+        _sync()
+        ours_s = time.monotonic() - start
+        global_scale, scales = linear.weight_qparams(weights, scheme.weights)
+        start = time.monotonic()
+        theirs = [
+            quantize_weight(w.float().unsqueeze(0), (hessian / count).unsqueeze(0), s.unsqueeze(0), torch.zeros_like(s).unsqueeze(0),
+                            global_scale.reshape(1), reference_args, 128, 0.01)[0][0].to(w.dtype)
+            for w, (s, _) in zip(weights, scales)
+        ]  # fmt: skip
+        _sync()
+        theirs_s = time.monotonic() - start
+        equal = all(torch.equal(a.weight, b) for a, b in zip(ours, theirs))
+        results.append({"group": name, "bit_identical": equal, "nvfp4_ray_s": round(ours_s, 3), "llmcompressor_s": round(theirs_s, 3)})
+        log(json.dumps(results[-1]))
+    print(json.dumps({"device": str(torch.cuda.get_device_name() if device.type == "cuda" else "cpu"), "results": results}))
+
+
+if __name__ == "__main__":
+    main()
