@@ -21,7 +21,7 @@ demo: install
 	$(BIN)/nvfp4-ray demo
 
 test: install
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=15
 
 clean:
 	rm -rf $(VENV) nvfp4-demo-out

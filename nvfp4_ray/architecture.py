@@ -29,8 +29,13 @@ SUPPORTED_MODEL_TYPES = {
 # Model types transformers does not know, naming another family's layers: Kimi-K2's
 # config.json says kimi_k2 (for its remote code) over DeepSeek-V3's architecture.
 MODEL_TYPE_ALIASES = {"kimi_k2": "deepseek_v3"}
-# Vision parts of multimodal models are never quantized (vLLM runs them unquantized).
-ALWAYS_IGNORED = {"mistral3": ["re:.*vision_tower.*", "re:.*multi_modal_projector.*"]}
+# Never quantized, as vLLM loads them unquantized: the vision parts of multimodal models, and
+# Qwen2-MoE's shared_expert_gate (a Linear of one output, which vLLM builds without a
+# quantization method; llm-compressor would quantize it unless told not to).
+ALWAYS_IGNORED = {
+    "mistral3": ["re:.*vision_tower.*", "re:.*multi_modal_projector.*"],
+    "qwen2_moe": ["re:.*shared_expert_gate$"],
+}
 # llm-compressor 0.14 traces the model with `mask_function` on its tracing_ignore list; the
 # backbones of these text model types build their causal mask through a local variable of
 # that name, so the reference calibrates them with attention_mask=None: bidirectional

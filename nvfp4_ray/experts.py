@@ -35,6 +35,7 @@ class MoeFamily:
 # Model types whose routed experts are linearized here (each tested against llm-compressor)
 _GATE_UP_DOWN = ("gate_proj", "up_proj", "down_proj")
 MOE_MODEL_TYPES = {
+    "qwen2_moe": MoeFamily(_GATE_UP_DOWN, "Qwen2MoeExperts"),
     "qwen3_moe": MoeFamily(_GATE_UP_DOWN, "Qwen3MoeExperts"),
     "glm4_moe": MoeFamily(_GATE_UP_DOWN, "Glm4MoeExperts"),
     "deepseek_v3": MoeFamily(_GATE_UP_DOWN, "DeepseekV3Experts"),

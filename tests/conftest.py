@@ -23,7 +23,7 @@ os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 import pytest  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(__file__))
-from models import EQUAL_LENGTH_ROWS, MULTIMODAL_IGNORE, add_mtp_layer, build_model, random_rows, save_model, write_rows  # noqa: E402
+from models import EQUAL_LENGTH_ROWS, MULTIMODAL_IGNORE, REFERENCE_IGNORE, add_mtp_layer, build_model, random_rows, save_model, write_rows  # noqa: E402
 from seaweed import SeaweedServer  # noqa: E402
 
 NUM_ROWS = 6
@@ -218,7 +218,8 @@ def reference(tmp_path_factory, family_case):
         if family not in cache:
             case = family_case(family)
             out = str(tmp_path_factory.mktemp(f"{family}-reference"))
-            cache[family] = run_llmcompressor(case.source, case.rows, case.ignore, out)
+            ignore = case.ignore + REFERENCE_IGNORE.get(family, [])
+            cache[family] = run_llmcompressor(case.source, case.rows, ignore, out)
         return cache[family]
 
     return get
