@@ -169,8 +169,7 @@ def main(argv: list[str] | None = None) -> dict:
     )  # fmt: skip
     os.makedirs(args.out, exist_ok=True)
     stamp, model = record["date"][:16].replace(":", ""), record["model"].split("-", 2)[2]  # random-<family>-<model>
-    suffix = "" if args.algorithm == "rtn" else f"-{args.algorithm}"
-    path = os.path.join(args.out, f"{stamp}-{slug(record['device'])}-{model}-{gpus}gpu{suffix}.json")
+    path = os.path.join(args.out, f"{stamp}-{slug(record['device'])}-{model}-{gpus}gpu{algorithm_suffix(args.algorithm)}.json")
     with open(path, "w") as handle:
         json.dump(record, handle, indent=2)
         handle.write("\n")
@@ -219,7 +218,7 @@ def run_reference(source, calibration, work, samples, seq_len, make_cold, inputs
                   algorithm: str) -> dict | None:  # fmt: skip
     """llm-compressor in a child process (bench/llmcompressor_run.py), its memory sampled;
     or, with ``skip``, the record of an earlier reference run made from the same inputs."""
-    name = "reference" if algorithm == "rtn" else f"reference-{algorithm}"
+    name = f"reference{algorithm_suffix(algorithm)}"
     out, record_path = os.path.join(work, name), os.path.join(work, f"{name}.json")
     if skip:
         try:
@@ -295,7 +294,7 @@ def nvfp4_ray_run(source, calibration, work, samples, seq_len, gpus, make_cold, 
     from nvfp4_ray.pipeline.workers import PRELOAD_MODULES
 
     algorithm = options.get("algorithm", "rtn")
-    dest = os.path.join(work, f"nvfp4-ray-{gpus}gpu" + ("-preloaded" if preload else "") + ("" if algorithm == "rtn" else f"-{algorithm}"))
+    dest = os.path.join(work, f"nvfp4-ray-{gpus}gpu" + ("-preloaded" if preload else "") + algorithm_suffix(algorithm))
     shutil.rmtree(dest, ignore_errors=True)  # units already at DEST would be reused, not computed
     config = QuantizeConfig(
         source=source, dest=dest, calibration=calibration, num_samples=samples, max_seq_len=seq_len, num_workers=gpus or None,
@@ -551,6 +550,11 @@ def model_name(shape: dict) -> str:
         if {**preset, "layers": shape["layers"]} == shape:
             return f"random-{family}-{name}-{shape['layers']}L"
     return f"random-{family}-" + "-".join(f"{k}{v}" for k, v in shape.items() if k != "arch")
+
+
+def algorithm_suffix(algorithm: str) -> str:
+    """What GPTQ runs add to file and folder names (round-to-nearest keeps the old names)."""
+    return "" if algorithm == "rtn" else f"-{algorithm}"
 
 
 def now_iso() -> str:

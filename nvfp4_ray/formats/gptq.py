@@ -1,9 +1,9 @@
 """GPTQ for NVFP4 weights, one fused group at a time: pure functions, no Ray, no I/O.
 
-The steps, their order and their shapes are llm-compressor 0.14's eager path
-(``modifiers/gptq``: ``accumulate_hessian``, ``prepare_batch``, ``quantize_weight``,
-``apply_activation_ordering``, ``factorize_hessian``, ``gptq_block_update``), kept with
-its batch dimension of one so that every kernel sees the tensors it sees there:
+The steps, their order and their shapes are llm-compressor 0.14's (``modifiers/gptq``:
+``accumulate_hessian``, ``prepare_batch``, ``quantize_weight``, ``apply_activation_ordering``,
+``factorize_hessian``), kept with its batch dimension of one so that every kernel sees the
+tensors it sees there; the block update is its own ``gptq_block_update``:
 
 * Hessian: each forward adds ``(sqrt(2) x)(sqrt(2) x)^T`` over its tokens, in fp32, and
   counts its sequences; the solve divides by the count.

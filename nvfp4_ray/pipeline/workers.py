@@ -378,7 +378,7 @@ class LayerWorker:
             # GPTQ runs llm-compressor's own block update (its Triton kernel on CUDA), and
             # importing llm-compressor imports pandas: no longer "absent" here
             for name in UNUSED_BY_WORKERS:
-                if name in sys.modules and sys.modules[name] is None:
+                if sys.modules.get(name, "") is None:
                     del sys.modules[name]
             from nvfp4_ray.pipeline.gptq_worker import GptqSteps
 
