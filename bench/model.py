@@ -1,4 +1,4 @@
-"""Benchmark inputs: a Llama-shaped (or Qwen3-MoE-shaped) checkpoint with random weights, a
+"""Benchmark inputs: a Llama-, Qwen3-MoE- or DeepSeek-V3-shaped checkpoint with random weights, a
 tokenizer built in code, and random calibration rows.
 
 The checkpoint is written tensor by tensor as sharded bf16 safetensors with the Hugging
@@ -35,10 +35,15 @@ PRESETS = {
     # Qwen3-30B-A3B with 8 of its 48 layers: 128 experts (8 per token), head_dim 128 (> hidden / heads), q/k norms
     "moe": dict(arch="qwen3_moe", hidden=2048, layers=8, intermediate=6144, moe_intermediate=768, experts=128,
                 experts_per_tok=8, heads=32, kv_heads=4, head_dim=128, vocab=151936, samples=256, seq_len=1024),
+    # DeepSeek-V3's own dimensions (transformers' defaults: MLA, 256 experts of 2048, top-8, a
+    # shared expert, a dense first layer): a dense layer and one 22 GB MoE layer stand for the 61
+    "dsv3": dict(arch="deepseek_v3", hidden=7168, layers=2, intermediate=18432, heads=128, kv_heads=128, vocab=129280,
+                 samples=256, seq_len=1024),
 }  # fmt: skip
 CALIBRATION_KEYS = ("samples", "seq_len")  # the rest of a preset is the model's shape
 # tiny: several shards all the same; the others: every decoder layer spans two shards or more
-SHARD_BYTES = {"8b": 5 * 10**9, "8b-16": 5 * 10**9, "tiny": 10**7, "1b-cpu": 5 * 10**8, "mm35": 2 * 10**9, "moe": 10**9}
+SHARD_BYTES = {"8b": 5 * 10**9, "8b-16": 5 * 10**9, "tiny": 10**7, "1b-cpu": 5 * 10**8, "mm35": 2 * 10**9, "moe": 10**9,
+               "dsv3": 5 * 10**9}  # fmt: skip
 OUTLIER_CHANNELS = 4
 SPEC_FILE = "bench-model.json"  # written last: a folder without it holds no finished model
 SPECIAL_TOKENS = ["<unk>", "<s>", "</s>"]
@@ -51,6 +56,8 @@ def preset_shape(preset: dict) -> dict:
 
 def tensor_shapes(shape: dict) -> list[tuple[str, tuple[int, ...]]]:
     """Every tensor of the checkpoint, in Hugging Face order."""
+    if shape.get("arch") == "deepseek_v3":
+        return _meta_tensor_shapes(shape)
     hidden, layer = shape["hidden"], _qwen3_moe_layer if shape.get("arch") == "qwen3_moe" else _llama_layer
     tensors = [("model.embed_tokens.weight", (shape["vocab"], hidden))]
     for i in range(shape["layers"]):
@@ -101,6 +108,15 @@ def _qwen3_moe_layer(shape: dict) -> list[tuple[str, tuple[int, ...]]]:
             (f"mlp.experts.{e}.down_proj.weight", (hidden, inter)),
         ]
     return tensors
+
+
+def _meta_tensor_shapes(shape: dict) -> list[tuple[str, tuple[int, ...]]]:
+    """The checkpoint's tensors as nvfp4-ray's meta model declares them (one 2D tensor per
+    expert and projection, as DeepSeek-V3 checkpoints hold them)."""
+    from nvfp4_ray.architecture import build_meta_model
+
+    model = build_meta_model(_config(shape).to_dict())
+    return [(name, tuple(tensor.shape)) for name, tensor in model.state_dict().items()]
 
 
 def model_is_written(folder: str, spec: dict) -> bool:
@@ -180,7 +196,11 @@ def _random_tensor(name: str, shape: tuple, generator: torch.Generator, device: 
 
 
 def _write_config(folder: str, shape: dict) -> None:
-    from transformers import LlamaConfig, Qwen3MoeConfig
+    _config(shape).save_pretrained(folder)
+
+
+def _config(shape: dict):
+    from transformers import DeepseekV3Config, LlamaConfig, Qwen3MoeConfig
 
     common = dict(
         hidden_size=shape["hidden"],
@@ -194,8 +214,10 @@ def _write_config(folder: str, shape: dict) -> None:
         tie_word_embeddings=False,
         dtype="bfloat16",
     )
+    if shape.get("arch") == "deepseek_v3":  # DeepSeek-V3's settings are the config's defaults
+        return DeepseekV3Config(architectures=["DeepseekV3ForCausalLM"], first_k_dense_replace=1, **common)
     if shape.get("arch") == "qwen3_moe":  # Qwen3-30B-A3B's settings
-        config = Qwen3MoeConfig(
+        return Qwen3MoeConfig(
             architectures=["Qwen3MoeForCausalLM"],
             head_dim=shape["head_dim"],
             moe_intermediate_size=shape["moe_intermediate"],
@@ -209,15 +231,13 @@ def _write_config(folder: str, shape: dict) -> None:
             rope_parameters={"rope_type": "default", "rope_theta": 1000000.0},
             **common,
         )
-    else:
-        config = LlamaConfig(
-            architectures=["LlamaForCausalLM"],
-            max_position_embeddings=8192,
-            rms_norm_eps=1e-5,
-            rope_parameters={"rope_type": "default", "rope_theta": 500000.0},
-            **common,
-        )
-    config.save_pretrained(folder)
+    return LlamaConfig(
+        architectures=["LlamaForCausalLM"],
+        max_position_embeddings=8192,
+        rms_norm_eps=1e-5,
+        rope_parameters={"rope_type": "default", "rope_theta": 500000.0},
+        **common,
+    )
 
 
 def _write_tokenizer(folder: str, vocab: int) -> None:

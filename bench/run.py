@@ -74,6 +74,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--prefetch-gib", type=float, help="nvfp4-ray's read-ahead budget (default: the job's default)")
     parser.add_argument("--readahead-gib", type=float, help="nvfp4-ray's page-cache read-ahead (default: the job's default)")
     parser.add_argument(
+        "--device-memory-gib", type=float,
+        help="nvfp4-ray's device memory budget (default: 90%% of the GPU's); a smaller card's, to see what it takes "
+        "(MoE layers then load in expert groups where whole ones do not fit); the output goes to its own folder",
+    )  # fmt: skip
+    parser.add_argument(
         "--exact",
         action=argparse.BooleanOptionalAction,
         help="nvfp4-ray's --exact (default: on for the model types whose causal mask llm-compressor 0.14 drops in "
@@ -138,7 +143,8 @@ def main(argv: list[str] | None = None) -> dict:
 
     baseline = None
     # job options the command line sets (the rest: the job's defaults)
-    chosen = (("prefetch_gib", args.prefetch_gib), ("readahead_gib", args.readahead_gib), ("hidden_snapshots", args.hidden_snapshots))
+    chosen = (("prefetch_gib", args.prefetch_gib), ("readahead_gib", args.readahead_gib), ("hidden_snapshots", args.hidden_snapshots),
+              ("device_memory_gib", args.device_memory_gib))  # fmt: skip
     options = {k: v for k, v in chosen if v is not None}
     if args.algorithm == "gptq":
         options["algorithm"] = "gptq"
@@ -169,7 +175,8 @@ def main(argv: list[str] | None = None) -> dict:
     )  # fmt: skip
     os.makedirs(args.out, exist_ok=True)
     stamp, model = record["date"][:16].replace(":", ""), record["model"].split("-", 2)[2]  # random-<family>-<model>
-    path = os.path.join(args.out, f"{stamp}-{slug(record['device'])}-{model}-{gpus}gpu{algorithm_suffix(args.algorithm)}.json")
+    budget = "" if args.device_memory_gib is None else f"-budget{args.device_memory_gib:g}"
+    path = os.path.join(args.out, f"{stamp}-{slug(record['device'])}-{model}-{gpus}gpu{algorithm_suffix(args.algorithm)}{budget}.json")
     with open(path, "w") as handle:
         json.dump(record, handle, indent=2)
         handle.write("\n")
@@ -294,7 +301,8 @@ def nvfp4_ray_run(source, calibration, work, samples, seq_len, gpus, make_cold, 
     from nvfp4_ray.pipeline.workers import PRELOAD_MODULES
 
     algorithm = options.get("algorithm", "rtn")
-    dest = os.path.join(work, f"nvfp4-ray-{gpus}gpu" + ("-preloaded" if preload else "") + algorithm_suffix(algorithm))
+    budget = f"-budget{options['device_memory_gib']:g}" if "device_memory_gib" in options else ""
+    dest = os.path.join(work, f"nvfp4-ray-{gpus}gpu" + ("-preloaded" if preload else "") + algorithm_suffix(algorithm) + budget)
     shutil.rmtree(dest, ignore_errors=True)  # units already at DEST would be reused, not computed
     config = QuantizeConfig(
         source=source, dest=dest, calibration=calibration, num_samples=samples, max_seq_len=seq_len, num_workers=gpus or None,
@@ -343,6 +351,7 @@ def nvfp4_ray_run(source, calibration, work, samples, seq_len, gpus, make_cold, 
         "summary": {key: summary[key] for key in (
             "layers", "linears_quantized", "bytes_in", "bytes_out", "calibration_tokens", "calibration_workers",
             "calibration_devices", "layer_reads_per_node", "worker_startup_s", "worker_replacements", "total_s",
+            "device_memory",
         )},  # fmt: skip
         "algorithm": algorithm,
         "gptq_seconds": summary.get("gptq_seconds"),
@@ -444,6 +453,7 @@ def make_record(*, command, device, gpus, machine_gpus, spec, source, samples, s
         "calibration_load_wait_s": run["calibration_load_wait_s"],
         "snapshot_write_s": run["snapshot_write_s"],
         "calibration_cuda_graphs": run["calibration_cuda_graphs"],
+        "device_memory": run["summary"].get("device_memory"),  # the plan: layers ahead, expert groups, estimate
         "exact": run["exact"],
         "algorithm": run["algorithm"],
         # GPTQ: each step's seconds per layer on the busiest worker (calibration_pass: amax and

@@ -78,16 +78,25 @@ class LinearExperts(torch.nn.ModuleList):
         final = torch.zeros_like(hidden_states)
         if not self.every_token:
             return self._routed(final, hidden_states, top_k_index, top_k_weights)
-        # Each token's routing weight for every expert, 0 where it is not routed: the rows
-        # llm-compressor selects and adds with index_add_ get the same products and sums
-        # (an added 0 changes nothing), with no data-dependent shapes, so that a layer of
-        # 128 experts replays as one CUDA graph instead of ~1500 kernel launches a sample.
-        routing = torch.zeros((hidden_states.shape[0], self.num_experts), dtype=top_k_weights.dtype, device=final.device)
-        routing.scatter_(1, top_k_index, top_k_weights)
-        for index in range(self.num_experts):
+        routing = self.routing(top_k_index, top_k_weights)
+        self.add_experts(final, hidden_states, routing, range(self.num_experts))
+        return final
+
+    def routing(self, top_k_index, top_k_weights) -> torch.Tensor:
+        """Each token's routing weight for every expert [T, E], 0 where it is not routed: the
+        rows llm-compressor selects and adds with index_add_ get the same products and sums
+        (an added 0 changes nothing), with no data-dependent shapes, so that a layer of 128
+        experts replays as one CUDA graph instead of ~1500 kernel launches a sample."""
+        routing = torch.zeros((top_k_index.shape[0], self.num_experts), dtype=top_k_weights.dtype, device=top_k_weights.device)
+        return routing.scatter_(1, top_k_index, top_k_weights)
+
+    def add_experts(self, final: torch.Tensor, hidden_states: torch.Tensor, routing: torch.Tensor, indices: range) -> None:
+        """Add the routed output of experts ``indices`` to ``final``, in expert order; each
+        runs on every token. Expert groups (calibration/expert_groups.py) call this a
+        group at a time on the same ``final``: the same sums in the same order."""
+        for index in indices:
             output = self[index](hidden_states)  # every token through every expert
             final += (output * routing[:, index, None]).to(final.dtype)
-        return final
 
     def _routed(self, final, hidden_states, top_k_index, top_k_weights):
         """Each expert on its routed tokens only (transformers' eager experts)."""

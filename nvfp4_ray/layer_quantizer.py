@@ -51,15 +51,19 @@ def _view(whole: torch.Tensor, entry: tuple) -> torch.Tensor:
     return part.view(dtype).view(shape)
 
 
-def quantize_layer(spec: LayerSpec, on_device: dict[str, torch.Tensor]) -> list[tuple[str, torch.Tensor]]:
+def quantize_layer(spec: LayerSpec, on_device: dict[str, torch.Tensor], part: bool = False) -> list[tuple[str, torch.Tensor]]:
     """Output tensors (name, tensor on the device) for one decoder layer, from its tensors
     on the device (``to_device_checked``). Tensors passed through keep their source bytes,
     as copies (norms and biases, small): a view would hold the whole layer's bytes while
-    the output waits to be written."""
+    the output waits to be written. ``part``: ``on_device`` is one part of the layer
+    (calibration/expert_groups.py), which holds whole fused groups: those outside it are
+    another part's."""
     out = []
     replaced = set()
     for group in spec.groups:
         names = [f"{linear.checkpoint}.weight" for linear in group]
+        if part and names[0] not in on_device:
+            continue
         weights = [on_device[name] for name in names]
         for linear, tensors in zip(group, formats.quantize_group(weights, group[0].scheme)):
             out.extend((f"{linear.checkpoint}.{suffix}", t) for suffix, t in tensors.items())

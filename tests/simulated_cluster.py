@@ -4,12 +4,16 @@ Every node is a real set of Ray processes on this machine and advertises one fak
 so the job places one calibration worker per node. Used by tests/test_ray_jobs.py in a
 subprocess (a process can join only one Ray cluster).
 
-usage: simulated_cluster.py NODES SOURCE DEST CALIBRATION NUM_SAMPLES [--late-gpus] [--gptq] [--workers N,N,...]
+usage: simulated_cluster.py NODES SOURCE DEST CALIBRATION NUM_SAMPLES [--late-gpus] [--gptq] [--grouped GIB]
+                            [--workers N,N,...]
 
 --late-gpus: the cluster starts without any GPU node and the job asks for NODES GPU
 workers (worker_device=gpu); the GPU nodes join a few seconds after the job started,
 as an autoscaler would add them.
 --gptq: quantize with GPTQ (--algorithm gptq).
+--grouped GIB: after the job, the same job again on the same cluster with that device
+memory budget (MoE layers in expert groups), into DEST-grouped; its summary is the
+first's "grouped".
 --workers N,N,...: one job after the other on the same cluster, job i with num_workers N_i
 (one worker per GPU node, so on N_i nodes) into DEST/workers-N_i; the last line is then a
 JSON list of their summaries (a cluster started once instead of once per job).
@@ -74,6 +78,10 @@ def main() -> None:
             raise SystemExit("the job failed")
         summary = result
         summary["nodes"] = [node["NodeID"] for node in ray.nodes() if node["Alive"]]
+        if "--grouped" in sys.argv[6:]:
+            budget = float(sys.argv[sys.argv.index("--grouped") + 1])
+            grouped = QuantizeConfig(**{**config.model_dump(), "dest": dest + "-grouped", "device_memory_gib": budget})
+            summary["grouped"] = run_quantize(grouped, Events("json", stream=io.StringIO()))
     finally:
         ray.shutdown()
         cluster.shutdown()

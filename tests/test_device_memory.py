@@ -58,9 +58,26 @@ def test_deepseek_v3_fits_one_80gb_gpu_with_256_x_1024_tokens(deepseek_v3):
     plan = plan_device(units, calibration_shares(1, 256, 1024), config, int(0.9 * 80 * GIB))
     assert (plan.ahead, plan.writes_queued) == (1, 2)
     assert plan.need_bytes <= 0.9 * 80 * GIB
-    # an RTX 5090 (32 GB) cannot hold one such layer with its output: refused before any work
-    with pytest.raises(InputError, match=r"needs about \d+\.\d GiB of device memory for one layer at a time"):
-        plan_device(units, calibration_shares(1, 256, 1024), config, int(0.9 * 32 * GIB))
+    assert plan.expert_groups == 1
+
+
+def test_deepseek_v3_fits_a_32gb_card_in_expert_groups(deepseek_v3):
+    """An RTX 5090 (32 GB) cannot hold one whole MoE layer with its output: it takes the
+    experts 4 groups at a time (a quarter of the 22 GB, beside the expert inputs and sums
+    of 256 x 1024 tokens: 7.0 GiB); GPTQ, which needs whole layers, is refused. Below what
+    one expert per group needs, the job is refused before any work."""
+    config, units = deepseek_v3
+    shares = calibration_shares(1, 256, 1024)
+    whole = estimate(units, shares, config)[0](0, 1)
+    plan = plan_device(units, shares, config, int(0.9 * 32 * GIB))
+    assert (plan.ahead, plan.writes_queued, plan.expert_groups) == (0, 1, 4)
+    assert plan.need_bytes <= 0.9 * 32 * GIB < whole
+    need, parts = estimate(units, shares, config, groups=4)
+    assert need(0, 1) == plan.need_bytes and parts["fixed"] - estimate(units, shares, config)[1]["fixed"] == 2 * 256 * 1024 * 7168 * 2 + 256 * 1024 * 256 * 4
+    with pytest.raises(InputError, match=r"needs about \d+\.\d GiB of device memory for one layer at a time \(largest layer"):
+        plan_device(units, shares, config, int(0.9 * 32 * GIB), expert_groups=False)
+    with pytest.raises(InputError, match=r"for one layer at a time, its experts 256 groups at a time"):
+        plan_device(units, shares, config, int(0.9 * 24 * GIB))
 
 
 def test_gptq_hessians_enter_the_plan_at_the_128b_shape():

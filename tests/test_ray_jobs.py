@@ -124,25 +124,33 @@ def test_ray_job_with_bad_input_fails_with_exit_code_2(ray_head, family_case, tm
 @pytest.mark.usefixtures("ray_instance")
 def test_simulated_three_node_cluster(family_case, tmp_path):
     """One worker per (fake) GPU node; each node reads every layer exactly once; same bytes.
-    DeepSeek-V3's layout: a dense first layer, then MoE layers with shared experts, MLA."""
+    DeepSeek-V3's layout: a dense first layer, then MoE layers with shared experts, MLA.
+    The same job again with a budget that holds the MoE layers in 4 expert groups only
+    (calibration/expert_groups.py): the same bytes, each layer still read once per node."""
+    from test_expert_groups import budget_for
+
     case = family_case("deepseek_v3")
     dest = str(tmp_path / "cluster")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([REPO, os.environ.get("PYTHONPATH", "")])}
+    budget = budget_for(case, 4, tmp_path, workers=3)
     process = subprocess.run(
-        [sys.executable, os.path.join(REPO, "tests", "simulated_cluster.py"), "3", case.source, dest, case.calibration, str(NUM_ROWS)],
+        [sys.executable, os.path.join(REPO, "tests", "simulated_cluster.py"), "3", case.source, dest, case.calibration, str(NUM_ROWS),
+         "--grouped", str(budget)],
         capture_output=True, text=True, env=env, timeout=600,
     )  # fmt: skip
     assert process.returncode == 0, process.stderr[-3000:]
     summary = json.loads(process.stdout.strip().splitlines()[-1])
-    layers = summary["layers"]
-    assert summary["calibration_workers"] == 3
-    reads = summary["layer_reads_per_node"]
-    assert sorted(reads) == sorted(summary["nodes"])  # every node took part
-    assert all(count == layers for count in reads.values())  # once per layer per node, not per worker
-
+    grouped = summary.pop("grouped")
+    assert grouped["device_memory"]["expert_groups"] == 4
     single = str(tmp_path / "single")
     assert run_cli("quantize", *job_args(case, single))[0] == 0
-    assert load_tensors(dest) == load_tensors(single)
+    for result, out in ((summary, dest), (grouped, dest + "-grouped")):
+        layers = result["layers"]
+        assert result["calibration_workers"] == 3
+        reads = result["layer_reads_per_node"]
+        assert sorted(reads) == sorted(summary["nodes"])  # every node took part
+        assert all(count == layers for count in reads.values())  # once per layer per node, not per worker
+        assert load_tensors(out) == load_tensors(single)
 
 
 @pytest.mark.usefixtures("ray_instance")

@@ -131,13 +131,14 @@ class DecoderRunner:
     @torch.no_grad()
     def run_layer(
         self, index: int, weights: dict[str, torch.Tensor], record: list[str], attention: list[str] = (),
-        advance: bool = True, inputs_to: dict | None = None,
+        advance: bool = True, inputs_to: dict | None = None, eager: bool = False,
     ) -> dict[str, float]:
         """Advance every batch through layer ``index``; return the amax of each recorded
         Linear's input and, for each named attention module, of its keys and values
         ("<attention>.k", "<attention>.v"). ``advance`` False: the hidden states stay
         (GPTQ runs the layer again with its quantized weights). ``inputs_to``: module name
-        -> callable(batch index, input), given each batch's input of that module."""
+        -> callable(batch index, input), given each batch's input of that module. ``eager``:
+        no CUDA graphs (the batches run one by one, in order: expert_groups.py)."""
         if len(attention) > 1:
             raise ValueError("one attention module per decoder layer is supported for KV-cache scales")
         layer = self.layers[index]
@@ -180,9 +181,10 @@ class DecoderRunner:
         for name, take in (inputs_to or {}).items():
             handles.append(modules[name].register_forward_pre_hook(lambda _m, args, take=take: take(current["batch"], args[0])))
         try:
-            groups = group_batches(self.states, index, self.graphs.equal) if self.graphed else [self.states]
+            graphed = self.graphed and not eager
+            groups = group_batches(self.states, index, self.graphs.equal) if graphed else [self.states]
             for group in groups:
-                if self.graphed and len(group) >= MIN_GRAPH_BATCHES:
+                if graphed and len(group) >= MIN_GRAPH_BATCHES:
                     self.graphs.run(group, forward, amax)
                     continue
                 for state in group:

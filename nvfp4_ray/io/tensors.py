@@ -93,6 +93,18 @@ class TensorBundle:
     def names(self) -> list[str]:
         return list(self.entries)
 
+    def subset(self, names: list[str]) -> TensorBundle:
+        """A bundle of ``names`` alone, their bytes copied (each at a 64-byte offset)."""
+        entries, pieces, offset = {}, [], 0
+        for name in names:
+            _, dtype, shape = self.entries[name]
+            raw = self.raw(name)
+            pad = -offset % 64
+            pieces += [np.zeros(pad, dtype=np.uint8), raw]
+            entries[name] = (offset + pad, dtype, shape)
+            offset += pad + raw.size
+        return TensorBundle(buffer=np.concatenate(pieces) if pieces else np.empty(0, dtype=np.uint8), entries=entries)
+
 
 def finite(dtype: str, raw: np.ndarray) -> bool:
     """No NaN or Inf among the values of a float tensor's raw bytes (uint8, whole values).

@@ -95,6 +95,8 @@ def _configure(worker, config, model_config: dict) -> None:
 
 
 class Execution:
+    EXPERT_GROUPS = True  # MoE layers larger than a device may load in expert groups (device_memory.py)
+
     def __init__(self, plan: Plan, placement: Placement, events: Events, workers: list):
         self.plan, self.placement, self.events = plan, placement, events
         self.workers = list(workers)
@@ -163,9 +165,12 @@ class Execution:
             budget = int(0.9 * min(totals))
         shares = self._shares(make_batches(plan.samples, config.batch_tokens)) if self.calibration_workers else []
         text_config = plan.source.config.get("text_config") or plan.source.config
-        self.device_plan = plan_device(plan.layer_units, shares, text_config, budget, self._algorithm_device_bytes(shares))
+        self.device_plan = plan_device(plan.layer_units, shares, text_config, budget, self._algorithm_device_bytes(shares),
+                                       expert_groups=self.EXPERT_GROUPS)  # fmt: skip
         self.flow.ahead_loads = self.device_plan.ahead
-        self._get([worker.limit_writes.remote(self.device_plan.writes_queued) for worker in self.workers])
+        self.flow.split_experts(self.device_plan.expert_groups)
+        limits = (self.device_plan.writes_queued, 1 + self.device_plan.ahead)
+        self._get([worker.limit_memory.remote(*limits) for worker in self.workers])
         self.events.info("device memory planned", **self.device_plan.record())
 
     def _algorithm_device_bytes(self, shares: list[list]) -> int:
@@ -370,7 +375,8 @@ class Execution:
     def _submit_layer(self, i: int, index: int, snapshot: str | None = None):
         unit = self.plan.layer_units[index]
         attention = [a.local for a in unit.spec.attention]
-        return self.workers[i].run_layer.remote(index, list(unit.spec.recorded), attention, snapshot, self.config.dest)
+        groups = self.flow.groups.get(index)
+        return self.workers[i].run_layer.remote(index, list(unit.spec.recorded), attention, snapshot, self.config.dest, groups)
 
     def _layer_result(self, i: int, index: int, snapshot: str | None, actor, call) -> dict:
         """Worker ``i``'s result for layer ``index``; a lost worker is replaced (unless that
@@ -409,9 +415,8 @@ class Execution:
             if calibration.checkpoint is not None and self._restore_snapshot(calibration, [i]):
                 start = calibration.checkpoint + 1
             for layer in range(start, current):
-                unit = self.plan.layer_units[layer]
                 self.extra_reads[node] += 1
-                worker.load.remote(layer, self.flow.tensors_on(node, unit.tensors), dict(unit.spec.tensors), True)
+                self.flow.load_call(worker, layer, self.flow.read_layer(node, layer), True)
                 self._get([self._submit_layer(i, layer)])
         self.flow.replace_worker(i, worker, node)
 

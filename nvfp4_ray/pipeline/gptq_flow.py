@@ -36,6 +36,7 @@ from nvfp4_ray.pipeline.plan import digest
 
 
 class GptqExecution(Execution):
+    EXPERT_GROUPS = False  # GPTQ's steps take whole layers: one that does not fit is refused
     def __init__(self, plan, placement, events, workers: list):
         if plan.config.exact:  # batch i is then the i-th sample llm-compressor runs
             plan.samples = [plan.samples[i] for i in reference_order(plan.samples)]

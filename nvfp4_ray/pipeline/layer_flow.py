@@ -30,8 +30,9 @@ from dataclasses import dataclass, field
 
 import ray
 
+from nvfp4_ray.calibration.expert_groups import expert_ranges
 from nvfp4_ray.io.tensors import LocalRead
-from nvfp4_ray.pipeline.device_memory import MAX_AHEAD
+from nvfp4_ray.pipeline.device_memory import MAX_AHEAD, num_experts, unit_parts
 from nvfp4_ray.pipeline.placement import Placement
 from nvfp4_ray.pipeline.plan import Plan
 from nvfp4_ray.pipeline.workers import copy_unit_task, read_ahead_task, read_tensors_task
@@ -103,6 +104,18 @@ class LayerFlow:
         self.reads_per_node: Counter = Counter()
         self.pending: dict = {}  # ref -> (kind "read", "ahead", "load" or "write", layer, worker or node)
         self.copies: list = []  # the copy units' tasks, once the workers are up
+        # MoE layers loaded in expert groups (device_memory.py): layer -> its tensors in parts
+        # and the groups' ranges of experts; set once the workers' devices are known
+        self.parts: dict[int, list[list]] = {}
+        self.groups: dict[int, list[range]] = {}
+
+    def split_experts(self, groups: int) -> None:
+        """Load each MoE layer in ``groups`` expert groups (calibration/expert_groups.py)."""
+        for index, unit in enumerate(self.units):
+            parts = unit_parts(unit, groups)
+            if len(parts) > 1:
+                self.parts[index] = parts
+                self.groups[index] = expert_ranges(num_experts(unit), groups)
 
     def start(self, workers: list, calibrate_from: int) -> None:
         """The workers are up; layers before ``calibrate_from`` already have statistics."""
@@ -142,6 +155,33 @@ class LayerFlow:
         if self.local:
             return LocalRead(self.plan.config.source, tensors)
         return read_tensors_task.options(**Placement.on_node(node)).remote(self.plan.config.source, tensors)
+
+    def read_layer(self, node: str, index: int):
+        """Layer ``index`` read into ``node``'s object store: a ref, or a ref per part for a
+        layer loaded in parts; None for a local SOURCE (each worker reads it itself)."""
+        if self.local:
+            return None
+        refs = [self.tensors_on(node, part) for part in self.parts.get(index, [self.units[index].tensors])]
+        return refs if index in self.parts else refs[0]
+
+    def load_call(self, actor, index: int, read, keep: bool, output=None):
+        """``actor``'s load of layer ``index`` from ``read`` (``read_layer``'s result on its
+        node, read before or after the layer was split in parts, or None)."""
+        unit, source = self.units[index], self.plan.config.source
+        if index not in self.parts:
+            tensors = LocalRead(source, unit.tensors) if read is None else read
+            return actor.load.remote(index, tensors, dict(unit.spec.tensors), keep, output)
+        parts = []
+        for number, part in enumerate(self.parts[index]):
+            names = [tensor.name for tensor in part]
+            tensor_names = {name: unit.spec.tensors[name] for name in names if name in unit.spec.tensors}
+            if read is None:
+                parts.append((LocalRead(source, part), None, tensor_names))
+            elif isinstance(read, list):
+                parts.append((read[number], None, tensor_names))
+            else:  # read whole before the plan split it: the worker takes the part's tensors
+                parts.append((read, names, tensor_names))
+        return actor.load_in_parts.remote(index, parts, keep, output)
 
     def read_into_page_cache(self, node: str, tensors: list) -> None:
         """Read ``tensors`` into ``node``'s page cache (local, with a read-ahead)."""
@@ -211,10 +251,10 @@ class LayerFlow:
             self.reads_per_node[node] += 1
 
     def _read_on(self, layer: _Layer, node: str) -> None:
-        ref = self.tensors_on(node, self.units[layer.index].tensors)
-        layer.reads[node] = ref
-        layer.reading += 1
-        self.pending[ref] = ("read", layer, node)
+        read = layer.reads[node] = self.read_layer(node, layer.index)
+        for ref in read if isinstance(read, list) else [read]:
+            layer.reading += 1
+            self.pending[ref] = ("read", layer, node)
         self.reads_per_node[node] += 1
 
     def _loaders(self, layer: _Layer) -> list[int]:
@@ -229,15 +269,12 @@ class LayerFlow:
             node = self.nodes[worker]
             if self.local:
                 self._count_read(layer.index, node)
-                tensors = self.tensors_on(node, unit.tensors)
-            else:
-                if node not in layer.reads:
-                    self._read_on(layer, node)
-                tensors = layer.reads[node]
+            elif node not in layer.reads:
+                self._read_on(layer, node)
             keep = self.calibrated(layer.index) and worker < self.calibration_workers
             owner = layer.quantize and worker == self.owner(layer.index)
             output = (unit.spec, unit.file, unit.key, self.plan.config.dest) if owner else None  # quantized and written
-            ref = self.workers[worker].load.remote(layer.index, tensors, dict(unit.spec.tensors), keep, output)
+            ref = self.load_call(self.workers[worker], layer.index, layer.reads.get(node), keep, output)
             layer.loads[worker] = ref
             self.pending[ref] = ("load", layer, worker)
             layer.calibrating |= keep

@@ -188,6 +188,9 @@ class LayerWorker:
         self.write_room = threading.Condition()
         self.writes_limit = WRITES_QUEUED
         self.writes_queued = self.max_layers_held = 0
+        # Expert groups of layers loaded in parts on the device, and the most there may be
+        self.group_room = threading.Condition()
+        self.groups_limit, self.groups_held = 1, 0
         self.gptq_steps = None  # pipeline/gptq_worker.py, on a GPTQ job's first step
         self.writes: dict[int, Future] = {}  # layer -> its unit's WrittenFile, once written
 
@@ -239,47 +242,79 @@ class LayerWorker:
         the output to the write threads (``written`` says when the file is at DEST).
         ``tensors``: the layer read into the object store, or to read here from a local SOURCE
         (a piece at a time into the pinned buffers it crosses to the GPU through)."""
+        self._load(index, [(tensors, None, tensor_names)], keep, unit, in_parts=False)
+
+    @ray.method(concurrency_group="load")
+    def load_in_parts(self, index: int, parts: list, keep: bool, unit=None) -> None:
+        """``load`` for a layer in parts (calibration/expert_groups.py): the tensors outside
+        its routed experts, then each expert group; each part (tensors, names, tensor names).
+        ``tensors``: as for ``load``, or a ref to them, read for the part or for the whole
+        layer (``names`` then picks the part's). A kept group waits until fewer than
+        ``groups_limit`` groups are on the device; the output is written once all are done."""
+        self._load(index, parts, keep, unit, in_parts=True)
+
+    def _load(self, index: int, parts: list, keep: bool, unit, in_parts: bool) -> None:
         import torch
 
         from nvfp4_ray.layer_quantizer import quantize_layer, to_device_checked
 
-        slot = self._slot(index) if keep else None
-        handed = False
+        output, slot, handed, part = [], None, False, 0
         try:
-            with torch.cuda.stream(self.load_stream) if self.device.type == "cuda" else nullcontext():
-                with self.pieces_lock:  # the load thread's, but for the embedding (start)
-                    on_device = to_device_checked(tensors, self.device, unit is not None, self.pieces)
-                if slot is not None:
-                    slot.tensors = {local: on_device[name] for name, local in tensor_names.items()}
-                    if self.device.type == "cuda":
-                        slot.event = torch.cuda.Event()
-                        slot.event.record(self.load_stream)
-                    slot.ready.set()
-                if unit is not None:
-                    spec, file_name, key, dest_url = unit
-                    output = quantize_layer(spec, on_device)  # on the device until written
-                    ready = None
-                    if self.device.type == "cuda":  # the write's copies wait for the quantization
-                        ready = torch.cuda.Event()
-                        ready.record(self.load_stream)
+            for part, (tensors, names, tensor_names) in enumerate(parts):
+                if keep and in_parts and part:
+                    with self.group_room:
+                        self.group_room.wait_for(lambda: self.groups_held < self.groups_limit)
+                        self.groups_held += 1
+                slot = self._slot((index, part) if in_parts else index) if keep else None
+                if isinstance(tensors, ray.ObjectRef):
+                    tensors = ray.get(tensors)
+                if names is not None:
+                    tensors = tensors.subset(names)
+                with torch.cuda.stream(self.load_stream) if self.device.type == "cuda" else nullcontext():
+                    with self.pieces_lock:  # the load thread's, but for the embedding (start)
+                        on_device = to_device_checked(tensors, self.device, unit is not None, self.pieces)
+                    if slot is not None:
+                        slot.tensors = {local: on_device[name] for name, local in tensor_names.items()}
+                        if self.device.type == "cuda":
+                            slot.event = torch.cuda.Event()
+                            slot.event.record(self.load_stream)
+                        slot.ready.set()
+                    if unit is not None:
+                        output += quantize_layer(unit[0], on_device, part=in_parts)  # on the device until written
+                del tensors, on_device  # a part's device copy is freed once run_layer is done with it
             if unit is not None:
+                ready = None
+                if self.device.type == "cuda":  # the write's copies wait for the quantization
+                    ready = torch.cuda.Event()
+                    ready.record(self.load_stream)
                 handed = True
-                self._write_behind(index, output, ready, file_name, key, dest_url)
+                self._write_behind(index, output, ready, *unit[1:])
         except BaseException as exc:
-            if slot is not None and not slot.ready.is_set():
-                slot.error = exc
-                slot.ready.set()
+            later = [self._slot((index, p)) for p in range(part + 1, len(parts))] if keep and in_parts else []
+            for failed in [slot, *later]:  # run_layer would wait for them
+                if failed is not None and not failed.ready.is_set():
+                    failed.error = exc
+                    failed.ready.set()
             if unit is not None and not handed:
                 self._write_slot(index).set_exception(exc)
             raise
 
+    def _release_group(self) -> None:
+        with self.group_room:
+            self.groups_held -= 1
+            self.group_room.notify_all()
+
     @ray.method(concurrency_group="load")
-    def limit_writes(self, limit: int) -> None:
-        """At most ``limit`` quantized layers wait for the write threads (device memory);
-        in the load group, so it applies to every load submitted after it."""
+    def limit_memory(self, writes: int, groups: int) -> None:
+        """At most ``writes`` quantized layers wait for the write threads, and ``groups``
+        expert groups are on the device (device_memory.py); in the load group, so it applies
+        to every load submitted after it."""
         with self.write_room:
-            self.writes_limit = max(1, min(limit, WRITES_QUEUED))
+            self.writes_limit = max(1, min(writes, WRITES_QUEUED))
             self.write_room.notify_all()
+        with self.group_room:
+            self.groups_limit = max(1, groups)
+            self.group_room.notify_all()
 
     def _write_slot(self, index: int) -> Future:
         with self.lock:
@@ -348,16 +383,30 @@ class LayerWorker:
         self.runner.start(batches, weight)
         return sum(batch.tokens for batch in batches)
 
-    def run_layer(self, index: int, record: list, attention: list, snapshot: str | None = None, dest_url: str = "") -> dict:
+    def run_layer(self, index: int, record: list, attention: list, snapshot: str | None = None, dest_url: str = "",
+                  groups: list | None = None) -> dict:  # fmt: skip
         """Advance this worker's batches through layer ``index``: the amax of what ``record``
         and ``attention`` name, and the hidden-state snapshots finished since the last call.
         ``snapshot``: also write the hidden states after this layer to that folder of DEST
-        (in the background; the layer loop goes on)."""
+        (in the background; the layer loop goes on). ``groups``: the layer comes in parts,
+        these ranges of experts after the rest (``load_in_parts``)."""
         self._compute_threads()
         began = time.monotonic()
-        weights = self._take(index)
-        self.load_wait_s += time.monotonic() - began
-        amax = self.runner.run_layer(index, weights, record, attention)
+        if groups is None:
+            weights = self._take(index)
+            self.load_wait_s += time.monotonic() - began
+            amax = self.runner.run_layer(index, weights, record, attention)
+        else:
+            from nvfp4_ray.calibration.expert_groups import run_layer_in_groups
+
+            def take(part: int) -> dict:
+                waited = time.monotonic()
+                weights = self._take((index, part))
+                self.load_wait_s += time.monotonic() - waited
+                return weights
+
+            release = lambda part: part and self._release_group()  # noqa: E731
+            amax = run_layer_in_groups(self.runner, index, take, release, groups, record, attention)
         if snapshot is not None:
             import torch
 
