@@ -4,16 +4,16 @@ Every node is a real set of Ray processes on this machine and advertises one fak
 so the job places one calibration worker per node. Used by tests/test_ray_jobs.py in a
 subprocess (a process can join only one Ray cluster).
 
-usage: simulated_cluster.py NODES SOURCE DEST CALIBRATION NUM_SAMPLES [--late-gpus] [--gptq] [--grouped GIB]
-                            [--workers N,N,...]
+usage: simulated_cluster.py NODES SOURCE DEST CALIBRATION NUM_SAMPLES [--late-gpus] [--gptq] [--then JSON]
+                            [--gpus-per-node N] [--workers N,N,...]
 
 --late-gpus: the cluster starts without any GPU node and the job asks for NODES GPU
 workers (worker_device=gpu); the GPU nodes join a few seconds after the job started,
 as an autoscaler would add them.
 --gptq: quantize with GPTQ (--algorithm gptq).
---grouped GIB: after the job, the same job again on the same cluster with that device
-memory budget (MoE layers in expert groups), into DEST-grouped; its summary is the
-first's "grouped".
+--gpus-per-node N: N fake GPUs on each node, so N workers share it (default 1).
+--then JSON: after the job, the same job again on the same cluster with these QuantizeConfig
+fields changed (a JSON object), into DEST-then; its summary is the first's "then".
 --workers N,N,...: one job after the other on the same cluster, job i with num_workers N_i
 (one worker per GPU node, so on N_i nodes) into DEST/workers-N_i; the last line is then a
 JSON list of their summaries (a cluster started once instead of once per job).
@@ -43,10 +43,11 @@ def main() -> None:
     from nvfp4_ray.pipeline.events import Events
     from nvfp4_ray.pipeline.job import run_quantize
 
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 4, "num_gpus": 0 if late else 1})
+    per_node = int(sys.argv[sys.argv.index("--gpus-per-node") + 1]) if "--gpus-per-node" in sys.argv[6:] else 1
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 4, "num_gpus": 0 if late else per_node})
     for _ in range(int(nodes) - (0 if late else 1)):
         if not late:
-            cluster.add_node(num_cpus=4, num_gpus=1)
+            cluster.add_node(num_cpus=4, num_gpus=per_node)
     cluster.wait_for_nodes()
     ray.init(address=cluster.address, log_to_driver=False)
 
@@ -78,10 +79,10 @@ def main() -> None:
             raise SystemExit("the job failed")
         summary = result
         summary["nodes"] = [node["NodeID"] for node in ray.nodes() if node["Alive"]]
-        if "--grouped" in sys.argv[6:]:
-            budget = float(sys.argv[sys.argv.index("--grouped") + 1])
-            grouped = QuantizeConfig(**{**config.model_dump(), "dest": dest + "-grouped", "device_memory_gib": budget})
-            summary["grouped"] = run_quantize(grouped, Events("json", stream=io.StringIO()))
+        if "--then" in sys.argv[6:]:
+            changes = json.loads(sys.argv[sys.argv.index("--then") + 1])
+            then = QuantizeConfig(**{**config.model_dump(), "dest": dest + "-then", **changes})
+            summary["then"] = run_quantize(then, Events("json", stream=io.StringIO()))
     finally:
         ray.shutdown()
         cluster.shutdown()

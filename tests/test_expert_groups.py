@@ -74,3 +74,4 @@ def test_expert_groups_from_an_object_store(family_case, reference, bucket, tmp_
         assert summary["device_memory"]["expert_groups"] == 4
         assert all(count == summary["layers"] for count in summary["layer_reads_per_node"].values())
         assert load_tensors(out) == load_tensors(reference("deepseek_v3")), prefetch
+

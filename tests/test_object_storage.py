@@ -539,3 +539,32 @@ def test_store_killed_mid_job_fails_cleanly_and_the_same_command_resumes(model_o
     assert checkpoint_tensors(dest) == checkpoint_tensors(uninterrupted)
     texts = [result["run"][1], result["run"][2], rerun[1], rerun[2], all_files_text(dest), ray_logs_text()]
     assert [secrets_in(text) for text in texts if secrets_in(text)] == []
+
+
+@pytest.mark.usefixtures("ray_instance")
+def test_a_source_deleted_mid_job_fails_the_job_instead_of_hanging(model_on_s3, tmp_path):
+    """The layers still to read are gone: their reads fail (after their retries), so the
+    loads waiting for them never run. The job fails with exit 3 naming the failure; a
+    worker would otherwise wait for those layers for ever."""
+    import s3fs
+
+    case = model_on_s3
+    fs = s3fs.S3FileSystem(skip_instance_cache=True)
+    source = f"{case['bucket']}/deleted-src"
+    fs.put(case["local"] + "/", source + "/", recursive=True)
+    dest = str(tmp_path / "dest")
+    args = quantize_args(f"s3://{source}", dest, case["local_calibration"], "--prefetch-gib", "1e-9")
+    result = {}
+    job = threading.Thread(target=lambda: result.update(run=run_cli(*args)))
+    job.start()
+    units = os.path.join(dest, ".nvfp4", "units")
+    while job.is_alive() and not (os.path.isdir(units) and os.listdir(units)):
+        time.sleep(0.02)
+    fs.rm([path for path in fs.find(source) if path.endswith(".safetensors")])
+    job.join(timeout=300)
+    assert not job.is_alive(), "the job hung"
+    code, stdout, stderr = result["run"]
+    assert code == 3, (stderr, stdout[-3000:])
+    errors = [line for line in stderr.splitlines() if line.startswith("nvfp4-ray: error:")]
+    assert len(errors) == 1 and "Traceback" not in stderr, stderr
+    assert not os.path.exists(os.path.join(dest, "_SUCCESS"))

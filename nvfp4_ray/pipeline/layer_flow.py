@@ -33,6 +33,7 @@ import ray
 from nvfp4_ray.calibration.expert_groups import expert_ranges
 from nvfp4_ray.io.tensors import LocalRead
 from nvfp4_ray.pipeline.device_memory import MAX_AHEAD, num_experts, unit_parts
+from nvfp4_ray.pipeline.part_streams import PartStreams
 from nvfp4_ray.pipeline.placement import Placement
 from nvfp4_ray.pipeline.plan import Plan
 from nvfp4_ray.pipeline.workers import copy_unit_task, read_ahead_task, read_tensors_task
@@ -59,14 +60,26 @@ def lost_worker_error(error: Exception) -> bool:
     return isinstance(error, LOST) or isinstance(getattr(error, "cause", None), LOST)
 
 
+def _raise_failed_load(ref) -> None:
+    """A load's error, unless its worker died (its stand-in loads the layer again). A load
+    whose read failed never ran: nothing else would report it, and the worker would wait
+    for the layer for ever."""
+    try:
+        ray.get(ref)
+    except Exception as exc:
+        if not lost_worker_error(exc):
+            raise
+
+
 @dataclass
 class _Layer:
     index: int
     quantize: bool  # its unit still has to be written: the owner quantizes it
     calibrating: bool = False  # held on the calibration workers' devices until calibrated
     reads: dict = field(default_factory=dict)  # node -> bundle ref, until every load finished
+    streams: dict = field(default_factory=dict)  # node -> its read part by part (part_streams.py)
     reading: int = 0  # reads in flight
-    loads: dict = field(default_factory=dict)  # worker -> load ref, while in flight
+    loads: dict = field(default_factory=dict)  # worker (or (worker, part)) -> load ref, while in flight
     loaded: bool = False  # its loads were submitted
     write: object = None  # the write's ref, while in flight
 
@@ -102,12 +115,13 @@ class LayerFlow:
         self.counted: set = set()  # (layer, node) read on that node, local: counted once
         self.reading_ahead = 0  # page-cache reads in flight
         self.reads_per_node: Counter = Counter()
-        self.pending: dict = {}  # ref -> (kind "read", "ahead", "load" or "write", layer, worker or node)
+        self.pending: dict = {}  # ref -> (kind "read", "ahead", "load", "part" or "write", layer, worker or node)
         self.copies: list = []  # the copy units' tasks, once the workers are up
         # MoE layers loaded in expert groups (device_memory.py): layer -> its tensors in parts
         # and the groups' ranges of experts; set once the workers' devices are known
         self.parts: dict[int, list[list]] = {}
         self.groups: dict[int, list[range]] = {}
+        self.streams = PartStreams(self)
 
     def split_experts(self, groups: int) -> None:
         """Load each MoE layer in ``groups`` expert groups (calibration/expert_groups.py)."""
@@ -147,7 +161,8 @@ class LayerFlow:
         local: bytes of the layers taken up whose loads have not all finished."""
         if self.local:
             return sum(self.units[i].nbytes for i, layer in self.layers.items() if not layer.loaded or layer.loads)
-        return sum(self.units[i].nbytes for i, layer in self.layers.items() if layer.reads and not layer.reading)
+        whole = sum(self.units[i].nbytes for i, layer in self.layers.items() if layer.reads and not layer.reading)
+        return whole + sum(self.streams.held_bytes(layer) for layer in self.layers.values())
 
     def tensors_on(self, node: str, tensors: list):
         """What a worker on ``node`` loads ``tensors`` from: a read into that node's object
@@ -174,7 +189,7 @@ class LayerFlow:
         parts = []
         for number, part in enumerate(self.parts[index]):
             names = [tensor.name for tensor in part]
-            tensor_names = {name: unit.spec.tensors[name] for name in names if name in unit.spec.tensors}
+            tensor_names = self.part_tensor_names(index, number)
             if read is None:
                 parts.append((LocalRead(source, part), None, tensor_names))
             elif isinstance(read, list):
@@ -182,6 +197,11 @@ class LayerFlow:
             else:  # read whole before the plan split it: the worker takes the part's tensors
                 parts.append((read, names, tensor_names))
         return actor.load_in_parts.remote(index, parts, keep, output)
+
+    def part_tensor_names(self, index: int, part: int) -> dict:
+        """Checkpoint name -> parameter name inside the layer, of one part's tensors."""
+        names = self.units[index].spec.tensors
+        return {t.name: names[t.name] for t in self.parts[index][part] if t.name in names}
 
     def read_into_page_cache(self, node: str, tensors: list) -> None:
         """Read ``tensors`` into ``node``'s page cache (local, with a read-ahead)."""
@@ -251,11 +271,13 @@ class LayerFlow:
             self.reads_per_node[node] += 1
 
     def _read_on(self, layer: _Layer, node: str) -> None:
-        read = layer.reads[node] = self.read_layer(node, layer.index)
-        for ref in read if isinstance(read, list) else [read]:
-            layer.reading += 1
-            self.pending[ref] = ("read", layer, node)
         self.reads_per_node[node] += 1
+        if layer.index in self.parts:  # split by the plan: read part by part
+            self.streams.read(layer, node)
+            return
+        read = layer.reads[node] = self.read_layer(node, layer.index)
+        layer.reading += 1
+        self.pending[read] = ("read", layer, node)
 
     def _loaders(self, layer: _Layer) -> list[int]:
         loaders = set(range(self.calibration_workers)) if self.calibrated(layer.index) else set()
@@ -263,20 +285,33 @@ class LayerFlow:
             loaders.add(self.owner(layer.index))
         return sorted(loaders)
 
-    def _load(self, layer: _Layer, workers: list[int]) -> None:
+    def _load(self, layer: _Layer, workers: list[int], again: bool = False) -> None:
+        """Load ``layer`` onto ``workers``; ``again``: onto a lost worker's stand-in."""
         unit = self.units[layer.index]
         for worker in workers:
             node = self.nodes[worker]
-            if self.local:
-                self._count_read(layer.index, node)
-            elif node not in layer.reads:
-                self._read_on(layer, node)
             keep = self.calibrated(layer.index) and worker < self.calibration_workers
             owner = layer.quantize and worker == self.owner(layer.index)
             output = (unit.spec, unit.file, unit.key, self.plan.config.dest) if owner else None  # quantized and written
-            ref = self.load_call(self.workers[worker], layer.index, layer.reads.get(node), keep, output)
-            layer.loads[worker] = ref
-            self.pending[ref] = ("load", layer, worker)
+            read, streamed = None, False
+            if self.local:
+                self._count_read(layer.index, node)
+            elif again and layer.index in self.parts and node not in layer.reads:
+                # every part read again for the new worker: a stream may have released the first ones
+                self.reads_per_node[node] += 1
+                read = self.read_layer(node, layer.index)
+            else:
+                if node not in layer.reads and node not in layer.streams:
+                    self._read_on(layer, node)
+                if node in layer.streams:
+                    self.streams.load(layer, worker, keep, output)
+                    streamed = True
+                else:
+                    read = layer.reads[node]
+            if not streamed:
+                ref = self.load_call(self.workers[worker], layer.index, read, keep, output)
+                layer.loads[worker] = ref
+                self.pending[ref] = ("load", layer, worker)
             layer.calibrating |= keep
             if owner:
                 layer.write = self.workers[worker].written.remote(layer.index)
@@ -305,10 +340,14 @@ class LayerFlow:
             if kind == "read":
                 layer.reading -= 1
                 continue
+            if kind in ("load", "part"):
+                _raise_failed_load(ref)
             if kind == "load":
                 del layer.loads[worker]
                 if not layer.loads:
                     layer.reads = {}
+            elif kind == "part":
+                self.streams.loaded(layer, worker, ref)
             else:
                 layer.write = None
                 try:
@@ -337,11 +376,14 @@ class LayerFlow:
                 del self.pending[ref]
                 if kind == "load":
                     del layer.loads[worker]
+                elif kind == "part":
+                    del layer.loads[next(key for key, value in layer.loads.items() if value == ref)]
                 else:
                     layer.write = None
+        self.streams.lost(worker)
         for layer in sorted(self.layers.values(), key=lambda layer: layer.index):
             redo = (layer.quantize and self.owner(layer.index) == worker and layer.write is None) or (
                 layer.calibrating and worker < self.calibration_workers
             )
             if layer.loaded and redo:
-                self._load(layer, [worker])
+                self._load(layer, [worker], again=True)

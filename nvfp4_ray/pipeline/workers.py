@@ -191,6 +191,8 @@ class LayerWorker:
         # Expert groups of layers loaded in parts on the device, and the most there may be
         self.group_room = threading.Condition()
         self.groups_limit, self.groups_held = 1, 0
+        self.part_outputs: dict[int, list] = {}  # layer -> quantized output of the parts loaded so far (load_part)
+        self.failed_parts: set[int] = set()  # layers a part of which failed to load
         self.gptq_steps = None  # pipeline/gptq_worker.py, on a GPTQ job's first step
         self.writes: dict[int, Future] = {}  # layer -> its unit's WrittenFile, once written
 
@@ -253,14 +255,25 @@ class LayerWorker:
         ``groups_limit`` groups are on the device; the output is written once all are done."""
         self._load(index, parts, keep, unit, in_parts=True)
 
-    def _load(self, index: int, parts: list, keep: bool, unit, in_parts: bool) -> None:
+    @ray.method(concurrency_group="load")
+    def load_part(self, index: int, part: int, count: int, tensors: TensorBundle, tensor_names: dict, keep: bool,
+                  unit=None) -> None:  # fmt: skip
+        """Part ``part`` of ``count`` of ``load_in_parts``, for a layer an object store delivers
+        a part at a time (part_streams.py); its unit is written after the last part."""
+        self._load(index, [(tensors, None, tensor_names)], keep, unit, in_parts=True, first=part, count=count)
+
+    def _load(self, index: int, parts: list, keep: bool, unit, in_parts: bool, first: int = 0, count: int | None = None) -> None:
         import torch
 
         from nvfp4_ray.layer_quantizer import quantize_layer, to_device_checked
 
-        output, slot, handed, part = [], None, False, 0
+        count = len(parts) if count is None else count
+        if index in self.failed_parts:  # an earlier part failed (load_part): nothing of the layer may be written
+            return
+        output = self.part_outputs.pop(index, []) if unit is not None else []  # the earlier parts' (load_part)
+        slot, handed, part = None, False, first
         try:
-            for part, (tensors, names, tensor_names) in enumerate(parts):
+            for part, (tensors, names, tensor_names) in enumerate(parts, start=first):
                 if keep and in_parts and part:
                     with self.group_room:
                         self.group_room.wait_for(lambda: self.groups_held < self.groups_limit)
@@ -282,7 +295,9 @@ class LayerWorker:
                     if unit is not None:
                         output += quantize_layer(unit[0], on_device, part=in_parts)  # on the device until written
                 del tensors, on_device  # a part's device copy is freed once run_layer is done with it
-            if unit is not None:
+            if unit is not None and part + 1 < count:  # load_part: more parts to come
+                self.part_outputs[index] = output
+            elif unit is not None:
                 ready = None
                 if self.device.type == "cuda":  # the write's copies wait for the quantization
                     ready = torch.cuda.Event()
@@ -290,7 +305,9 @@ class LayerWorker:
                 handed = True
                 self._write_behind(index, output, ready, *unit[1:])
         except BaseException as exc:
-            later = [self._slot((index, p)) for p in range(part + 1, len(parts))] if keep and in_parts else []
+            if in_parts:
+                self.failed_parts.add(index)
+            later = [self._slot((index, p)) for p in range(part + 1, count)] if keep and in_parts else []
             for failed in [slot, *later]:  # run_layer would wait for them
                 if failed is not None and not failed.ready.is_set():
                     failed.error = exc
