@@ -12,8 +12,9 @@ workers (worker_device=gpu); the GPU nodes join a few seconds after the job star
 as an autoscaler would add them.
 --gptq: quantize with GPTQ (--algorithm gptq).
 --gpus-per-node N: N fake GPUs on each node, so N workers share it (default 1).
---then JSON: after the job, the same job again on the same cluster with these QuantizeConfig
-fields changed (a JSON object), into DEST-then; its summary is the first's "then".
+--then JSON: after the job, the same job again on the same cluster for each JSON object of
+this list, with its QuantizeConfig fields changed, into DEST-then-<i>; their summaries are
+the first's "then".
 --workers N,N,...: one job after the other on the same cluster, job i with num_workers N_i
 (one worker per GPU node, so on N_i nodes) into DEST/workers-N_i; the last line is then a
 JSON list of their summaries (a cluster started once instead of once per job).
@@ -80,9 +81,10 @@ def main() -> None:
         summary = result
         summary["nodes"] = [node["NodeID"] for node in ray.nodes() if node["Alive"]]
         if "--then" in sys.argv[6:]:
-            changes = json.loads(sys.argv[sys.argv.index("--then") + 1])
-            then = QuantizeConfig(**{**config.model_dump(), "dest": dest + "-then", **changes})
-            summary["then"] = run_quantize(then, Events("json", stream=io.StringIO()))
+            summary["then"] = []
+            for i, changes in enumerate(json.loads(sys.argv[sys.argv.index("--then") + 1])):
+                then = QuantizeConfig(**{**config.model_dump(), "dest": f"{dest}-then-{i}", **changes})
+                summary["then"].append(run_quantize(then, Events("json", stream=io.StringIO())))
     finally:
         ray.shutdown()
         cluster.shutdown()

@@ -125,11 +125,11 @@ def test_ray_job_with_bad_input_fails_with_exit_code_2(ray_head, family_case, tm
 def test_simulated_cluster_of_two_nodes_with_two_gpus_each(family_case, bucket, tmp_path):
     """One worker per (fake) GPU, two on each node; each node reads every layer exactly once
     for its two workers; same bytes as one worker. DeepSeek-V3's layout: a dense first
-    layer, then MoE layers with shared experts, MLA. Then the same job from S3 with a
-    budget that holds the MoE layers in 4 expert groups only (calibration/expert_groups.py)
-    and a read-ahead of one layer, so that the layers read after the plan come part by part
-    (pipeline/part_streams.py), each part read once on a node for both its workers: the
-    same bytes, each layer still read once per node."""
+    layer, then MoE layers with shared experts, MLA. Then twice from S3 with a read-ahead
+    of one layer, so that the MoE layers read after the plan come a part at a time
+    (pipeline/part_streams.py), each part read once on a node for both its workers: taken
+    whole by the devices, and with a budget that holds the MoE layers in 4 expert groups
+    only (calibration/expert_groups.py). The same bytes, each layer read once per node."""
     import s3fs
     from test_expert_groups import budget_for
 
@@ -137,19 +137,20 @@ def test_simulated_cluster_of_two_nodes_with_two_gpus_each(family_case, bucket, 
     s3fs.S3FileSystem(skip_instance_cache=True).put(case.source + "/", f"{bucket}/src/", recursive=True)
     dest = str(tmp_path / "cluster")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([REPO, os.environ.get("PYTHONPATH", "")])}
-    then = {"source": f"s3://{bucket}/src", "device_memory_gib": budget_for(case, 4, tmp_path, workers=4), "prefetch_gib": 1e-9}
+    streamed = {"source": f"s3://{bucket}/src", "prefetch_gib": 1e-9}
+    grouped = {**streamed, "device_memory_gib": budget_for(case, 4, tmp_path, workers=4)}
     process = subprocess.run(
         [sys.executable, os.path.join(REPO, "tests", "simulated_cluster.py"), "2", case.source, dest, case.calibration, str(NUM_ROWS),
-         "--gpus-per-node", "2", "--then", json.dumps(then)],
+         "--gpus-per-node", "2", "--then", json.dumps([streamed, grouped])],
         capture_output=True, text=True, env=env, timeout=600,
     )  # fmt: skip
     assert process.returncode == 0, process.stderr[-3000:]
     summary = json.loads(process.stdout.strip().splitlines()[-1])
-    grouped = summary.pop("then")
-    assert grouped["device_memory"]["expert_groups"] == 4
+    then = summary.pop("then")
+    assert [result["device_memory"]["expert_groups"] for result in then] == [1, 4]
     single = str(tmp_path / "single")
     assert run_cli("quantize", *job_args(case, single))[0] == 0
-    for result, out in ((summary, dest), (grouped, dest + "-then")):
+    for result, out in ((summary, dest), (then[0], dest + "-then-0"), (then[1], dest + "-then-1")):
         layers = result["layers"]
         assert result["calibration_workers"] == 4
         reads = result["layer_reads_per_node"]

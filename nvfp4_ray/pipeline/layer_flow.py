@@ -33,7 +33,7 @@ import ray
 from nvfp4_ray.calibration.expert_groups import expert_ranges
 from nvfp4_ray.io.tensors import LocalRead
 from nvfp4_ray.pipeline.device_memory import MAX_AHEAD, num_experts, unit_parts
-from nvfp4_ray.pipeline.part_streams import PartStreams
+from nvfp4_ray.pipeline.part_streams import PARTS_HELD, PartStreams
 from nvfp4_ray.pipeline.placement import Placement
 from nvfp4_ray.pipeline.plan import Plan
 from nvfp4_ray.pipeline.workers import copy_unit_task, read_ahead_task, read_tensors_task
@@ -58,6 +58,10 @@ class WorkerLost(Exception):
 def lost_worker_error(error: Exception) -> bool:
     """Whether a call failed because a worker died (directly, or through a task input)."""
     return isinstance(error, LOST) or isinstance(getattr(error, "cause", None), LOST)
+
+
+def _largest(parts: list[list]) -> int:
+    return max(sum(tensor.entry.nbytes for tensor in part) for part in parts)
 
 
 def _raise_failed_load(ref) -> None:
@@ -124,12 +128,22 @@ class LayerFlow:
         self.streams = PartStreams(self)
 
     def split_experts(self, groups: int) -> None:
-        """Load each MoE layer in ``groups`` expert groups (calibration/expert_groups.py)."""
+        """Load each MoE layer in ``groups`` expert groups (calibration/expert_groups.py).
+        From an object store, a layer the device takes whole is still read in parts
+        (part_streams.py) when it is larger than what the read-ahead budget holds two of:
+        the worker puts the parts together on its device."""
         for index, unit in enumerate(self.units):
+            count = num_experts(unit)
             parts = unit_parts(unit, groups)
             if len(parts) > 1:
                 self.parts[index] = parts
-                self.groups[index] = expert_ranges(num_experts(unit), groups)
+                self.groups[index] = expert_ranges(count, groups)
+                continue
+            reading = 1
+            while not self.local and count and reading < count and _largest(unit_parts(unit, reading)) > self.budget / PARTS_HELD:
+                reading = min(2 * reading, count)
+            if reading > 1:
+                self.parts[index] = unit_parts(unit, reading)
 
     def start(self, workers: list, calibrate_from: int) -> None:
         """The workers are up; layers before ``calibrate_from`` already have statistics."""
@@ -196,7 +210,7 @@ class LayerFlow:
                 parts.append((read[number], None, tensor_names))
             else:  # read whole before the plan split it: the worker takes the part's tensors
                 parts.append((read, names, tensor_names))
-        return actor.load_in_parts.remote(index, parts, keep, output)
+        return actor.load_in_parts.remote(index, parts, keep, output, index not in self.groups)
 
     def part_tensor_names(self, index: int, part: int) -> dict:
         """Checkpoint name -> parameter name inside the layer, of one part's tensors."""

@@ -1,12 +1,13 @@
-"""MoE layers in expert groups, read from an object store a part at a time on each node.
+"""MoE layers read from an object store a part at a time on each node.
 
-A layer that the device plan loads in parts (calibration/expert_groups.py) and that the
-flow reads after the plan is known is read on each node part after part: at most
-PARTS_HELD of its parts are in the node's object store at once, and a part is released
-once every worker of the node that loads the layer has loaded it. A node then holds two
-expert groups of such a layer, not the whole of it (a DeepSeek-V3 layer is 22 GB in
-bf16, 11 GB in FP8). Each part reaches each worker in a call of its own
-(``LayerWorker.load_part``), in order; the worker writes the layer's unit after the last.
+A layer that the device plan loads in expert groups (calibration/expert_groups.py), or
+that is larger than two parts of the read-ahead budget, and that the flow reads after the
+plan is known, is read on each node part after part: at most PARTS_HELD of its parts are
+in the node's object store at once, and a part is released once every worker of the node
+that loads the layer has loaded it. A node then holds two parts of such a layer, not the
+whole of it (a DeepSeek-V3 layer is 22 GB in bf16, 11 GB in FP8). Each part reaches each
+worker in a call of its own (``LayerWorker.load_part``), in order; the worker writes the
+layer's unit after the last, and puts the parts of a layer it calibrates whole together.
 
 Layers read whole before the plan split them are loaded from that read
 (``LayerFlow.load_call``), and so are a replaced worker's layers (each part read again
@@ -85,6 +86,8 @@ class PartStreams:
         keep, output, _ = stream.loaders[worker]
         count = len(self.flow.parts[layer.index])
         tensor_names = self.flow.part_tensor_names(layer.index, part)
-        ref = self.flow.workers[worker].load_part.remote(layer.index, part, count, stream.held[part], tensor_names, keep, output)
+        merge = layer.index not in self.flow.groups  # parts for the reads only: one whole layer on the device
+        load = self.flow.workers[worker].load_part
+        ref = load.remote(layer.index, part, count, stream.held[part], tensor_names, keep, output, merge)
         layer.loads[(worker, part)] = ref
         self.flow.pending[ref] = ("part", layer, worker)

@@ -247,22 +247,24 @@ class LayerWorker:
         self._load(index, [(tensors, None, tensor_names)], keep, unit, in_parts=False)
 
     @ray.method(concurrency_group="load")
-    def load_in_parts(self, index: int, parts: list, keep: bool, unit=None) -> None:
+    def load_in_parts(self, index: int, parts: list, keep: bool, unit=None, merge: bool = False) -> None:
         """``load`` for a layer in parts (calibration/expert_groups.py): the tensors outside
         its routed experts, then each expert group; each part (tensors, names, tensor names).
         ``tensors``: as for ``load``, or a ref to them, read for the part or for the whole
         layer (``names`` then picks the part's). A kept group waits until fewer than
-        ``groups_limit`` groups are on the device; the output is written once all are done."""
-        self._load(index, parts, keep, unit, in_parts=True)
+        ``groups_limit`` groups are on the device; the output is written once all are done.
+        ``merge``: the parts are for the reads only; run_layer takes the layer whole."""
+        self._load(index, parts, keep, unit, in_parts=True, merge=merge)
 
     @ray.method(concurrency_group="load")
     def load_part(self, index: int, part: int, count: int, tensors: TensorBundle, tensor_names: dict, keep: bool,
-                  unit=None) -> None:  # fmt: skip
+                  unit=None, merge: bool = False) -> None:  # fmt: skip
         """Part ``part`` of ``count`` of ``load_in_parts``, for a layer an object store delivers
         a part at a time (part_streams.py); its unit is written after the last part."""
-        self._load(index, [(tensors, None, tensor_names)], keep, unit, in_parts=True, first=part, count=count)
+        self._load(index, [(tensors, None, tensor_names)], keep, unit, in_parts=True, first=part, count=count, merge=merge)
 
-    def _load(self, index: int, parts: list, keep: bool, unit, in_parts: bool, first: int = 0, count: int | None = None) -> None:
+    def _load(self, index: int, parts: list, keep: bool, unit, in_parts: bool, first: int = 0, count: int | None = None,
+              merge: bool = False) -> None:  # fmt: skip
         import torch
 
         from nvfp4_ray.layer_quantizer import quantize_layer, to_device_checked
@@ -274,11 +276,12 @@ class LayerWorker:
         slot, handed, part = None, False, first
         try:
             for part, (tensors, names, tensor_names) in enumerate(parts, start=first):
-                if keep and in_parts and part:
+                grouped = in_parts and not merge  # run_layer takes it a part at a time
+                if keep and grouped and part:
                     with self.group_room:
                         self.group_room.wait_for(lambda: self.groups_held < self.groups_limit)
                         self.groups_held += 1
-                slot = self._slot((index, part) if in_parts else index) if keep else None
+                slot = self._slot((index, part) if grouped else index) if keep else None
                 if isinstance(tensors, ray.ObjectRef):
                     tensors = ray.get(tensors)
                 if names is not None:
@@ -287,7 +290,8 @@ class LayerWorker:
                     with self.pieces_lock:  # the load thread's, but for the embedding (start)
                         on_device = to_device_checked(tensors, self.device, unit is not None, self.pieces)
                     if slot is not None:
-                        slot.tensors = {local: on_device[name] for name, local in tensor_names.items()}
+                        slot.tensors = {**(slot.tensors or {}), **{local: on_device[name] for name, local in tensor_names.items()}}
+                    if slot is not None and (not merge or part + 1 == count):  # merge: once all parts are there
                         if self.device.type == "cuda":
                             slot.event = torch.cuda.Event()
                             slot.event.record(self.load_stream)
@@ -307,7 +311,7 @@ class LayerWorker:
         except BaseException as exc:
             if in_parts:
                 self.failed_parts.add(index)
-            later = [self._slot((index, p)) for p in range(part + 1, count)] if keep and in_parts else []
+            later = [self._slot((index, p)) for p in range(part + 1, count)] if keep and in_parts and not merge else []
             for failed in [slot, *later]:  # run_layer would wait for them
                 if failed is not None and not failed.ready.is_set():
                     failed.error = exc
