@@ -175,8 +175,8 @@ def main(argv: list[str] | None = None) -> dict:
     )  # fmt: skip
     os.makedirs(args.out, exist_ok=True)
     stamp, model = record["date"][:16].replace(":", ""), record["model"].split("-", 2)[2]  # random-<family>-<model>
-    budget = "" if args.device_memory_gib is None else f"-budget{args.device_memory_gib:g}"
-    path = os.path.join(args.out, f"{stamp}-{slug(record['device'])}-{model}-{gpus}gpu{algorithm_suffix(args.algorithm)}{budget}.json")
+    suffix = algorithm_suffix(args.algorithm) + budget_suffix(args.device_memory_gib)
+    path = os.path.join(args.out, f"{stamp}-{slug(record['device'])}-{model}-{gpus}gpu{suffix}.json")
     with open(path, "w") as handle:
         json.dump(record, handle, indent=2)
         handle.write("\n")
@@ -301,8 +301,8 @@ def nvfp4_ray_run(source, calibration, work, samples, seq_len, gpus, make_cold, 
     from nvfp4_ray.pipeline.workers import PRELOAD_MODULES
 
     algorithm = options.get("algorithm", "rtn")
-    budget = f"-budget{options['device_memory_gib']:g}" if "device_memory_gib" in options else ""
-    dest = os.path.join(work, f"nvfp4-ray-{gpus}gpu" + ("-preloaded" if preload else "") + algorithm_suffix(algorithm) + budget)
+    suffix = algorithm_suffix(algorithm) + budget_suffix(options.get("device_memory_gib"))
+    dest = os.path.join(work, f"nvfp4-ray-{gpus}gpu" + ("-preloaded" if preload else "") + suffix)
     shutil.rmtree(dest, ignore_errors=True)  # units already at DEST would be reused, not computed
     config = QuantizeConfig(
         source=source, dest=dest, calibration=calibration, num_samples=samples, max_seq_len=seq_len, num_workers=gpus or None,
@@ -565,6 +565,11 @@ def model_name(shape: dict) -> str:
 def algorithm_suffix(algorithm: str) -> str:
     """What GPTQ runs add to file and folder names (round-to-nearest keeps the old names)."""
     return "" if algorithm == "rtn" else f"-{algorithm}"
+
+
+def budget_suffix(device_memory_gib: float | None) -> str:
+    """What a run with its own device memory budget adds to file and folder names."""
+    return "" if device_memory_gib is None else f"-budget{device_memory_gib:g}"
 
 
 def now_iso() -> str:

@@ -61,7 +61,8 @@ class DevicePlan:
 
 def num_experts(unit) -> int:
     """How many routed experts a layer unit holds (0: none)."""
-    return 1 + max((expert_of(tensor.name) for tensor in unit.tensors if expert_of(tensor.name) is not None), default=-1)
+    experts = [expert_of(tensor.name) for tensor in unit.tensors]
+    return 1 + max((expert for expert in experts if expert is not None), default=-1)
 
 
 def unit_parts(unit, groups: int) -> list[list]:

@@ -391,7 +391,7 @@ class LayerFlow:
                 if kind == "load":
                     del layer.loads[worker]
                 elif kind == "part":
-                    del layer.loads[next(key for key, value in layer.loads.items() if value == ref)]
+                    self.streams.forget(layer, ref)
                 else:
                     layer.write = None
         self.streams.lost(worker)

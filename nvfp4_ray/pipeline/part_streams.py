@@ -46,10 +46,15 @@ class PartStreams:
 
     def loaded(self, layer, worker: int, ref) -> None:
         """A part's load finished: release what every loader has, read and load the next."""
-        del layer.loads[next(key for key, value in layer.loads.items() if value == ref)]
+        self.forget(layer, ref)
         for node, stream in layer.streams.items():
             if worker in stream.loaders:
                 self._advance(layer, node)
+
+    @staticmethod
+    def forget(layer, ref) -> None:
+        """The part load ``ref`` is no longer in flight (``layer.loads`` keys: (worker, part))."""
+        del layer.loads[next(key for key, value in layer.loads.items() if value == ref)]
 
     def lost(self, worker: int) -> None:
         """``worker`` is gone: the parts it had yet to load no longer wait for it."""
