@@ -76,8 +76,8 @@ def abort_stale_uploads(dest: Store) -> int:
     """Abort multipart uploads of unit files and state under DEST that an earlier run left
     unfinished (killed, or its abort could not reach the store): invisible, but stored and
     billed; on a local DEST, remove such a run's temporary files. Called before this run
-    writes anything, so none of its own can be caught; names nvfp4-ray never writes are
-    left alone."""
+    writes anything, so none of its own can be caught, and once every unit is written, for
+    the writes of its workers that were lost; names nvfp4-ray never writes are left alone."""
 
     def ours(name: str) -> bool:
         return name.startswith(f"{STATE_DIR}/") or (name.startswith("model-") and name.endswith(".safetensors"))

@@ -89,6 +89,7 @@ def run_quantize(config: QuantizeConfig, events: Events) -> dict:
         report = _report(plan, execution, events, started)
         report.update(execution.report_fields())
         with events.stage("commit"):
+            _remove_unfinished_writes(config, events)
             small = checkpoint_files(plan, execution.files())
         quality = None
         if config.evaluate:  # before the commit: a finished DEST always has its quality report
@@ -102,6 +103,18 @@ def run_quantize(config: QuantizeConfig, events: Events) -> dict:
     report["total_s"] = round(time.monotonic() - started, 3)
     summary = {"status": "succeeded", "dest": _display(config.dest), "version": manifest["version"], **report}
     return {**summary, "quality": quality}
+
+
+def _remove_unfinished_writes(config: QuantizeConfig, events: Events) -> None:
+    """A worker lost in this run while it wrote a unit file left its temporary file (or, on
+    S3, an unfinished upload) at DEST; its replacement wrote the unit again under its own.
+    Every unit is written now and no worker of this run writes any more."""
+    from nvfp4_ray.io.destination import abort_stale_uploads
+    from nvfp4_ray.io.storage import Store
+
+    removed = abort_stale_uploads(Store(config.dest))
+    if removed:
+        events.info(f"removed {removed} unfinished writes of workers lost in this run", removed=removed)
 
 
 def _workers_first(config: QuantizeConfig) -> bool:
