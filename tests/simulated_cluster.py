@@ -5,7 +5,7 @@ so the job places one calibration worker per node. Used by tests/test_ray_jobs.p
 subprocess (a process can join only one Ray cluster).
 
 usage: simulated_cluster.py NODES SOURCE DEST CALIBRATION NUM_SAMPLES [--late-gpus] [--gptq] [--then JSON]
-                            [--gpus-per-node N] [--workers N,N,...]
+                            [--gpus-per-node N] [--workers N,N,...] [--kill-after LAYERS]
 
 --late-gpus: the cluster starts without any GPU node and the job asks for NODES GPU
 workers (worker_device=gpu); the GPU nodes join a few seconds after the job started,
@@ -18,6 +18,8 @@ the first's "then".
 --workers N,N,...: one job after the other on the same cluster, job i with num_workers N_i
 (one worker per GPU node, so on N_i nodes) into DEST/workers-N_i; the last line is then a
 JSON list of their summaries (a cluster started once instead of once per job).
+--kill-after LAYERS: kill -9 the process of one of the job's workers once LAYERS layers are
+calibrated (their statistics at DEST); the summary's "killed_at" is how many there were then.
 """
 
 import io
@@ -71,6 +73,9 @@ def main() -> None:
         result: dict = {}
         job = threading.Thread(target=lambda: result.update(run_quantize(config, Events("json", stream=io.StringIO()))))
         job.start()
+        killed_at = None
+        if "--kill-after" in sys.argv[6:]:
+            killed_at = kill_a_worker(dest, int(sys.argv[sys.argv.index("--kill-after") + 1]))
         if late:  # nodes join while the job waits for its placement group (main thread only)
             time.sleep(5)
             for _ in range(int(nodes)):
@@ -79,6 +84,8 @@ def main() -> None:
         if not result:
             raise SystemExit("the job failed")
         summary = result
+        if killed_at is not None:
+            summary["killed_at"] = killed_at
         summary["nodes"] = [node["NodeID"] for node in ray.nodes() if node["Alive"]]
         if "--then" in sys.argv[6:]:
             summary["then"] = []
@@ -89,6 +96,25 @@ def main() -> None:
         ray.shutdown()
         cluster.shutdown()
     print(json.dumps(summary))
+
+
+def kill_a_worker(dest: str, layers: int) -> int:
+    """SIGKILL one LayerWorker process once ``layers`` layers' statistics are at DEST."""
+    import signal
+
+    from ray.util.state import list_actors
+
+    folder = os.path.join(dest, ".nvfp4", "calibration")
+    calibrated = lambda: len([n for n in os.listdir(folder) if n.endswith(".json")]) if os.path.isdir(folder) else 0
+    deadline = time.time() + 300
+    while calibrated() < layers:
+        if time.time() > deadline:
+            raise SystemExit(f"{layers} layers were not calibrated in 300 s")
+        time.sleep(0.05)
+    actors = list_actors(filters=[("class_name", "=", "LayerWorker"), ("state", "=", "ALIVE")])
+    killed_at = calibrated()
+    os.kill(sorted(actor.pid for actor in actors)[0], signal.SIGKILL)
+    return killed_at
 
 
 if __name__ == "__main__":

@@ -186,18 +186,25 @@ def test_disk_full_fails_cleanly_and_resumes_elsewhere(family_case, mount_tmpfs,
     assert json.loads(stdout.strip().splitlines()[-1])["exit_code"] == 3
 
 
-def test_gptq_driver_killed_mid_run_resumes_byte_identical(smollm2, tmp_path):
-    """GPTQ solves each layer before the next one calibrates: a run killed after a few
-    layers resumes from the last hidden-state snapshot, keeps the unit files already
-    written, solves the rest and writes the bytes of an uninterrupted run. A random
-    8-layer Llama (1-2 s a layer here) gives the kill room."""
+@pytest.fixture(scope="module")
+def gptq_job(smollm2, tmp_path_factory):
+    """A random 8-layer Llama (1-2 s a GPTQ layer here: room for a kill mid-run), its
+    calibration file, and the output of an uninterrupted GPTQ run."""
     from models import build_model, random_rows, save_model, write_rows
 
-    source = save_model(build_model("llama", num_hidden_layers=8), str(tmp_path / "source"), smollm2)
-    calibration = write_rows(random_rows(6, 2048, seed=12), str(tmp_path / "calibration.parquet"))
-    clean = str(tmp_path / "clean")
+    folder = tmp_path_factory.mktemp("gptq")
+    source = save_model(build_model("llama", num_hidden_layers=8), str(folder / "source"), smollm2)
+    calibration = write_rows(random_rows(6, 2048, seed=12), str(folder / "calibration.parquet"))
+    clean = str(folder / "clean")
     quantize(source, clean, calibration, algorithm="gptq")
+    return source, calibration, clean
 
+
+def test_gptq_driver_killed_mid_run_resumes_byte_identical(gptq_job, tmp_path):
+    """GPTQ solves each layer before the next one calibrates: a run killed after a few
+    layers resumes from the last hidden-state snapshot, keeps the unit files already
+    written, solves the rest and writes the bytes of an uninterrupted run."""
+    source, calibration, clean = gptq_job
     dest = str(tmp_path / "out")
     command = [os.path.join(os.path.dirname(sys.executable), "nvfp4-ray"), "quantize", source, dest,
                "--calibration", calibration, "--num-samples", "6", "--max-seq-len", "64", "--algorithm", "gptq",
@@ -209,4 +216,26 @@ def test_gptq_driver_killed_mid_run_resumes_byte_identical(smollm2, tmp_path):
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert "resuming calibration at layer" in resumed.stderr
     assert json.loads(resumed.stdout.strip().splitlines()[-1])["units_reused"] > 0
+    assert_same_checkpoint(dest, clean)
+
+
+def test_gptq_worker_killed_on_a_two_node_cluster_restarts_every_worker(gptq_job, tmp_path):
+    """Two calibration workers on two simulated nodes, one of them killed mid-run: the job
+    goes on in the same run. The other worker's Hessians and solves of the layer needed the
+    lost one's, so both start again from the last hidden-state snapshot (the 3 kept ones:
+    after layers 1, 3 and 5). The bytes are those of the one-worker run (the default mode's Hessian sums
+    do not depend on how samples are split)."""
+    source, calibration, clean = gptq_job
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([repo, os.environ.get("PYTHONPATH", "")])}
+    dest = str(tmp_path / "cluster")
+    process = subprocess.run(
+        [sys.executable, os.path.join(repo, "tests", "simulated_cluster.py"), "2", source, dest, calibration, "6",
+         "--gptq", "--kill-after", "3"],
+        capture_output=True, text=True, env=env, timeout=600,
+    )  # fmt: skip
+    assert process.returncode == 0, process.stderr[-3000:]
+    summary = json.loads(process.stdout.strip().splitlines()[-1])
+    assert summary["calibration_workers"] == 2 and summary["killed_at"] < 8
+    assert summary["worker_replacements"] == 1
     assert_same_checkpoint(dest, clean)

@@ -116,13 +116,17 @@ class HessianBlocks:
 
 
 def reduce_partials(subtrees: list[tuple[int, int, torch.Tensor, torch.Tensor]], device: torch.device):
-    """The Hessian and count over all blocks from the workers' subtrees, added in the tree."""
+    """The Hessian and count over all blocks from the workers' subtrees, added in the tree.
+    Another worker's Hessian comes as a numpy array in the object store (read-only): it
+    is copied once, onto ``device``."""
     found = {(first, size): (hessian, count) for first, size, hessian, count in subtrees}
     blocks = max(first + size for first, size, _, _ in subtrees)
 
     def node(first: int, size: int):
         if (first, size) in found:
             hessian, count = found.pop((first, size))
+            if not isinstance(hessian, torch.Tensor):
+                hessian = torch.tensor(hessian, device=device)
             return hessian.to(device), count.to(device)
         if first >= blocks or size == 1:
             return None

@@ -169,9 +169,11 @@ class Execution:
                                        expert_groups=self.EXPERT_GROUPS)  # fmt: skip
         self.flow.ahead_loads = self.device_plan.ahead
         self.flow.split_experts(self.device_plan.expert_groups)
-        limits = (self.device_plan.writes_queued, 1 + self.device_plan.ahead)
-        self._get([worker.limit_memory.remote(*limits) for worker in self.workers])
+        self._get([worker.limit_memory.remote(*self._memory_limits()) for worker in self.workers])
         self.events.info("device memory planned", **self.device_plan.record())
+
+    def _memory_limits(self) -> tuple[int, int]:
+        return self.device_plan.writes_queued, 1 + self.device_plan.ahead
 
     def _algorithm_device_bytes(self, shares: list[list]) -> int:
         """Device bytes a worker needs beside the layers and activations (GPTQ's Hessians)."""
@@ -402,12 +404,9 @@ class Execution:
         calibration = self.calibration
         current = calibration.done_through + 1 if calibration is not None else None
         self.events.warning(f"worker {i} was lost; starting another", worker=i, calibrating_layer=current)
-        calibrates = i < self.calibration_workers
-        worker = self.workers[i] = _new_worker(self.placement, i)
-        if calibrates:
-            _configure(worker, self.config, self.plan.source.config)
-        node = self.placement.nodes[i] = self._get([worker.describe.remote()])[0]["node_id"]
-        if calibrates and calibration is not None and current < len(calibration.keys):
+        self._start_workers([i])
+        worker, node = self.workers[i], self.placement.nodes[i]
+        if i < self.calibration_workers and calibration is not None and current < len(calibration.keys):
             calibration.writing.clear()  # the lost worker's snapshots never finish
             calibration.digests.clear()
             self._start_calibration(calibration, [i], {})
@@ -419,6 +418,22 @@ class Execution:
                 self.flow.load_call(worker, layer, self.flow.read_layer(node, layer), True)
                 self._get([self._submit_layer(i, layer)])
         self.flow.replace_worker(i, worker, node)
+
+    def _start_workers(self, indices: list[int]) -> None:
+        """New workers in bundles ``indices`` (stand-ins for lost ones), set up as the job's
+        first ones were: the model for a calibration worker, the device plan's limits."""
+        for i in indices:
+            worker = self.workers[i] = _new_worker(self.placement, i)
+            if i < self.calibration_workers:
+                self._configure_calibration(worker)
+            if self.device_plan is not None:
+                worker.limit_memory.remote(*self._memory_limits())
+        infos = self._get([self.workers[i].describe.remote() for i in indices])
+        for i, info in zip(indices, infos):
+            self.placement.nodes[i] = info["node_id"]
+
+    def _configure_calibration(self, worker) -> None:
+        _configure(worker, self.config, self.plan.source.config)
 
     # ---- hidden-state snapshots ----------------------------------------------------
     def _wants_snapshot(self, index: int) -> str | None:

@@ -13,11 +13,13 @@ For each layer, in order:
      weights, which gives the next layer's inputs (and hidden-state snapshots).
 The layer's amax is persisted after its unit file: a resumed run finds, for every layer
 with statistics, its unit at DEST. It resumes from the last hidden-state snapshot and
-solves the layers after it again (the same bytes: their unit files are kept).
+solves the layers after it again (the same bytes: their unit files are kept). A worker
+lost during the job is handled the same way, in the same run: every calibration worker is
+started again from that snapshot (_restart_workers).
 
 Unit keys: the plan's (the source tensors and the GPTQ options) chained with the layer's
 calibration key (samples, every layer up to it, the device kind), since the Hessians
-depend on all of them. A lost worker fails the job; running it again resumes.
+depend on all of them.
 """
 
 from __future__ import annotations
@@ -25,13 +27,15 @@ from __future__ import annotations
 import math
 from dataclasses import replace
 
+import ray
+
 from nvfp4_ray.calibration.batches import make_batches
 from nvfp4_ray.calibration.hessians import block_size, blocks_of, device_bytes, reference_order
 from nvfp4_ray.errors import JobError
 from nvfp4_ray.io import destination
 from nvfp4_ray.io.storage import is_remote
-from nvfp4_ray.pipeline.driver import Execution, reference_drops_causal_mask
-from nvfp4_ray.pipeline.layer_flow import LayerFlow
+from nvfp4_ray.pipeline.driver import MAX_WORKER_REPLACEMENTS, Execution, reference_drops_causal_mask
+from nvfp4_ray.pipeline.layer_flow import LayerFlow, lost_worker_error
 from nvfp4_ray.pipeline.plan import digest
 
 
@@ -46,9 +50,14 @@ class GptqExecution(Execution):
         self.calibration_workers = min(placement.size, math.ceil(batches / self.block))
         self.options = plan.recipe.gptq
         self.fell_back: list[str] = []  # Linears whose Hessian was not positive definite
-        drop_mask = reference_drops_causal_mask(self.config, plan.source.config)
-        for worker in self.workers[: self.calibration_workers]:  # one sample per forward, no CUDA graphs:
-            worker.configure.remote(plan.source.config, False, drop_mask, False)  # batches in index order
+        for worker in self.workers[: self.calibration_workers]:
+            self._configure_calibration(worker)
+
+    def _configure_calibration(self, worker) -> None:
+        """One sample per forward, no CUDA graphs: batches in index order."""
+        source_config = self.plan.source.config
+        drop_mask = reference_drops_causal_mask(self.config, source_config)
+        worker.configure.remote(source_config, False, drop_mask, False)
 
     def _shares(self, batches: list) -> list[list]:
         """A contiguous run of whole blocks to each worker (so that it adds whole subtrees
@@ -122,6 +131,25 @@ class GptqExecution(Execution):
         return owners
 
     def _calibrate_layer(self, index: int) -> None:
+        """The layer's steps; a worker lost meanwhile (or while starting again) restarts every
+        calibration worker, and the layer is solved again."""
+        lost = None
+        while True:
+            try:
+                if lost is not None:
+                    self._restart_workers(index, lost)
+                self._solve_layer(index, pump=True)
+                return
+            except Exception as exc:
+                if not lost_worker_error(exc):
+                    raise
+                lost = exc
+
+    def _solve_layer(self, index: int, pump: bool) -> None:
+        """``pump``: drive the layer flow while the steps run (not while catching up after a
+        restart: the flow then still holds the lost workers' loads). No step waits on another
+        worker's step without taking its result as an argument: with a worker lost, every
+        call of the layer fails or finishes, and none waits for ever."""
         unit = self.plan.layer_units[index]
         spec, workers = unit.spec, self.workers[: self.calibration_workers]
         passes = [worker.gptq.remote("hessian_pass", index, spec, self.block) for worker in workers]
@@ -139,17 +167,55 @@ class GptqExecution(Execution):
         write = []
         if unit.key not in self.written:
             write = [workers[0].gptq.remote("write_unit", index, spec, unit.file, unit.key, self.config.dest, *shipped[0])]
-        staged = [worker.gptq.remote("stage", index, *shipped[w]) for w, worker in enumerate(workers)]
         snapshot = self._wants_snapshot(index)
-        propagate = [worker.run_layer.remote(index, [], [], snapshot, self.config.dest) for worker in workers]
-        self._wait([*passes, *fell_back, *staged, *propagate, *write])
+        propagate = [worker.gptq.remote("propagate", index, snapshot, self.config.dest, *shipped[w])
+                     for w, worker in enumerate(workers)]  # fmt: skip
+        if pump:
+            self._wait([*passes, *fell_back, *propagate, *write])
         amax, flags, propagated, written = (self._get(refs) for refs in (passes, fell_back, propagate, write))
         self._record(written)
-        self.fell_back += [f"{spec.module}.{local}" for group in flags for local in group]
+        self.fell_back += [name for group in flags for name in (f"{spec.module}.{local}" for local in group)
+                           if name not in self.fell_back]  # fmt: skip
         self._finish_layer(index, amax, snapshot, propagated)
 
+    def _restart_workers(self, index: int, error: Exception) -> None:
+        """Every calibration worker is started again from the last complete hidden-state
+        snapshot (or the embeddings) and solves the layers from there to ``index`` again, their
+        unit files kept: the bytes a resumed run gives. All of them, not only a stand-in for
+        the lost one: the others' Hessians and solves of the layer needed the lost one's
+        (they are gone with it), and every worker waits for the slowest at every layer anyway."""
+        self.replacements += 1
+        if self.replacements > MAX_WORKER_REPLACEMENTS:
+            raise JobError(f"workers failed {self.replacements} times; last: {type(error).__name__}")
+        calibration, workers = self.calibration, list(range(self.calibration_workers))
+        start = 0 if calibration.checkpoint is None else calibration.checkpoint + 1
+        self.events.warning(
+            f"a worker was lost while solving layer {index} ({type(error).__name__}); every calibration worker "
+            f"starts again, from layer {start}", calibrating_layer=index, from_layer=start,
+        )  # fmt: skip
+        for i in workers:
+            ray.kill(self.workers[i], no_restart=True)
+        calibration.writing.clear()  # the killed workers' snapshots never finish
+        calibration.digests.clear()
+        self._start_workers(workers)
+        self._start_calibration(calibration, workers, {})
+        if start and not self._restore_snapshot(calibration, workers):
+            start = 0
+            self._start_calibration(calibration, workers, {})  # the workers that restored theirs, too
+        nodes = [self.placement.nodes[i] for i in workers]
+        for layer in range(start, index):
+            for node in set(nodes):
+                self.extra_reads[node] += 1
+            reads = {node: self.flow.read_layer(node, layer) for node in set(nodes)}
+            self._get([self.flow.load_call(self.workers[i], layer, reads[nodes[i]], True) for i in workers])
+            self._solve_layer(layer, pump=False)
+        for i in workers:
+            self.flow.replace_worker(i, self.workers[i], nodes[i])
+
     def _replace_worker(self, i: int, error: Exception) -> None:
-        raise JobError(f"worker {i} was lost during GPTQ ({type(error).__name__}); run the same command again to resume")
+        """The flow reports a lost worker only through a unit write, and it writes none in a
+        GPTQ job; _calibrate_layer handles every loss."""
+        raise error
 
     def report_fields(self) -> dict:
         """The RTN fallbacks, and each step's seconds on the busiest worker (the propagation

@@ -8,9 +8,9 @@
                 tree, and its GPTQ solve with scales from the loaded weights
   write_unit    (one worker) the layer's unit file: the solved groups' tensors and the
                 layer's other tensors as loaded
-  stage         the layer with its solved weights, for run_layer to propagate through
-                (llm-compressor's propagate_error); the owner's solved weights never
-                left its device
+  propagate     its batches through the layer with the solved weights: the next layer's
+                inputs (llm-compressor's propagate_error), by run_layer; the owner's
+                solved weights never left its device
 """
 
 from __future__ import annotations
@@ -51,8 +51,10 @@ class GptqSteps:
         return {"amax": amax, "snapshots": []}
 
     def partials_of(self, index: int, group: str) -> list:
+        """As numpy arrays: Ray reads those in place from the object store, where a torch
+        tensor is pickled and copied (2.2x the rate on a 2-core VM; bench/transport_probe.py)."""
         assert index == self.index
-        return [(first, size, hessian.cpu(), count.cpu()) for first, size, hessian, count in self.partials.pop(group)]
+        return [(first, size, hessian.cpu().numpy(), count.cpu()) for first, size, hessian, count in self.partials.pop(group)]
 
     def solve(self, index: int, group_linears: list, options, ship: bool, *others: list) -> tuple[list, dict | None]:
         """``group_linears``: the group's LinearSpecs; ``others``: the other calibration
@@ -105,8 +107,10 @@ class GptqSteps:
         out.extend((name, self.tensors[local].cpu()) for name, local in spec.tensors.items() if name not in replaced)
         return write_unit(Store(dest_url), key, TensorShard(file_name, out))
 
-    def stage(self, index: int, *shipped: dict) -> None:
-        """Hand run_layer the layer with every solved weight in place of the loaded one."""
+    def propagate(self, index: int, snapshot: str | None, dest_url: str, *shipped: dict) -> dict:
+        """run_layer on the layer with every solved weight in place of the loaded one. One
+        call with the others' results as arguments: if a result is lost, Ray fails the call
+        instead of running it."""
         assert index == self.index
         tensors = dict(self.tensors)
         for local, (weight, _) in self._solved(shipped).items():
@@ -115,6 +119,7 @@ class GptqSteps:
         slot = self.worker._slot(index)
         slot.tensors = tensors
         slot.ready.set()
+        return self.worker.run_layer(index, [], [], snapshot, dest_url)
 
 
 def _portable(tensor):
