@@ -86,7 +86,7 @@ def main() -> None:
 
     import bench.layer_probe as probe
     from nvfp4_ray.layer_quantizer import quantize_layer, to_device_checked
-    from nvfp4_ray.pipeline.workers import PIECE_BYTES
+    from nvfp4_ray.pipeline.worker_loads import PIECE_BYTES
 
     probe.DEVICE = args.device
     if args.small:

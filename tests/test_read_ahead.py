@@ -141,6 +141,6 @@ def test_a_failed_read_ahead_is_left_to_the_real_read(tmp_path, ray_instance):
     own (Ray would log it as unhandled); the layer's real read reports it."""
     import ray
 
-    from nvfp4_ray.pipeline.workers import read_ahead_task
+    from nvfp4_ray.pipeline.unit_tasks import read_ahead_task
 
     assert ray.get(read_ahead_task.remote(str(tmp_path), [("gone.safetensors", 0, 1 << 20)])) is None

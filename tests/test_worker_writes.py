@@ -22,7 +22,8 @@ def test_quantized_layers_wait_for_a_slow_dest_at_most_writes_queued_deep(smollm
     from nvfp4_ray.io.storage import Store
     from nvfp4_ray.io.tensors import LocalRead
     from nvfp4_ray.pipeline.plan import build_plan, read_inputs
-    from nvfp4_ray.pipeline.workers import WRITES_QUEUED, LayerWorker
+    from nvfp4_ray.pipeline.worker_loads import WRITES_QUEUED
+    from nvfp4_ray.pipeline.workers import LayerWorker
 
     dest = f"s3://{bucket}/out"
     config = QuantizeConfig(source=smollm2, dest=dest, scheme="NVFP4A16")

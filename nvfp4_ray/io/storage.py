@@ -36,7 +36,7 @@ _SECRET_ENV = ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_ACCESS_KEY_ID"
 # so throughput comes from requests in flight. Remote pieces are sized to keep up to
 # _REMOTE_READERS in flight, but no smaller than 2 MiB, where a request's latency would
 # dominate its transfer. Local pieces of 16 MiB: a layer crosses to a GPU 64 MiB at a
-# time (workers.PIECE_BYTES), each read by four threads.
+# time (worker_loads.PIECE_BYTES), each read by four threads.
 _LOCAL_CHUNK = 16 << 20
 _LOCAL_READERS = 8
 _AHEAD_PIECE = 8 << 20

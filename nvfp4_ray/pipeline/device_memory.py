@@ -41,7 +41,7 @@ from nvfp4_ray.errors import InputError
 from nvfp4_ray.io.tensors import torch_dtype
 
 MAX_AHEAD = 2  # calibrated layers on a worker's device beyond the one it computes
-MAX_WRITES_QUEUED = 4  # quantized layers waiting for the write threads (workers.WRITES_QUEUED)
+MAX_WRITES_QUEUED = 4  # quantized layers waiting for the write threads (worker_loads.WRITES_QUEUED)
 _PACKED_BYTES = {"nvfp4-pack-quantized": 0.5625, "float-quantized": 1.0}  # per weight, scales included
 
 

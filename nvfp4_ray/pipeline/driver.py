@@ -34,7 +34,8 @@ from nvfp4_ray.pipeline.events import Events
 from nvfp4_ray.pipeline.layer_flow import LOST, LayerFlow, WorkerLost, lost_worker_error
 from nvfp4_ray.pipeline.placement import Placement
 from nvfp4_ray.pipeline.plan import Plan, calibration_keys, reference_drops_causal_mask, snapshot_layers
-from nvfp4_ray.pipeline.workers import LayerWorker, unwrap, write_unit
+from nvfp4_ray.pipeline.unit_tasks import unwrap, write_unit
+from nvfp4_ray.pipeline.workers import LayerWorker
 
 CALIBRATION_DIR = versions.CALIBRATION
 MAX_WORKER_REPLACEMENTS = 3

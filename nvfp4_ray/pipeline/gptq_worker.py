@@ -23,6 +23,7 @@ from nvfp4_ray.calibration.hessians import HessianBlocks, reduce_partials
 from nvfp4_ray.formats import gptq
 from nvfp4_ray.io.storage import Store
 from nvfp4_ray.io.tensors import TensorShard
+from nvfp4_ray.pipeline.unit_tasks import write_unit
 
 
 class GptqSteps:
@@ -96,8 +97,6 @@ class GptqSteps:
     def write_unit(self, index: int, spec, file_name: str, key: str, dest_url: str, *shipped: dict):
         """The unit file, as layer_quantizer.quantize_layer lays it out. ``shipped``: the
         results of the groups other workers solved."""
-        from nvfp4_ray.pipeline.workers import write_unit
-
         assert index == self.index
         results = self._solved(shipped)
         out, replaced = [], set()

@@ -36,7 +36,7 @@ from nvfp4_ray.pipeline.device_memory import MAX_AHEAD, num_experts, unit_parts
 from nvfp4_ray.pipeline.part_streams import PARTS_HELD, PartStreams
 from nvfp4_ray.pipeline.placement import Placement
 from nvfp4_ray.pipeline.plan import Plan
-from nvfp4_ray.pipeline.workers import copy_unit_task, read_ahead_task, read_tensors_task
+from nvfp4_ray.pipeline.unit_tasks import copy_unit_task, read_ahead_task, read_tensors_task
 
 # Layers being read at once: each read already keeps many requests in flight, and every
 # concurrent task is a worker process that Ray may have to start (seconds of CPU on a
