@@ -129,7 +129,8 @@ def test_simulated_cluster_of_two_nodes_with_two_gpus_each(family_case, bucket, 
     of one layer, so that the MoE layers read after the plan come a part at a time
     (pipeline/part_streams.py), each part read once on a node for both its workers: taken
     whole by the devices, and with a budget that holds the MoE layers in 4 expert groups
-    only (calibration/expert_groups.py). The same bytes, each layer read once per node."""
+    only (calibration/expert_groups.py); and from S3 with GPTQ, which reads its layers whole
+    (the same bytes as GPTQ on one worker). The same bytes, each layer read once per node."""
     import s3fs
     from test_expert_groups import budget_for
 
@@ -139,24 +140,32 @@ def test_simulated_cluster_of_two_nodes_with_two_gpus_each(family_case, bucket, 
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([REPO, os.environ.get("PYTHONPATH", "")])}
     streamed = {"source": f"s3://{bucket}/src", "prefetch_gib": 1e-9}
     grouped = {**streamed, "device_memory_gib": budget_for(case, 4, tmp_path, workers=4)}
+    gptq = {**streamed, "algorithm": "gptq"}
     process = subprocess.run(
         [sys.executable, os.path.join(REPO, "tests", "simulated_cluster.py"), "2", case.source, dest, case.calibration, str(NUM_ROWS),
-         "--gpus-per-node", "2", "--then", json.dumps([streamed, grouped])],
+         "--gpus-per-node", "2", "--then", json.dumps([streamed, grouped, gptq])],
         capture_output=True, text=True, env=env, timeout=600,
     )  # fmt: skip
     assert process.returncode == 0, process.stderr[-3000:]
     summary = json.loads(process.stdout.strip().splitlines()[-1])
     then = summary.pop("then")
-    assert [result["device_memory"]["expert_groups"] for result in then] == [1, 4]
-    single = str(tmp_path / "single")
+    assert [result["device_memory"]["expert_groups"] for result in then] == [1, 4, 1]
+    # layers 0 and 1 are read whole while the workers start, before the plan (two reads in
+    # flight: layer_flow.READING); the last MoE layer a part at a time, on each node; GPTQ
+    # reads whole layers (gptq_flow.STREAM_PARTS)
+    assert [result["layer_reads_in_parts"] for result in (summary, *then)] == [0, 2, 2, 0]
+    single, single_gptq = str(tmp_path / "single"), str(tmp_path / "single-gptq")
     assert run_cli("quantize", *job_args(case, single))[0] == 0
-    for result, out in ((summary, dest), (then[0], dest + "-then-0"), (then[1], dest + "-then-1")):
+    assert run_cli("quantize", *job_args(case, single_gptq), "--algorithm", "gptq")[0] == 0
+    outputs = [(summary, dest, single), *((result, f"{dest}-then-{i}", single) for i, result in enumerate(then[:2])),
+               (then[2], f"{dest}-then-2", single_gptq)]  # fmt: skip
+    for result, out, expected in outputs:
         layers = result["layers"]
         assert result["calibration_workers"] == 4
         reads = result["layer_reads_per_node"]
         assert sorted(reads) == sorted(summary["nodes"])  # every node took part
         assert all(count == layers for count in reads.values())  # once per layer per node, not per worker
-        assert load_tensors(out) == load_tensors(single)
+        assert load_tensors(out) == load_tensors(expected)
 
 
 @pytest.mark.usefixtures("ray_instance")

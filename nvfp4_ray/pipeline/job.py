@@ -194,6 +194,7 @@ def _report(plan, execution, events: Events, started: float) -> dict:
         "worker_startup_s": execution.startup,
         "worker_replacements": execution.replacements,
         "layer_reads_per_node": dict(sorted(execution.reads.items())),
+        "layer_reads_in_parts": execution.flow.reads_in_parts,
         "timings_s": {name: round(seconds, 3) for name, seconds in events.timings.items()},  # commit's comes after
         "elapsed_s": round(time.monotonic() - started, 3),
     }

@@ -119,6 +119,7 @@ class LayerFlow:
         self.counted: set = set()  # (layer, node) read on that node, local: counted once
         self.reading_ahead = 0  # page-cache reads in flight
         self.reads_per_node: Counter = Counter()
+        self.reads_in_parts = 0  # of those, read a part at a time (part_streams.py)
         self.pending: dict = {}  # ref -> (kind "read", "ahead", "load", "part" or "write", layer, worker or node)
         self.copies: list = []  # the copy units' tasks, once the workers are up
         # MoE layers loaded in expert groups (device_memory.py): layer -> its tensors in parts
@@ -127,11 +128,11 @@ class LayerFlow:
         self.groups: dict[int, list[range]] = {}
         self.streams = PartStreams(self)
 
-    def split_experts(self, groups: int) -> None:
+    def split_experts(self, groups: int, stream: bool = True) -> None:
         """Load each MoE layer in ``groups`` expert groups (calibration/expert_groups.py).
-        From an object store, a layer the device takes whole is still read in parts
-        (part_streams.py) when it is larger than what the read-ahead budget holds two of:
-        the worker puts the parts together on its device."""
+        From an object store, with ``stream``, a layer the device takes whole is still read
+        in parts (part_streams.py) when it is larger than what the read-ahead budget holds
+        two of: the worker puts the parts together on its device."""
         for index, unit in enumerate(self.units):
             count = num_experts(unit)
             parts = unit_parts(unit, groups)
@@ -140,7 +141,7 @@ class LayerFlow:
                 self.groups[index] = expert_ranges(count, groups)
                 continue
             reading = 1
-            while not self.local and count and reading < count and _largest(unit_parts(unit, reading)) > self.budget / PARTS_HELD:
+            while stream and not self.local and count and reading < count and _largest(unit_parts(unit, reading)) > self.budget / PARTS_HELD:
                 reading = min(2 * reading, count)
             if reading > 1:
                 self.parts[index] = unit_parts(unit, reading)
@@ -287,6 +288,7 @@ class LayerFlow:
     def _read_on(self, layer: _Layer, node: str) -> None:
         self.reads_per_node[node] += 1
         if layer.index in self.parts:  # split by the plan: read part by part
+            self.reads_in_parts += 1
             self.streams.read(layer, node)
             return
         read = layer.reads[node] = self.read_layer(node, layer.index)
