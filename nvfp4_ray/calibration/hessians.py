@@ -125,9 +125,8 @@ def reduce_partials(subtrees: list[tuple[int, int, torch.Tensor, torch.Tensor]],
     def node(first: int, size: int):
         if (first, size) in found:
             hessian, count = found.pop((first, size))
-            if not isinstance(hessian, torch.Tensor):
-                hessian = torch.tensor(hessian, device=device)
-            return hessian.to(device), count.to(device)
+            on_device = hessian.to(device) if isinstance(hessian, torch.Tensor) else torch.tensor(hessian, device=device)
+            return on_device, count.to(device)
         if first >= blocks or size == 1:
             return None
         left, right = node(first, size // 2), node(first + size // 2, size // 2)

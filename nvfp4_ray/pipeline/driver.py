@@ -121,9 +121,6 @@ class Execution:
     # ---- top level ---------------------------------------------------------------
     def run(self) -> None:
         plan = self.plan
-        aborted = destination.abort_stale_uploads(self.dest)
-        if aborted:
-            self.events.info(f"removed {aborted} unfinished writes an earlier run left at DEST", aborted=aborted)
         units = [(u.key, u.file) for u in plan.layer_units] + [(u.key, u.file) for u in plan.copy_units]
         for key, file_name in units:
             done = destination.load_done(self.dest, key, file_name)

@@ -45,6 +45,7 @@ class GptqExecution(Execution):
     # about 35 GPTQ jobs on the simulated cluster hung (two workers waiting for a layer's
     # parts, the others idle), a cause not found yet; round-to-nearest never did
     STREAM_PARTS = False
+
     def __init__(self, plan, placement, events, workers: list):
         if plan.config.exact:  # batch i is then the i-th sample llm-compressor runs
             plan.samples = [plan.samples[i] for i in reference_order(plan.samples)]
@@ -76,9 +77,6 @@ class GptqExecution(Execution):
 
     def run(self) -> None:
         plan = self.plan
-        aborted = destination.abort_stale_uploads(self.dest)
-        if aborted:
-            self.events.info(f"removed {aborted} unfinished writes an earlier run left at DEST", aborted=aborted)
         for unit in plan.copy_units:
             done = destination.load_done(self.dest, unit.key, unit.file)
             if done is not None:

@@ -83,13 +83,14 @@ def run_quantize(config: QuantizeConfig, events: Events) -> dict:
             if plan.recipe.gptq is not None:  # its own per-layer loop: calibrate, solve, propagate
                 from nvfp4_ray.pipeline.gptq_flow import GptqExecution as run_class
             execution = run_class(plan, placement, events, workers)
+            _remove_unfinished_writes(config, events, "an earlier run left at DEST")
             execution.run()
         finally:
             placement.release()
         report = _report(plan, execution, events, started)
         report.update(execution.report_fields())
         with events.stage("commit"):
-            _remove_unfinished_writes(config, events)
+            _remove_unfinished_writes(config, events, "of workers lost in this run")
             small = checkpoint_files(plan, execution.files())
         quality = None
         if config.evaluate:  # before the commit: a finished DEST always has its quality report
@@ -105,16 +106,16 @@ def run_quantize(config: QuantizeConfig, events: Events) -> dict:
     return {**summary, "quality": quality}
 
 
-def _remove_unfinished_writes(config: QuantizeConfig, events: Events) -> None:
-    """A worker lost in this run while it wrote a unit file left its temporary file (or, on
-    S3, an unfinished upload) at DEST; its replacement wrote the unit again under its own.
-    Every unit is written now and no worker of this run writes any more."""
+def _remove_unfinished_writes(config: QuantizeConfig, events: Events, left_by: str) -> None:
+    """Temporary files (on S3: unfinished uploads) at DEST: before the run writes anything,
+    those a killed earlier run left; once every unit is written, those of this run's workers
+    that were lost while writing (their stand-ins wrote the units again)."""
     from nvfp4_ray.io.destination import abort_stale_uploads
     from nvfp4_ray.io.storage import Store
 
     removed = abort_stale_uploads(Store(config.dest))
     if removed:
-        events.info(f"removed {removed} unfinished writes of workers lost in this run", removed=removed)
+        events.info(f"removed {removed} unfinished writes {left_by}", removed=removed)
 
 
 def _workers_first(config: QuantizeConfig) -> bool:
