@@ -54,6 +54,23 @@ def test_hessian_accumulates_exactly_as_llmcompressor():
     assert count.item() == expected_count.item() == 3
 
 
+def test_default_mode_adds_exact_products():
+    """add_products sums 2 x x^T with every product of two bf16 inputs exact: on small
+    integers, whose sums fp32 holds exactly, it is the float64 sum bit for bit, where
+    llm-compressor's (sqrt(2) x)(sqrt(2) x)^T rounds each product."""
+    generator = torch.Generator().manual_seed(5)
+    inputs = [torch.randint(-40, 41, (1, 9 + i, 64), generator=generator).to(torch.bfloat16) for i in range(4)]
+    exact = sum(2 * x[0].double().t() @ x[0].double() for x in inputs)
+    hessian, count = gptq.new_hessian(64, torch.device("cpu"))
+    rounded, _ = gptq.new_hessian(64, torch.device("cpu"))
+    for x in inputs:
+        gptq.add_products(hessian, count, x)
+        gptq.add_to_hessian(rounded, torch.zeros(()), x)
+    assert count.item() == 4
+    assert torch.equal(hessian.double(), exact)
+    assert not torch.equal(rounded.double(), exact)
+
+
 @pytest.mark.parametrize("rows, columns, block_size, ordered", [(24, 96, 32, True), (16, 80, 128, True), (40, 160, 48, False)])
 def test_solve_is_bit_identical_to_llmcompressor(rows, columns, block_size, ordered):
     generator = torch.Generator().manual_seed(rows + columns)

@@ -8,8 +8,10 @@ adds finished blocks pairwise as soon as both halves of an aligned node of the t
 done (blocks 0+1, then 2+3, then (0+1)+(2+3), ...), so it keeps at most log2(16) + 1 sums
 of a Linear input and ships its largest whole subtrees, one to four. The owner of a
 Linear adds the subtrees of every worker in the same tree. So the Hessian, and every byte
-after it, is the same on any number of workers and nodes; with a single block over the
-samples in llm-compressor's order (``--exact``) it is llm-compressor's sum itself.
+after it, is the same on any number of workers and nodes. The default mode's forwards add
+exact products of the bf16 inputs (gptq.add_products: on a GPU, its bf16 tensor cores,
+several times the fp32 rate). ``--exact``: a single block over the samples in
+llm-compressor's order, each forward added in its arithmetic: llm-compressor's sum itself.
 
 Fused siblings (q/k/v, gate/up) receive the same input, hence one Hessian per group,
 taken from its first Linear.
@@ -75,10 +77,12 @@ def blocks_of(batches: list, size: int) -> list[list]:
 
 
 class HessianBlocks:
-    def __init__(self, inputs: dict[str, int], block_size: int, device: torch.device):
+    def __init__(self, inputs: dict[str, int], block_size: int, device: torch.device, exact: bool = False):
         """``inputs``: the first Linear of each fused group (name inside the layer) -> its
-        in_features."""
+        in_features. ``exact``: each forward added as llm-compressor adds it; else with
+        exact products (gptq.add_products: on a GPU, the bf16 tensor cores)."""
         self.inputs, self.size, self.device = inputs, block_size, device
+        self.add_forward = gptq.add_to_hessian if exact else gptq.add_products
         self.current: dict[str, tuple[int, torch.Tensor, torch.Tensor]] = {}  # name -> block, hessian, count
         # name -> the finished aligned subtrees, oldest first: (first block, blocks, hessian, count)
         self.subtrees: dict[str, list[tuple[int, int, torch.Tensor, torch.Tensor]]] = {name: [] for name in inputs}
@@ -94,7 +98,7 @@ class HessianBlocks:
             if current is not None:
                 self._finish(name)
             current = self.current[name] = (block, *gptq.new_hessian(self.inputs[name], self.device))
-        gptq.add_to_hessian(current[1], current[2], x)
+        self.add_forward(current[1], current[2], x)
 
     def _finish(self, name: str) -> None:
         block, hessian, count = self.current.pop(name)

@@ -6,7 +6,8 @@ The steps, their order and their shapes are llm-compressor 0.14's (``modifiers/g
 tensors it sees there; the block update is its own ``gptq_block_update``:
 
 * Hessian: each forward adds ``(sqrt(2) x)(sqrt(2) x)^T`` over its tokens, in fp32, and
-  counts its sequences; the solve divides by the count.
+  counts its sequences; the solve divides by the count. (The default mode adds
+  ``2 x x^T`` instead, its products exact: ``add_products``.)
 * Scales come from the weights as loaded (``linear.weight_qparams``: fused siblings
   share the global scale), before any column is quantized.
 * Columns in order of descending Hessian diagonal (activation ordering "static", which
@@ -42,13 +43,32 @@ def new_hessian(in_features: int, device: torch.device) -> tuple[torch.Tensor, t
 
 
 def add_to_hessian(hessian: torch.Tensor, count: torch.Tensor, inputs: torch.Tensor) -> None:
-    """Add one forward's Linear input ([batch, tokens, in] or [tokens, in]) in place."""
+    """Add one forward's Linear input ([batch, tokens, in] or [tokens, in]) in place, as
+    llm-compressor does (--exact)."""
     if inputs.dim() == 2:
         inputs = inputs.unsqueeze(0)
     count += inputs.shape[0]
     inputs = inputs.reshape((-1, inputs.shape[-1])).t()
     inputs = math.sqrt(2) * inputs.to(dtype=PRECISION)
     hessian += inputs.matmul(inputs.t())
+
+
+def add_products(hessian: torch.Tensor, count: torch.Tensor, inputs: torch.Tensor) -> None:
+    """The default mode's sum: ``2 x x^T`` in place of ``(sqrt(2) x)(sqrt(2) x)^T``, the
+    same value rounded differently. A product of two bf16 (or fp16) inputs is exact in
+    fp32 (8 + 8, or 11 + 11, significant bits of 24), so on a GPU the half-precision
+    tensor cores compute them, summing in fp32, at several times the fp32 rate: the fp32
+    products bound llm-compressor's calibration pass (docs/gptq.md#speed). The factor 2
+    is exact. Elsewhere the same products in fp32."""
+    if inputs.dim() == 2:
+        inputs = inputs.unsqueeze(0)
+    count += inputs.shape[0]
+    x = inputs.reshape((-1, inputs.shape[-1]))
+    if x.is_cuda and x.dtype in (torch.bfloat16, torch.float16):
+        torch.addmm(hessian, x.t(), x, out_dtype=PRECISION, alpha=2, out=hessian)
+    else:
+        x = x.to(dtype=PRECISION)
+        hessian.addmm_(x.t(), x, alpha=2)
 
 
 @dataclass

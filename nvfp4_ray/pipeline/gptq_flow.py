@@ -154,7 +154,7 @@ class GptqExecution(Execution):
         call of the layer fails or finishes, and none waits for ever."""
         unit = self.plan.layer_units[index]
         spec, workers = unit.spec, self.workers[: self.calibration_workers]
-        passes = [worker.gptq.remote("hessian_pass", index, spec, self.block) for worker in workers]
+        passes = [worker.gptq.remote("hessian_pass", index, spec, self.block, self.config.exact) for worker in workers]
         owners = self._owners(spec.groups)
         ship = len(workers) > 1  # one worker keeps every result on its device
         solved = [
@@ -168,7 +168,9 @@ class GptqExecution(Execution):
         shipped = [[results for (_, results), owner in zip(solved, owners) if owner != w] for w in range(len(workers))]
         write = []
         if unit.key not in self.written:
-            write = [workers[0].gptq.remote("write_unit", index, spec, unit.file, unit.key, self.config.dest, *shipped[0])]
+            after = [passes[0], *fell_back]  # its pass took the layer; the solves are done (none: all ignored)
+            write = [workers[0].gptq_write.remote(index, spec, unit.file, unit.key, self.config.dest, len(after),
+                                                  *after, *shipped[0])]  # fmt: skip
         snapshot = self._wants_snapshot(index)
         propagate = [worker.gptq.remote("propagate", index, snapshot, self.config.dest, *shipped[w])
                      for w, worker in enumerate(workers)]  # fmt: skip

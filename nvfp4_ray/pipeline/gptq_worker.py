@@ -6,8 +6,8 @@
   partials_of   (the workers that do not own a group) its subtrees, on the host
   solve         (owner) the group's Hessian from its own subtrees and the others', in the
                 tree, and its GPTQ solve with scales from the loaded weights
-  write_unit    (one worker) the layer's unit file: the solved groups' tensors and the
-                layer's other tensors as loaded
+  write_unit    (one worker, in a write thread while it propagates) the layer's unit
+                file: the solved groups' tensors and the layer's other tensors as loaded
   propagate     its batches through the layer with the solved weights: the next layer's
                 inputs (llm-compressor's propagate_error), by run_layer; the owner's
                 solved weights never left its device
@@ -36,11 +36,12 @@ class GptqSteps:
         # seconds in each step, for the summary (the propagation pass is run_layer's)
         self.seconds = {"calibration_pass": 0.0, "reduction": 0.0, "solves": 0.0}
 
-    def hessian_pass(self, index: int, spec, block_size: int) -> dict:
+    def hessian_pass(self, index: int, spec, block_size: int, exact: bool) -> dict:
         worker = self.worker
         self.index, self.tensors = index, worker._take(index)
+        self.solved_here = {}  # the last layer's: its write and propagation are done
         inputs = {group[0].local: group[0].in_features for group in spec.groups}
-        blocks = HessianBlocks(inputs, block_size, worker.device)
+        blocks = HessianBlocks(inputs, block_size, worker.device, exact)
         attention = [a.local for a in spec.attention]
         began = time.monotonic()
         amax = worker.runner.run_layer(index, self.tensors, list(spec.recorded), attention, advance=False,
@@ -95,16 +96,25 @@ class GptqSteps:
         return results
 
     def write_unit(self, index: int, spec, file_name: str, key: str, dest_url: str, *shipped: dict):
-        """The unit file, as layer_quantizer.quantize_layer lays it out. ``shipped``: the
-        results of the groups other workers solved."""
+        """The unit file, as layer_quantizer.quantize_layer lays it out, from a write thread
+        (LayerWorker.gptq_write) while the propagation pass runs; on a GPU its tensors cross
+        to the host a chunk at a time, as the round-to-nearest writes do. ``shipped``: the
+        results of the groups other workers solved. The solves are done (their kernels
+        finished before they returned), and their results are kept until the next layer."""
         assert index == self.index
         results = self._solved(shipped)
         out, replaced = [], set()
         for linear in spec.linears:
-            out.extend((f"{linear.checkpoint}.{suffix}", t.cpu()) for suffix, t in results[linear.local][1].items())
+            out.extend((f"{linear.checkpoint}.{suffix}", t) for suffix, t in results[linear.local][1].items())
             replaced.add(f"{linear.checkpoint}.weight")
-        out.extend((name, self.tensors[local].cpu()) for name, local in spec.tensors.items() if name not in replaced)
-        return write_unit(Store(dest_url), key, TensorShard(file_name, out))
+        out.extend((name, self.tensors[local]) for name, local in spec.tensors.items() if name not in replaced)
+        worker = self.worker
+        copier = (None, None) if worker.device.type == "cpu" else worker.write_copiers.get()
+        try:
+            return write_unit(Store(dest_url), key, TensorShard(file_name, out, copier[0], None, copier[1]))
+        finally:
+            if copier[0] is not None:
+                worker.write_copiers.put(copier)
 
     def propagate(self, index: int, snapshot: str | None, dest_url: str, *shipped: dict) -> dict:
         """run_layer on the layer with every solved weight in place of the loaded one. One
@@ -114,7 +124,6 @@ class GptqSteps:
         tensors = dict(self.tensors)
         for local, (weight, _) in self._solved(shipped).items():
             tensors[f"{local}.weight"] = weight.to(self.worker.device)
-        self.solved_here = {}
         slot = self.worker._slot(index)
         slot.tensors = tensors
         slot.ready.set()

@@ -168,6 +168,14 @@ class LayerWorker(LayerLoads):
         self._compute_threads()
         return getattr(self.gptq_steps, step)(*args)
 
+    @ray.method(concurrency_group="write")
+    def gptq_write(self, index: int, spec, file_name: str, key: str, dest_url: str, after: int, *results):
+        """GPTQ's unit write (GptqSteps.write_unit) in a write thread, so that the propagation
+        pass runs meanwhile. ``results``: ``after`` results of the steps it follows (this
+        worker's pass, the layer's solves: Ray starts the call once they are done), then the
+        groups the other workers solved."""
+        return self.gptq_steps.write_unit(index, spec, file_name, key, dest_url, *results[after:])
+
     def _finished_snapshots(self, block: bool) -> list[tuple[str, dict]]:
         done = []
         for folder, future in list(self.snapshots.items()):
