@@ -55,6 +55,7 @@ class GptqExecution(Execution):
         self.calibration_workers = min(placement.size, math.ceil(batches / self.block))
         self.options = plan.recipe.gptq
         self.fell_back: list[str] = []  # Linears whose Hessian was not positive definite
+        self.unit_write: list = []  # the last layer's unit write, taken in after the next layer
         for worker in self.workers[: self.calibration_workers]:
             self._configure_calibration(worker)
 
@@ -166,17 +167,21 @@ class GptqExecution(Execution):
         fell_back = [flags for flags, _ in solved]
         # each worker gets the results of the groups the others solved (the driver never fetches them)
         shipped = [[results for (_, results), owner in zip(solved, owners) if owner != w] for w in range(len(workers))]
-        write = []
-        if unit.key not in self.written:
-            after = [passes[0], *fell_back]  # its pass took the layer; the solves are done (none: all ignored)
-            write = [workers[0].gptq_write.remote(index, spec, unit.file, unit.key, self.config.dest, len(after),
-                                                  *after, *shipped[0])]  # fmt: skip
         snapshot = self._wants_snapshot(index)
-        propagate = [worker.gptq.remote("propagate", index, snapshot, self.config.dest, *shipped[w])
+        writes = unit.key not in self.written
+        propagate = [worker.gptq.remote("propagate", index, snapshot, self.config.dest,
+                                        (spec, unit.file, unit.key) if writes and w == 0 else None, *shipped[w])
                      for w, worker in enumerate(workers)]  # fmt: skip
+        write = [workers[0].gptq_write.remote(index, self.config.dest, propagate[0])] if writes else []
+        # The write goes on beside the next layer's calibration pass, and is taken in after
+        # it; not after a layer with a hidden-state snapshot, nor the last layer: a snapshot's
+        # marker (where a resumed run starts) never goes before a unit of the layers before it
+        earlier, self.unit_write = self.unit_write, []
+        if snapshot is None and index < len(self.plan.layer_units) - 1:
+            self.unit_write, write = write, []
         if pump:
-            self._wait([*passes, *fell_back, *propagate, *write])
-        amax, flags, propagated, written = (self._get(refs) for refs in (passes, fell_back, propagate, write))
+            self._wait([*passes, *fell_back, *propagate, *earlier, *write])
+        amax, flags, propagated, written = (self._get(refs) for refs in (passes, fell_back, propagate, earlier + write))
         self._record(written)
         self.fell_back += [name for group in flags for name in (f"{spec.module}.{local}" for local in group)
                            if name not in self.fell_back]  # fmt: skip
@@ -200,6 +205,7 @@ class GptqExecution(Execution):
         for i in workers:
             ray.kill(self.workers[i], no_restart=True)
         calibration.writing.clear()  # the killed workers' snapshots never finish
+        self.unit_write = []  # lost, or done unrecorded: its layer (after the snapshot) is solved again
         calibration.digests.clear()
         self._start_workers(workers)
         self._start_calibration(calibration, workers, {})

@@ -6,11 +6,12 @@
   partials_of   (the workers that do not own a group) its subtrees, on the host
   solve         (owner) the group's Hessian from its own subtrees and the others', in the
                 tree, and its GPTQ solve with scales from the loaded weights
-  write_unit    (one worker, in a write thread while it propagates) the layer's unit
-                file: the solved groups' tensors and the layer's other tensors as loaded
   propagate     its batches through the layer with the solved weights: the next layer's
                 inputs (llm-compressor's propagate_error), by run_layer; the owner's
-                solved weights never left its device
+                solved weights never left its device. The writing worker keeps the unit
+                file's tensors: the solved groups' and the layer's others as loaded
+  write_unit    (one worker, in a write thread, beside the next layer's calibration
+                pass) the layer's unit file
 """
 
 from __future__ import annotations
@@ -33,13 +34,13 @@ class GptqSteps:
         self.tensors: dict = {}  # the layer as loaded: parameter name inside it -> device tensor
         self.partials: dict[str, list] = {}  # input name -> this worker's subtrees, on the device
         self.solved_here: dict[str, tuple] = {}  # local Linear name -> its solved weight and tensors, on the device
+        self.units: dict[int, tuple] = {}  # layer -> ((spec, file name, key), tensors) of a unit to write
         # seconds in each step, for the summary (the propagation pass is run_layer's)
         self.seconds = {"calibration_pass": 0.0, "reduction": 0.0, "solves": 0.0}
 
     def hessian_pass(self, index: int, spec, block_size: int, exact: bool) -> dict:
         worker = self.worker
         self.index, self.tensors = index, worker._take(index)
-        self.solved_here = {}  # the last layer's: its write and propagation are done
         inputs = {group[0].local: group[0].in_features for group in spec.groups}
         blocks = HessianBlocks(inputs, block_size, worker.device, exact)
         attention = [a.local for a in spec.attention]
@@ -95,19 +96,40 @@ class GptqSteps:
                            for local, (weight, tensors) in group.items())  # fmt: skip
         return results
 
-    def write_unit(self, index: int, spec, file_name: str, key: str, dest_url: str, *shipped: dict):
-        """The unit file, as layer_quantizer.quantize_layer lays it out, from a write thread
-        (LayerWorker.gptq_write) while the propagation pass runs; on a GPU its tensors cross
-        to the host a chunk at a time, as the round-to-nearest writes do. ``shipped``: the
-        results of the groups other workers solved. The solves are done (their kernels
-        finished before they returned), and their results are kept until the next layer."""
+    def propagate(self, index: int, snapshot: str | None, dest_url: str, unit: tuple | None, *shipped: dict) -> dict:
+        """run_layer on the layer with every solved weight in place of the loaded one. One
+        call with the others' results as arguments: if a result is lost, Ray fails the call
+        instead of running it. ``unit``: (spec, file name, key) of the unit file this worker
+        writes: its tensors are kept for write_unit."""
         assert index == self.index
         results = self._solved(shipped)
+        if unit is not None:
+            self.units[index] = (unit, self._unit_tensors(unit[0], results))
+        tensors = dict(self.tensors)
+        for local, (weight, _) in results.items():
+            tensors[f"{local}.weight"] = weight.to(self.worker.device)
+        self.solved_here = {}
+        slot = self.worker._slot(index)
+        slot.tensors = tensors
+        slot.ready.set()
+        return self.worker.run_layer(index, [], [], snapshot, dest_url)
+
+    def _unit_tensors(self, spec, results: dict) -> list:
+        """The unit file's tensors, as layer_quantizer.quantize_layer lays it out: the solved
+        groups' and the layer's other tensors as loaded (norms, router: small)."""
         out, replaced = [], set()
         for linear in spec.linears:
             out.extend((f"{linear.checkpoint}.{suffix}", t) for suffix, t in results[linear.local][1].items())
             replaced.add(f"{linear.checkpoint}.weight")
         out.extend((name, self.tensors[local]) for name, local in spec.tensors.items() if name not in replaced)
+        return out
+
+    def write_unit(self, index: int, dest_url: str):
+        """Layer ``index``'s unit file, kept by its propagate, from a write thread
+        (LayerWorker.gptq_write) while the next layer's calibration pass runs; on a GPU its
+        tensors cross to the host a chunk at a time, as the round-to-nearest writes do
+        (their kernels are done: the solves synchronized, and the propagation pass ran)."""
+        (_, file_name, key), out = self.units.pop(index)
         worker = self.worker
         copier = (None, None) if worker.device.type == "cpu" else worker.write_copiers.get()
         try:
@@ -115,19 +137,6 @@ class GptqSteps:
         finally:
             if copier[0] is not None:
                 worker.write_copiers.put(copier)
-
-    def propagate(self, index: int, snapshot: str | None, dest_url: str, *shipped: dict) -> dict:
-        """run_layer on the layer with every solved weight in place of the loaded one. One
-        call with the others' results as arguments: if a result is lost, Ray fails the call
-        instead of running it."""
-        assert index == self.index
-        tensors = dict(self.tensors)
-        for local, (weight, _) in self._solved(shipped).items():
-            tensors[f"{local}.weight"] = weight.to(self.worker.device)
-        slot = self.worker._slot(index)
-        slot.tensors = tensors
-        slot.ready.set()
-        return self.worker.run_layer(index, [], [], snapshot, dest_url)
 
 
 def _portable(tensor):

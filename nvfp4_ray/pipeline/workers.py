@@ -169,12 +169,11 @@ class LayerWorker(LayerLoads):
         return getattr(self.gptq_steps, step)(*args)
 
     @ray.method(concurrency_group="write")
-    def gptq_write(self, index: int, spec, file_name: str, key: str, dest_url: str, after: int, *results):
-        """GPTQ's unit write (GptqSteps.write_unit) in a write thread, so that the propagation
-        pass runs meanwhile. ``results``: ``after`` results of the steps it follows (this
-        worker's pass, the layer's solves: Ray starts the call once they are done), then the
-        groups the other workers solved."""
-        return self.gptq_steps.write_unit(index, spec, file_name, key, dest_url, *results[after:])
+    def gptq_write(self, index: int, dest_url: str, propagated: dict):
+        """GPTQ's unit write (GptqSteps.write_unit) in a write thread, beside the next layer's
+        calibration pass; ``propagated``: the layer's propagate on this worker, which kept
+        the unit's tensors (Ray starts the call once it is done)."""
+        return self.gptq_steps.write_unit(index, dest_url)
 
     def _finished_snapshots(self, block: bool) -> list[tuple[str, dict]]:
         done = []
