@@ -39,7 +39,7 @@ def main() -> None:
     reference_args = scheme.weights.model_copy()
     reference_args.actorder = ActivationOrdering.STATIC  # GPTQModifier's default, ours too
     generator = torch.Generator(device=device).manual_seed(0)
-    results = []
+    results, groups = [], []
     for name, outs, columns in SHAPES:
         x = torch.randn(args.tokens, columns, device=device, generator=generator)
         hessian, count = gptq.new_hessian(columns, device)
@@ -62,7 +62,42 @@ def main() -> None:
         equal = all(torch.equal(a.weight, b) for a, b in zip(ours, theirs))
         results.append({"group": name, "bit_identical": equal, "nvfp4_ray_s": round(ours_s, 3), "llmcompressor_s": round(theirs_s, 3)})
         log(json.dumps(results[-1]))
-    print(json.dumps({"device": str(torch.cuda.get_device_name() if device.type == "cuda" else "cpu"), "results": results}))
+        groups.append((weights, hessian, count))
+    record = {"device": str(torch.cuda.get_device_name() if device.type == "cuda" else "cpu"), "results": results}
+    if device.type == "cuda":
+        record["layer"] = _layer_solves(groups, scheme, device)
+    print(json.dumps(record))
+
+
+def _layer_solves(groups: list, scheme, device) -> dict:
+    """A layer's four solves one after the other (as a worker runs them now) against all four
+    at once, each in a thread of its own on a CUDA stream of its own: the seconds of each,
+    and whether the results are the same bits."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from nvfp4_ray.formats import gptq
+
+    def solve(group):
+        weights, hessian, count = group
+        with torch.cuda.stream(torch.cuda.Stream(device)):
+            result = gptq.solve_group(weights, hessian, count, scheme, 128, 0.01)
+            torch.cuda.current_stream().synchronize()
+        return result
+
+    _sync()
+    start = time.monotonic()
+    one_by_one = [gptq.solve_group(w, h, c, scheme, 128, 0.01) for w, h, c in groups]
+    _sync()
+    sequential_s = time.monotonic() - start
+    with ThreadPoolExecutor(len(groups)) as pool:
+        start = time.monotonic()
+        together = list(pool.map(solve, groups))
+        _sync()
+        concurrent_s = time.monotonic() - start
+    same = all(torch.equal(a.weight, b.weight) for x, y in zip(one_by_one, together) for a, b in zip(x, y))
+    result = {"sequential_s": round(sequential_s, 3), "concurrent_s": round(concurrent_s, 3), "bit_identical": same}
+    log(json.dumps(result))
+    return result
 
 
 if __name__ == "__main__":
