@@ -121,6 +121,29 @@ def test_ray_job_with_bad_input_fails_with_exit_code_2(ray_head, family_case, tm
     assert summary == {"status": "failed", "exit_code": 2, "error": f"SOURCE {tmp_path / 'missing'} does not exist"}
 
 
+def gptq_budget_with_no_layer_ahead(case, tmp_path, workers: int) -> float:
+    """GiB between the GPTQ plan's estimate with no layer loaded ahead and with one (two
+    queued writes; device_memory.plan_device): each layer is loaded only once the one before is done. Streamed layers
+    then have loads still to submit when their GPTQ steps come: Ray's in-order actor calls
+    deadlocked such jobs before the loads were all submitted first (gptq_flow._solve_layer)."""
+    from nvfp4_ray.calibration.batches import make_batches
+    from nvfp4_ray.calibration.hessians import block_size, blocks_of, device_bytes
+    from nvfp4_ray.config import QuantizeConfig
+    from nvfp4_ray.pipeline.device_memory import estimate
+    from nvfp4_ray.pipeline.plan import build_plan, read_inputs
+
+    config = QuantizeConfig(source=case.source, dest=str(tmp_path / "probe"), calibration=case.calibration,
+                            num_samples=NUM_ROWS, max_seq_len=64, algorithm="gptq")  # fmt: skip
+    plan = build_plan(config, read_inputs(config))
+    batches = make_batches(plan.samples, None)
+    blocks = blocks_of(batches, block_size(len(batches), False))
+    runs = [blocks[len(blocks) * w // workers : len(blocks) * (w + 1) // workers] for w in range(workers)]  # GptqExecution._shares
+    hessians = device_bytes([unit.spec.groups for unit in plan.layer_units], max(len(run) for run in runs))
+    text_config = plan.source.config.get("text_config") or plan.source.config
+    need = estimate(plan.layer_units, [[b for block in run for b in block] for run in runs], text_config, hessians)[0]
+    return (need(0, 2) + need(1, 2)) / 2 / 2**30
+
+
 @pytest.mark.usefixtures("ray_instance")
 def test_simulated_cluster_of_two_nodes_with_two_gpus_each(family_case, bucket, tmp_path):
     """One worker per (fake) GPU, two on each node; each node reads every layer exactly once
@@ -129,8 +152,9 @@ def test_simulated_cluster_of_two_nodes_with_two_gpus_each(family_case, bucket, 
     of one layer, so that the MoE layers read after the plan come a part at a time
     (pipeline/part_streams.py), each part read once on a node for both its workers: taken
     whole by the devices, and with a budget that holds the MoE layers in 4 expert groups
-    only (calibration/expert_groups.py); and from S3 with GPTQ, which reads its layers whole
-    (the same bytes as GPTQ on one worker). The same bytes, each layer read once per node."""
+    only (calibration/expert_groups.py); and from S3 with GPTQ, its MoE layer a part at a
+    time too, with no layer loaded ahead (the same bytes as GPTQ on one worker). The same
+    bytes, each layer read once per node."""
     import s3fs
     from test_expert_groups import budget_for
 
@@ -140,7 +164,7 @@ def test_simulated_cluster_of_two_nodes_with_two_gpus_each(family_case, bucket, 
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([REPO, os.environ.get("PYTHONPATH", "")])}
     streamed = {"source": f"s3://{bucket}/src", "prefetch_gib": 1e-9}
     grouped = {**streamed, "device_memory_gib": budget_for(case, 4, tmp_path, workers=4)}
-    gptq = {**streamed, "algorithm": "gptq"}
+    gptq = {**streamed, "algorithm": "gptq", "device_memory_gib": gptq_budget_with_no_layer_ahead(case, tmp_path, 4)}
     process = subprocess.run(
         [sys.executable, os.path.join(REPO, "tests", "simulated_cluster.py"), "2", case.source, dest, case.calibration, str(NUM_ROWS),
          "--gpus-per-node", "2", "--then", json.dumps([streamed, grouped, gptq])],
@@ -150,10 +174,10 @@ def test_simulated_cluster_of_two_nodes_with_two_gpus_each(family_case, bucket, 
     summary = json.loads(process.stdout.strip().splitlines()[-1])
     then = summary.pop("then")
     assert [result["device_memory"]["expert_groups"] for result in then] == [1, 4, 1]
+    assert then[2]["device_memory"]["layers_ahead"] == 0
     # layers 0 and 1 are read whole while the workers start, before the plan (two reads in
-    # flight: layer_flow.READING); the last MoE layer a part at a time, on each node; GPTQ
-    # reads whole layers (gptq_flow.STREAM_PARTS)
-    assert [result["layer_reads_in_parts"] for result in (summary, *then)] == [0, 2, 2, 0]
+    # flight: layer_flow.READING); the last MoE layer a part at a time, on each node
+    assert [result["layer_reads_in_parts"] for result in (summary, *then)] == [0, 2, 2, 2]
     single, single_gptq = str(tmp_path / "single"), str(tmp_path / "single-gptq")
     assert run_cli("quantize", *job_args(case, single))[0] == 0
     assert run_cli("quantize", *job_args(case, single_gptq), "--algorithm", "gptq")[0] == 0

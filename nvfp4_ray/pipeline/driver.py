@@ -97,7 +97,6 @@ def _configure(worker, config, model_config: dict) -> None:
 
 class Execution:
     EXPERT_GROUPS = True  # MoE layers larger than a device may load in expert groups (device_memory.py)
-    STREAM_PARTS = True  # from an object store, large MoE layers are read a part at a time (part_streams.py)
 
     def __init__(self, plan: Plan, placement: Placement, events: Events, workers: list):
         self.plan, self.placement, self.events = plan, placement, events
@@ -167,7 +166,7 @@ class Execution:
         self.device_plan = plan_device(plan.layer_units, shares, text_config, budget, self._algorithm_device_bytes(shares),
                                        expert_groups=self.EXPERT_GROUPS)  # fmt: skip
         self.flow.ahead_loads = self.device_plan.ahead
-        self.flow.split_experts(self.device_plan.expert_groups, self.STREAM_PARTS)
+        self.flow.split_experts(self.device_plan.expert_groups)
         self._get([worker.limit_memory.remote(*self._memory_limits()) for worker in self.workers])
         self.events.info("device memory planned", **self.device_plan.record())
 

@@ -41,10 +41,6 @@ from nvfp4_ray.pipeline.plan import digest
 
 class GptqExecution(Execution):
     EXPERT_GROUPS = False  # GPTQ's steps take whole layers: one that does not fit is refused
-    # Read whole from an object store too: with MoE layers streamed a part at a time, 2 of
-    # about 35 GPTQ jobs on the simulated cluster hung (two workers waiting for a layer's
-    # parts, the others idle), a cause not found yet; round-to-nearest never did
-    STREAM_PARTS = False
 
     def __init__(self, plan, placement, events, workers: list):
         if plan.config.exact:  # batch i is then the i-th sample llm-compressor runs
@@ -155,6 +151,16 @@ class GptqExecution(Execution):
         call of the layer fails or finishes, and none waits for ever."""
         unit = self.plan.layer_units[index]
         spec, workers = unit.spec, self.workers[: self.calibration_workers]
+        # Every load of the layer is submitted before its steps. A worker's calls go out in
+        # order, each once its arguments exist (Ray's in-order actor queue): a part's load
+        # submitted after this worker's solve or propagate, whose arguments come from the
+        # other workers' steps, would wait for them, while their hessian_pass waits for
+        # the layer on every worker, this one's last part included (the hang of streamed
+        # MoE layers, part_streams.py)
+        while pump and (loads := self.flow.loads_to_come(index)):
+            self._wait(loads)
+            self._poll(block=False)  # the finished loads taken in: the next parts' go out
+            self.flow.pump(self._current)
         passes = [worker.gptq.remote("hessian_pass", index, spec, self.block, self.config.exact) for worker in workers]
         owners = self._owners(spec.groups)
         ship = len(workers) > 1  # one worker keeps every result on its device
@@ -172,17 +178,23 @@ class GptqExecution(Execution):
         propagate = [worker.gptq.remote("propagate", index, snapshot, self.config.dest,
                                         (spec, unit.file, unit.key) if writes and w == 0 else None, *shipped[w])
                      for w, worker in enumerate(workers)]  # fmt: skip
-        write = [workers[0].gptq_write.remote(index, self.config.dest, propagate[0])] if writes else []
-        # The write goes on beside the next layer's calibration pass, and is taken in after
-        # it; not after a layer with a hidden-state snapshot, nor the last layer: a snapshot's
-        # marker (where a resumed run starts) never goes before a unit of the layers before it
         earlier, self.unit_write = self.unit_write, []
-        if snapshot is None and index < len(self.plan.layer_units) - 1:
-            self.unit_write, write = write, []
         if pump:
-            self._wait([*passes, *fell_back, *propagate, *earlier, *write])
-        amax, flags, propagated, written = (self._get(refs) for refs in (passes, fell_back, propagate, earlier + write))
+            self._wait([*passes, *fell_back, *propagate, *earlier])
+        amax, flags, propagated, written = (self._get(refs) for refs in (passes, fell_back, propagate, earlier))
         self._record(written)
+        if writes:
+            # Submitted once propagate kept the unit's tensors, with no argument to wait for:
+            # Ray sends a worker's calls in order, each once its arguments exist, and the
+            # loads the flow submits after it must not wait. It goes on beside the next
+            # layer's calibration pass, taken in after it; at once after a layer with a
+            # hidden-state snapshot and after the last layer: a snapshot's marker (where a
+            # resumed run starts) never goes before a unit of the layers before it
+            write = [workers[0].gptq_write.remote(index, self.config.dest)]
+            if snapshot is None and index < len(self.plan.layer_units) - 1:
+                self.unit_write = write
+            else:
+                self._record(self._get(self._wait(write) if pump else write))
         self.fell_back += [name for group in flags for name in (f"{spec.module}.{local}" for local in group)
                            if name not in self.fell_back]  # fmt: skip
         self._finish_layer(index, amax, snapshot, propagated)

@@ -128,11 +128,11 @@ class LayerFlow:
         self.groups: dict[int, list[range]] = {}
         self.streams = PartStreams(self)
 
-    def split_experts(self, groups: int, stream: bool = True) -> None:
+    def split_experts(self, groups: int) -> None:
         """Load each MoE layer in ``groups`` expert groups (calibration/expert_groups.py).
-        From an object store, with ``stream``, a layer the device takes whole is still read
-        in parts (part_streams.py) when it is larger than what the read-ahead budget holds
-        two of: the worker puts the parts together on its device."""
+        From an object store, a layer the device takes whole is still read in parts
+        (part_streams.py) when it is larger than what the read-ahead budget holds two of:
+        the worker puts the parts together on its device."""
         for index, unit in enumerate(self.units):
             count = num_experts(unit)
             parts = unit_parts(unit, groups)
@@ -141,7 +141,7 @@ class LayerFlow:
                 self.groups[index] = expert_ranges(count, groups)
                 continue
             reading = 1
-            while stream and not self.local and count and reading < count and _largest(unit_parts(unit, reading)) > self.budget / PARTS_HELD:
+            while not self.local and count and reading < count and _largest(unit_parts(unit, reading)) > self.budget / PARTS_HELD:
                 reading = min(2 * reading, count)
             if reading > 1:
                 self.parts[index] = unit_parts(unit, reading)
@@ -335,6 +335,16 @@ class LayerFlow:
         if not layer.loaded:
             self.loading += 1
         layer.loaded = True
+
+    def loads_to_come(self, index: int) -> list:
+        """The loads in flight of layer ``index`` while a worker has parts of it still to be
+        given (part_streams.py: a part's load is submitted once its read is); [] once every
+        load of the layer is submitted."""
+        layer = self.layers.get(index)
+        count = len(self.parts.get(index, ()))
+        if layer is None or not any(entry[2] < count for stream in layer.streams.values() for entry in stream.loaders.values()):
+            return []
+        return list(layer.loads.values())
 
     def busy(self) -> bool:
         return bool(self.layers) or self.next < len(self.todo)

@@ -169,10 +169,9 @@ class LayerWorker(LayerLoads):
         return getattr(self.gptq_steps, step)(*args)
 
     @ray.method(concurrency_group="write")
-    def gptq_write(self, index: int, dest_url: str, propagated: dict):
+    def gptq_write(self, index: int, dest_url: str):
         """GPTQ's unit write (GptqSteps.write_unit) in a write thread, beside the next layer's
-        calibration pass; ``propagated``: the layer's propagate on this worker, which kept
-        the unit's tensors (Ray starts the call once it is done)."""
+        calibration pass: submitted once the layer's propagate here kept its tensors."""
         return self.gptq_steps.write_unit(index, dest_url)
 
     def _finished_snapshots(self, block: bool) -> list[tuple[str, dict]]:
