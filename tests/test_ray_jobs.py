@@ -127,7 +127,7 @@ def gptq_budget_with_no_layer_ahead(case, tmp_path, workers: int) -> float:
     then have loads still to submit when their GPTQ steps come: Ray's in-order actor calls
     deadlocked such jobs before the loads were all submitted first (gptq_flow._solve_layer)."""
     from nvfp4_ray.calibration.batches import make_batches
-    from nvfp4_ray.calibration.hessians import block_size, blocks_of, device_bytes
+    from nvfp4_ray.calibration.hessians import block_size, blocks_of, device_bytes, worker_runs
     from nvfp4_ray.config import QuantizeConfig
     from nvfp4_ray.pipeline.device_memory import estimate
     from nvfp4_ray.pipeline.plan import build_plan, read_inputs
@@ -136,11 +136,11 @@ def gptq_budget_with_no_layer_ahead(case, tmp_path, workers: int) -> float:
                             num_samples=NUM_ROWS, max_seq_len=64, algorithm="gptq")  # fmt: skip
     plan = build_plan(config, read_inputs(config))
     batches = make_batches(plan.samples, None)
-    blocks = blocks_of(batches, block_size(len(batches), False))
-    runs = [blocks[len(blocks) * w // workers : len(blocks) * (w + 1) // workers] for w in range(workers)]  # GptqExecution._shares
-    hessians = device_bytes([unit.spec.groups for unit in plan.layer_units], max(len(run) for run in runs))
+    size = block_size(len(batches), False)
+    shares = worker_runs(batches, size, workers)  # as GptqExecution deals them
+    hessians = device_bytes([unit.spec.groups for unit in plan.layer_units], max(len(blocks_of(s, size)) for s in shares))
     text_config = plan.source.config.get("text_config") or plan.source.config
-    need = estimate(plan.layer_units, [[b for block in run for b in block] for run in runs], text_config, hessians)[0]
+    need = estimate(plan.layer_units, shares, text_config, hessians)[0]
     return (need(0, 2) + need(1, 2)) / 2 / 2**30
 
 

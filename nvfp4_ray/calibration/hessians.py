@@ -76,6 +76,14 @@ def blocks_of(batches: list, size: int) -> list[list]:
     return [ordered[i : i + size] for i in range(0, len(ordered), size)]
 
 
+def worker_runs(batches: list, size: int, workers: int) -> list[list]:
+    """A contiguous run of whole blocks (``size`` batches each) to each of ``workers``, so
+    that each adds whole subtrees of the tree, as even in blocks as can be: its batches."""
+    blocks = blocks_of(batches, size)
+    runs = [blocks[len(blocks) * w // workers : len(blocks) * (w + 1) // workers] for w in range(workers)]
+    return [[batch for block in run for batch in block] for run in runs]
+
+
 class HessianBlocks:
     def __init__(self, inputs: dict[str, int], block_size: int, device: torch.device, exact: bool = False):
         """``inputs``: the first Linear of each fused group (name inside the layer) -> its

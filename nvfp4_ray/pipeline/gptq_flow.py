@@ -30,7 +30,7 @@ from dataclasses import replace
 import ray
 
 from nvfp4_ray.calibration.batches import make_batches
-from nvfp4_ray.calibration.hessians import block_size, blocks_of, device_bytes, reference_order
+from nvfp4_ray.calibration.hessians import block_size, blocks_of, device_bytes, reference_order, worker_runs
 from nvfp4_ray.errors import JobError
 from nvfp4_ray.io import destination
 from nvfp4_ray.io.storage import is_remote
@@ -62,11 +62,7 @@ class GptqExecution(Execution):
         worker.configure.remote(source_config, False, drop_mask, False)
 
     def _shares(self, batches: list) -> list[list]:
-        """A contiguous run of whole blocks to each worker (so that it adds whole subtrees
-        of the tree), as even in blocks as can be."""
-        blocks, workers = blocks_of(batches, self.block), self.calibration_workers
-        runs = [blocks[len(blocks) * w // workers : len(blocks) * (w + 1) // workers] for w in range(workers)]
-        return [[batch for block in run for batch in block] for run in runs]
+        return worker_runs(batches, self.block, self.calibration_workers)
 
     def _algorithm_device_bytes(self, shares: list[list]) -> int:
         blocks = max((len(blocks_of(share, self.block)) for share in shares), default=1)

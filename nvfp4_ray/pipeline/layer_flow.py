@@ -341,10 +341,7 @@ class LayerFlow:
         given (part_streams.py: a part's load is submitted once its read is); [] once every
         load of the layer is submitted."""
         layer = self.layers.get(index)
-        count = len(self.parts.get(index, ()))
-        if layer is None or not any(entry[2] < count for stream in layer.streams.values() for entry in stream.loaders.values()):
-            return []
-        return list(layer.loads.values())
+        return list(layer.loads.values()) if layer is not None and self.streams.to_give(layer) else []
 
     def busy(self) -> bool:
         return bool(self.layers) or self.next < len(self.todo)

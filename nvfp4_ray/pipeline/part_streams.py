@@ -63,6 +63,11 @@ class PartStreams:
                 if stream.loaders.pop(worker, None) is not None:
                     self._advance(layer, node)
 
+    def to_give(self, layer) -> bool:
+        """Whether a worker still has parts of ``layer`` whose loads are not submitted yet."""
+        count = len(self.flow.parts.get(layer.index, ()))
+        return any(entry[2] < count for stream in layer.streams.values() for entry in stream.loaders.values())
+
     def held_bytes(self, layer) -> int:
         parts = self.flow.parts[layer.index] if layer.streams else []
         return sum(t.entry.nbytes for stream in layer.streams.values() for part in stream.held for t in parts[part])
