@@ -1,7 +1,9 @@
-"""GPTQ solves alone, on the machine's accelerator: nvfp4-ray's solve_group against
-llm-compressor 0.14's quantize_weight on the same weights and Hessians, at the 8B shapes
-(q/k/v and gate/up share a Hessian; o_proj; down_proj). Prints, per shape, whether the
-solved weights are bit-identical and the seconds of each.
+"""GPTQ solves alone, on the machine's accelerator: nvfp4-ray's solve_group, --exact and
+default mode, against llm-compressor 0.14's quantize_weight on the same weights and
+Hessians, at the 8B shapes (q/k/v and gate/up share a Hessian; o_proj; down_proj). Prints,
+per shape, whether --exact's solved weights are bit-identical, the seconds of each, the
+share of the default mode's packed codes equal to --exact's, and the two inverse
+factorizations (gptq.inverse_factor) timed alone with their error against float64.
 
     python -m bench.gptq_solve_probe [--tokens 4096]
 """
@@ -45,11 +47,8 @@ def main() -> None:
         hessian, count = gptq.new_hessian(columns, device)
         gptq.add_to_hessian(hessian, count, x.unsqueeze(0))
         weights = [(torch.randn(rows, columns, device=device, generator=generator) * 0.02).to(torch.bfloat16) for rows in outs]
-        _sync()
-        start = time.monotonic()
-        ours = gptq.solve_group(weights, hessian, count, scheme, 128, 0.01)
-        _sync()
-        ours_s = time.monotonic() - start
+        ours, ours_s = _timed(lambda: gptq.solve_group(weights, hessian, count, scheme, 128, 0.01, exact=True))
+        default, default_s = _timed(lambda: gptq.solve_group(weights, hessian, count, scheme, 128, 0.01, exact=False))
         global_scale, scales = linear.weight_qparams(weights, scheme.weights)
         start = time.monotonic()
         theirs = [
@@ -60,7 +59,10 @@ def main() -> None:
         _sync()
         theirs_s = time.monotonic() - start
         equal = all(torch.equal(a.weight, b) for a, b in zip(ours, theirs))
-        results.append({"group": name, "bit_identical": equal, "nvfp4_ray_s": round(ours_s, 3), "llmcompressor_s": round(theirs_s, 3)})
+        codes = [torch.cat([(a.tensors["weight_packed"] == b.tensors["weight_packed"]).flatten() for a, b in zip(ours, default)])]
+        results.append({"group": name, "bit_identical": equal, "nvfp4_ray_s": round(ours_s, 3), "llmcompressor_s": round(theirs_s, 3),
+                        "default_mode_s": round(default_s, 3), "default_mode_packed_bytes_equal": round(codes[0].float().mean().item(), 4),
+                        **_factorizations(hessian / count)})  # fmt: skip
         log(json.dumps(results[-1]))
         groups.append((weights, hessian, count))
     record = {"device": str(torch.cuda.get_device_name() if device.type == "cuda" else "cpu"), "results": results}
@@ -69,8 +71,30 @@ def main() -> None:
     print(json.dumps(record))
 
 
+def _timed(fn):
+    _sync()
+    start = time.monotonic()
+    result = fn()
+    _sync()
+    return result, time.monotonic() - start
+
+
+def _factorizations(normalized: torch.Tensor) -> dict:
+    """gptq.inverse_factor in both modes, seconds and relative error (Frobenius) of the
+    factor against the same steps in float64."""
+    from nvfp4_ray.formats import gptq
+
+    reference = gptq.inverse_factor(normalized.double(), 0.01, True, True).factor
+    out = {}
+    for mode, exact in (("exact", True), ("default", False)):
+        factor, seconds = _timed(lambda: gptq.inverse_factor(normalized.clone(), 0.01, True, exact).factor)
+        out[f"factor_{mode}_s"] = round(seconds, 4)
+        out[f"factor_{mode}_error"] = float((factor.double() - reference).norm() / reference.norm())
+    return out
+
+
 def _layer_solves(groups: list, scheme, device) -> dict:
-    """A layer's four solves one after the other (as a worker runs them now) against all four
+    """A layer's four default-mode solves one after the other (as a worker runs them) against all four
     at once, each in a thread of its own on a CUDA stream of its own: the seconds of each,
     and whether the results are the same bits."""
     from concurrent.futures import ThreadPoolExecutor
@@ -80,13 +104,13 @@ def _layer_solves(groups: list, scheme, device) -> dict:
     def solve(group):
         weights, hessian, count = group
         with torch.cuda.stream(torch.cuda.Stream(device)):
-            result = gptq.solve_group(weights, hessian, count, scheme, 128, 0.01)
+            result = gptq.solve_group(weights, hessian, count, scheme, 128, 0.01, exact=False)
             torch.cuda.current_stream().synchronize()
         return result
 
     _sync()
     start = time.monotonic()
-    one_by_one = [gptq.solve_group(w, h, c, scheme, 128, 0.01) for w, h, c in groups]
+    one_by_one = [gptq.solve_group(w, h, c, scheme, 128, 0.01, exact=False) for w, h, c in groups]
     _sync()
     sequential_s = time.monotonic() - start
     with ThreadPoolExecutor(len(groups)) as pool:

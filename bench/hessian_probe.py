@@ -72,6 +72,27 @@ def _tf32(hessian, count, inputs) -> None:
         torch.backends.cuda.matmul.allow_tf32 = previous
 
 
+def _lower_stripes(stripes: int):
+    """add_products' sum over ``stripes`` row stripes of the lower triangle only (the
+    diagonal blocks whole): (stripes + 1) / (2 stripes) of the products."""
+
+    def add(hessian, count, inputs) -> None:
+        count += inputs.shape[0]
+        x = inputs.reshape(-1, inputs.shape[-1])
+        n = x.shape[1]
+        edges = [n * i // stripes for i in range(stripes + 1)]
+        for a, b in zip(edges, edges[1:]):
+            out = hessian[a:b, :b]
+            torch.addmm(out, x[:, a:b].t(), x[:, :b], out_dtype=torch.float32, alpha=2, out=out)
+
+    return add
+
+
+def _batched(inputs: list[torch.Tensor], forwards: int) -> list[torch.Tensor]:
+    """``forwards`` forwards' inputs at a time, as one."""
+    return [torch.cat(inputs[i : i + forwards], dim=1) for i in range(0, len(inputs), forwards)]
+
+
 def main() -> None:
     from nvfp4_ray.formats import gptq
 
@@ -90,14 +111,24 @@ def main() -> None:
         methods = [("llmcompressor_fp32", gptq.add_to_hessian), ("exact_products", gptq.add_products)]
         if device.type == "cuda":
             methods += [("bf16_mm_then_add", _mm_then_add), ("tf32", _tf32)]
+        if device.type == "cuda":
+            methods += [(f"lower_stripes_{k}", _lower_stripes(k)) for k in (2, 4, 7)]
+            methods += [(f"batched_8_lower_stripes_{k}", _lower_stripes(k)) for k in (1, 2, 4, 7)]
         for name, add in methods:
+            batched = name.startswith("batched_8")
+            feed = _batched(inputs, 8) if batched else inputs
             try:
-                hessian, seconds = _run(add, inputs, columns, device)
+                hessian, seconds = _run(add, feed, columns, device)
+                if batched:
+                    seconds *= len(feed) / len(inputs)
             except Exception as exc:  # an API this torch lacks: recorded, the others go on
                 results.append({"in_features": columns, "method": name, "error": f"{type(exc).__name__}: {exc}"[:300]})
                 log(json.dumps(results[-1]))
                 continue
-            again, _ = _run(add, inputs, columns, device)
+            again, _ = _run(add, feed, columns, device)
+            if "lower_stripes" in name:  # the upper triangle from the lower, as HessianBlocks fills it
+                hessian = hessian.tril() + hessian.tril(-1).t()
+                again = again.tril() + again.tril(-1).t()
             error = hessian.double() - exact
             diagonal = (error.diagonal().abs() / exact.diagonal().abs()).max().item()
             flops = 2 * columns**2 * args.tokens

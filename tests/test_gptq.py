@@ -54,19 +54,23 @@ def test_hessian_accumulates_exactly_as_llmcompressor():
     assert count.item() == expected_count.item() == 3
 
 
-def test_default_mode_adds_exact_products():
+@pytest.mark.parametrize("stripes", [1, 3])
+def test_default_mode_adds_exact_products(stripes):
     """add_products sums 2 x x^T with every product of two bf16 inputs exact: on small
-    integers, whose sums fp32 holds exactly, it is the float64 sum bit for bit, where
-    llm-compressor's (sqrt(2) x)(sqrt(2) x)^T rounds each product."""
+    integers, whose sums fp32 holds exactly, it is the float64 sum bit for bit once
+    fill_upper has mirrored the lower triangle it sums, where llm-compressor's
+    (sqrt(2) x)(sqrt(2) x)^T rounds each product."""
     generator = torch.Generator().manual_seed(5)
     inputs = [torch.randint(-40, 41, (1, 9 + i, 64), generator=generator).to(torch.bfloat16) for i in range(4)]
     exact = sum(2 * x[0].double().t() @ x[0].double() for x in inputs)
     hessian, count = gptq.new_hessian(64, torch.device("cpu"))
     rounded, _ = gptq.new_hessian(64, torch.device("cpu"))
     for x in inputs:
-        gptq.add_products(hessian, count, x)
+        gptq.add_products(hessian, count, x, stripes)
         gptq.add_to_hessian(rounded, torch.zeros(()), x)
     assert count.item() == 4
+    assert torch.count_nonzero(hessian.triu(22)) == 0 if stripes == 3 else torch.equal(hessian.double(), exact)
+    gptq.fill_upper(hessian)
     assert torch.equal(hessian.double(), exact)
     assert not torch.equal(rounded.double(), exact)
 
@@ -83,7 +87,7 @@ def test_solve_is_bit_identical_to_llmcompressor(rows, columns, block_size, orde
     for x in inputs:
         gptq.add_to_hessian(hessian, count, x)
 
-    solved = gptq.solve_group(weights, hessian, count, NVFP4, block_size, 0.01, ordered)
+    solved = gptq.solve_group(weights, hessian, count, NVFP4, block_size, 0.01, ordered, exact=True)
 
     global_scale, qparams = linear.weight_qparams(weights, NVFP4.weights)
     for weight, (scale, _), result in zip(weights, qparams, solved):
@@ -97,18 +101,63 @@ def test_solve_is_bit_identical_to_llmcompressor(rows, columns, block_size, orde
     assert not torch.equal(rtn[0]["weight_packed"], solved[0].tensors["weight_packed"])
 
 
-def test_non_positive_definite_hessian_falls_back_to_round_to_nearest():
+@pytest.mark.parametrize("exact", [True, False])
+def test_non_positive_definite_hessian_falls_back_to_round_to_nearest(exact):
     generator = torch.Generator().manual_seed(3)
     weight = (torch.randn(16, 64, generator=generator) * 0.05).to(torch.bfloat16)
     hessian = -torch.eye(64) * 4  # negative definite: its Cholesky fails
     count = torch.tensor(2.0)
 
-    (result,) = gptq.solve_group([weight], hessian, count, NVFP4, 128, 0.01)
+    (result,) = gptq.solve_group([weight], hessian.clone(), count, NVFP4, 128, 0.01, exact=exact)
 
     global_scale, [(scale, _)] = linear.weight_qparams([weight], NVFP4.weights)
     expected, fell_back = reference_solve(weight, hessian, count, scale, global_scale, 128, 0.01)
     assert fell_back and result.fell_back
     assert torch.equal(result.weight.view(torch.int16), expected.view(torch.int16))
+
+
+def test_invert_lower_by_halves():
+    """The triangular inverse by halves (leaves of 16 columns here: three levels) is the
+    inverse, lower triangular, as a triangular solve against the identity gives it."""
+    generator = torch.Generator().manual_seed(8)
+    x = torch.randn(200, 90, generator=generator, dtype=torch.float64)
+    L = torch.linalg.cholesky(x.t() @ x)
+    inverse = L.clone()
+    gptq.invert_lower(inverse, leaf=16)
+    assert torch.equal(inverse, inverse.tril())
+    expected = torch.linalg.solve_triangular(L, torch.eye(90, dtype=torch.float64), upper=False)
+    assert torch.allclose(inverse, expected, rtol=1e-9, atol=1e-12)
+
+
+def test_default_mode_solve_is_gptq_with_one_factorization():
+    """The default mode's inverse factor (one Cholesky of the reversed Hessian) is
+    llm-compressor's (Cholesky, inverse, Cholesky) up to rounding, and its solve of the
+    stacked siblings loses as little as llm-compressor's, far less than round-to-nearest
+    (GPTQ's objective: the layer output's error, tr((W - Q) H (W - Q)^T))."""
+    columns = 160
+    generator = torch.Generator().manual_seed(11)
+    x = (torch.randn(1, 400, columns, generator=generator) * torch.linspace(0.2, 3, columns)).to(torch.bfloat16)
+    x[..., 9] = 0  # a dead column
+    hessian, count = gptq.new_hessian(columns, torch.device("cpu"))
+    gptq.add_products(hessian, count, x)
+    gptq.fill_upper(hessian)
+    factors = [gptq.inverse_factor(hessian / count, 0.01, True, exact) for exact in (True, False)]
+    assert torch.equal(factors[0].perm, factors[1].perm) and torch.equal(factors[0].dead, factors[1].dead)
+    assert not torch.equal(factors[0].factor, factors[1].factor)
+    assert torch.allclose(factors[0].factor, factors[1].factor, rtol=1e-4, atol=1e-5)
+
+    weights = [(torch.randn(rows, columns, generator=generator) * 0.05).to(torch.bfloat16) for rows in (48, 16, 16)]
+
+    def loss(quantized):
+        error = torch.cat([w.double() - q.double() for w, q in zip(weights, quantized)])
+        return torch.trace(error @ hessian.double() @ error.t()).item()
+
+    exact = [r.weight for r in gptq.solve_group(weights, hessian, count, NVFP4, 32, 0.01, exact=True)]
+    default = [r.weight for r in gptq.solve_group(weights, hessian, count, NVFP4, 32, 0.01, exact=False)]
+    nearest = [nvfp4.dequantize_weight(nvfp4.PackedWeight(**t)) for t in linear.quantize_group(weights, NVFP4)]
+    assert loss(default) < 1.02 * loss(exact) < 0.9 * loss(nearest)
+    for w, q in zip(weights, default):
+        assert torch.equal(q[:, 9], torch.zeros_like(q[:, 9]))  # the dead column
 
 
 @pytest.mark.parametrize("blocks", [16, 12, 7, 1])

@@ -121,9 +121,13 @@ class HessianBlocks:
             stack[-1] = (first, 2 * size, left, left_count)
 
     def partials(self) -> dict[str, list]:
-        """Every input's finished subtrees (first block, blocks, hessian, count), on the device."""
+        """Every input's finished subtrees (first block, blocks, hessian, count), on the
+        device, each symmetric (add_products sums the lower triangle)."""
         for name in list(self.current):
             self._finish(name)
+        if self.add_forward is gptq.add_products:
+            for _, _, hessian, _ in (subtree for subtrees in self.subtrees.values() for subtree in subtrees):
+                gptq.fill_upper(hessian)
         return self.subtrees
 
 

@@ -161,7 +161,7 @@ class GptqExecution(Execution):
         owners = self._owners(spec.groups)
         ship = len(workers) > 1  # one worker keeps every result on its device
         solved = [
-            workers[owner].gptq.options(num_returns=2).remote("solve", index, group, self.options, ship, *[
+            workers[owner].gptq.options(num_returns=2).remote("solve", index, group, self.options, self.config.exact, ship, *[
                 worker.gptq.remote("partials_of", index, group[0].local) for w, worker in enumerate(workers) if w != owner
             ])
             for group, owner in zip(spec.groups, owners)

@@ -59,8 +59,9 @@ class GptqSteps:
         assert index == self.index
         return [(first, size, hessian.cpu().numpy(), count.cpu()) for first, size, hessian, count in self.partials.pop(group)]
 
-    def solve(self, index: int, group_linears: list, options, ship: bool, *others: list) -> tuple[list, dict | None]:
-        """``group_linears``: the group's LinearSpecs; ``others``: the other calibration
+    def solve(self, index: int, group_linears: list, options, exact: bool, ship: bool, *others: list) -> tuple[list, dict | None]:
+        """``group_linears``: the group's LinearSpecs; ``exact``: llm-compressor's arithmetic
+        (gptq.solve_group); ``others``: the other calibration
         workers' subtrees of the group. The results stay on this device for this worker's
         write and propagation; ``ship``: also return them, on the host, for the others.
         -> (the Linears that fell back to round-to-nearest, local name -> (weight, tensors) or None)."""
@@ -75,7 +76,8 @@ class GptqSteps:
         reduced = time.monotonic()
         weights = [self.tensors[f"{linear.local}.weight"] for linear in group_linears]
         solved = gptq.solve_group(
-            weights, hessian, count, group_linears[0].scheme, options.block_size, options.dampening_frac, options.ordered
+            weights, hessian, count, group_linears[0].scheme, options.block_size, options.dampening_frac, options.ordered,
+            exact=exact,
         )
         self.solved_here.update((linear.local, (result.weight, result.tensors)) for linear, result in zip(group_linears, solved))
         shipped = None
