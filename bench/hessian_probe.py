@@ -1,11 +1,12 @@
 """GPTQ Hessian sums alone, on the machine's accelerator: llm-compressor's arithmetic
 (``add_to_hessian``: fp32 products of sqrt(2) x, ``--exact``) against the default mode's
 (``add_products``: exact products of the bf16 inputs, on a GPU by its bf16 tensor cores,
-summed in fp32), both against the float64 sum of the same products, at the 8B shapes
-(in_features 4096 and 14336), one forward of ``--tokens`` tokens at a time as a
-calibration pass adds them. Prints, per shape, each method's seconds per forward, its
-relative error (Frobenius norm, and the largest on the diagonal) and whether two runs gave
-the same bits.
+summed in fp32, the lower triangle by row stripes), both against the float64 sum of the
+same products, at the 8B shapes (in_features 4096 and 14336), one forward of ``--tokens``
+tokens at a time as a calibration pass adds them. On a GPU also other arithmetic, other
+stripe counts, and 8 forwards' tokens in one product ("batched_8": less accurate, not
+used). Prints, per shape, each method's seconds per forward, its relative error
+(Frobenius norm, and the largest on the diagonal) and whether two runs gave the same bits.
 
     python -m bench.hessian_probe [--tokens 1024] [--forwards 16]
 """
@@ -73,19 +74,11 @@ def _tf32(hessian, count, inputs) -> None:
 
 
 def _lower_stripes(stripes: int):
-    """add_products' sum over ``stripes`` row stripes of the lower triangle only (the
-    diagonal blocks whole): (stripes + 1) / (2 stripes) of the products."""
+    """add_products at ``stripes`` row stripes of the lower triangle (the diagonal blocks
+    whole): (stripes + 1) / (2 stripes) of the products; 1 is the whole product."""
+    from nvfp4_ray.formats import gptq
 
-    def add(hessian, count, inputs) -> None:
-        count += inputs.shape[0]
-        x = inputs.reshape(-1, inputs.shape[-1])
-        n = x.shape[1]
-        edges = [n * i // stripes for i in range(stripes + 1)]
-        for a, b in zip(edges, edges[1:]):
-            out = hessian[a:b, :b]
-            torch.addmm(out, x[:, a:b].t(), x[:, :b], out_dtype=torch.float32, alpha=2, out=out)
-
-    return add
+    return lambda hessian, count, inputs: gptq.add_products(hessian, count, inputs, stripes)
 
 
 def _batched(inputs: list[torch.Tensor], forwards: int) -> list[torch.Tensor]:
@@ -112,7 +105,7 @@ def main() -> None:
         if device.type == "cuda":
             methods += [("bf16_mm_then_add", _mm_then_add), ("tf32", _tf32)]
         if device.type == "cuda":
-            methods += [(f"lower_stripes_{k}", _lower_stripes(k)) for k in (2, 4, 7)]
+            methods += [(f"lower_stripes_{k}", _lower_stripes(k)) for k in (1, 2, 4, 7)]
             methods += [(f"batched_8_lower_stripes_{k}", _lower_stripes(k)) for k in (1, 2, 4, 7)]
         for name, add in methods:
             batched = name.startswith("batched_8")
@@ -126,9 +119,9 @@ def main() -> None:
                 log(json.dumps(results[-1]))
                 continue
             again, _ = _run(add, feed, columns, device)
-            if "lower_stripes" in name:  # the upper triangle from the lower, as HessianBlocks fills it
-                hessian = hessian.tril() + hessian.tril(-1).t()
-                again = again.tril() + again.tril(-1).t()
+            if "stripes" in name or name == "exact_products":  # the upper triangle from the lower, as HessianBlocks fills it
+                gptq.fill_upper(hessian)
+                gptq.fill_upper(again)
             error = hessian.double() - exact
             diagonal = (error.diagonal().abs() / exact.diagonal().abs()).max().item()
             flops = 2 * columns**2 * args.tokens
