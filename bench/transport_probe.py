@@ -9,7 +9,7 @@ cluster started with several nodes (ray start), the actors go to different nodes
 --gpu: each actor takes half of the machine's GPU, so a Hessian goes device -> host ->
 object store -> host -> device, as between two GPU workers of one node.
 --numpy: the Hessians travel as numpy arrays (which Ray reads in place from the object
-store) instead of torch tensors (pickled and copied, as gptq_worker ships them).
+store), as gptq_worker ships them, instead of torch tensors (pickled and copied).
 The record is rewritten after every transfer (a run cut short keeps what it measured).
 """
 
