@@ -18,17 +18,16 @@ import json
 import math
 import time
 from collections import Counter
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 
 import ray
 
 from nvfp4_ray.calibration.batches import deal, make_batches
 from nvfp4_ray.errors import JobError
-from nvfp4_ray.io import destination, versions
+from nvfp4_ray.io import destination
 from nvfp4_ray.io.storage import Store, is_remote
 from nvfp4_ray.io.tensors import TensorShard, WrittenFile, torch_dtype
 from nvfp4_ray.layer_quantizer import scale_tensors
+from nvfp4_ray.pipeline.calibration_state import CALIBRATION_DIR, Calibration, Persister, resume_point
 from nvfp4_ray.pipeline.device_memory import plan_device
 from nvfp4_ray.pipeline.events import Events
 from nvfp4_ray.pipeline.layer_flow import LOST, LayerFlow, WorkerLost, lost_worker_error
@@ -37,29 +36,7 @@ from nvfp4_ray.pipeline.plan import Plan, calibration_keys, reference_drops_caus
 from nvfp4_ray.pipeline.unit_tasks import unwrap, write_unit
 from nvfp4_ray.pipeline.workers import LayerWorker
 
-CALIBRATION_DIR = versions.CALIBRATION
 MAX_WORKER_REPLACEMENTS = 3
-
-
-@dataclass
-class Calibration:
-    shares: list[list]  # batches of each calibration worker
-    keys: list[str]  # per layer
-    first: int  # first layer whose statistics must be computed
-    checkpoint: int | None  # last layer whose hidden states are complete at DEST
-    devices: list[str]
-    kept: set[int]  # layers whose hidden states are kept after the commit
-    tokens: int = 0
-    compute_s: float = 0.0  # the busiest worker's seconds inside run_layer
-    load_wait_s: float = 0.0  # of compute_s, the longest wait for a layer's load (read and copy)
-    snapshot_write_s: float = 0.0  # the slowest worker's seconds writing snapshots (beside the layers)
-    cuda_graphs: bool = False  # every worker replayed its layers as CUDA graphs to the end
-    max_layers_held: int = 0  # the most calibrated layers a worker's device held at once
-    gptq_s: dict = field(default_factory=dict)  # GPTQ step -> the busiest worker's seconds in it
-    last_checkpoint_time: float = field(default_factory=time.monotonic)
-    writing: dict[int, int] = field(default_factory=dict)  # snapshot layer -> workers still writing it
-    digests: dict[int, dict] = field(default_factory=dict)  # snapshot layer -> file -> sha256, so far
-    done_through: int = -1  # the last layer calibrated
 
 
 def calibration_worker_count(workers: int, config, samples) -> int:
@@ -114,25 +91,40 @@ class Execution:
         self.calibration_workers = calibration_worker_count(placement.size, self.config, plan.samples)
         self.scales: WrittenFile | None = None
         self.device_plan = None  # layers ahead and writes queued, once the workers' devices are known
-        self.persisting = ThreadPoolExecutor(1, thread_name_prefix="persist")
-        self.persisted: list = []
+        self.persist = Persister()  # calibration state to DEST, in order (calibration_state.py)
 
     # ---- top level ---------------------------------------------------------------
     def run(self) -> None:
+        self._set_up()
+        self._run_layers()
+
+    def _run_layers(self) -> None:
+        """The layers, the copy units, the input scales."""
+        with self.events.stage("layers"):
+            self._layer_loop()
+        with self.events.stage("copy"):  # the copy units' tasks started with the flow
+            for written in self._get(self.flow.copies):
+                self._record([written])
+        if self.calibration is not None and self.plan.spec.needs_calibration:  # GPTQ's NVFP4A16 has no input scales
+            self._write_scales()
+
+    def _set_up(self) -> None:
+        """Units already at DEST taken, the layer flow started, the workers' devices planned
+        and calibration prepared."""
         plan = self.plan
-        units = [(u.key, u.file) for u in plan.layer_units] + [(u.key, u.file) for u in plan.copy_units]
-        for key, file_name in units:
-            done = destination.load_done(self.dest, key, file_name)
+        for unit in self._reusable_units():
+            done = destination.load_done(self.dest, unit.key, unit.file)
             if done is not None:
-                self.written[key] = done
-                self.reused.append(file_name)
+                self.written[unit.key] = done
+                self.reused.append(unit.file)
         if self.reused:
             self.events.info(f"reusing {len(self.reused)} unit files already at DEST", reused=len(self.reused))
         # never more than half the object store: the rest is for the tasks' results and spills
         budget = min(self.config.prefetch_bytes, self.placement.object_store_bytes / 2)
         readahead = self.config.readahead_gib * 2**30  # the flow reads ahead only for a local SOURCE
         local = not is_remote(self.config.source)
-        self.flow = LayerFlow(plan, self.placement.nodes, set(self.written), self.calibration_workers, budget, readahead, local)
+        not_by_flow = self._units_not_by_flow()
+        self.flow = LayerFlow(plan, self.placement.nodes, not_by_flow, self.calibration_workers, budget, readahead, local)
         embeds = self._read_embeddings()  # with the first layers, while the workers start up
         self.flow.pump(None)
         with self.events.stage("setup"):
@@ -145,13 +137,14 @@ class Execution:
             else:
                 self.flow.start(self.workers, len(plan.layer_units))
         del embeds  # the samples are embedded: free the embedding's object-store copy (object stores; 1 GiB on the 8B)
-        with self.events.stage("layers"):
-            self._layer_loop()
-        with self.events.stage("copy"):  # the copy units' tasks started with the flow
-            for written in self._get(self.flow.copies):
-                self._record([written])
-        if self.calibration is not None:
-            self._write_scales()
+
+    def _reusable_units(self) -> list:
+        """Units whose key is known before calibration: a file at DEST with it is reused."""
+        return [*self.plan.layer_units, *self.plan.copy_units]
+
+    def _units_not_by_flow(self) -> set[str]:
+        """Keys of the units the layer flow does not write: those already at DEST."""
+        return set(self.written)
 
     def _fit_device_memory(self, infos: list[dict]) -> None:
         """Layers loaded ahead and quantized layers queued for writing, as many as the
@@ -213,7 +206,7 @@ class Execution:
         batches = make_batches(plan.samples, self.config.batch_tokens)
         signature = "+".join(sorted({info["signature"] for info in infos}))
         keys = calibration_keys(plan, signature)
-        first, checkpoint = self._resume_point(keys)
+        first, checkpoint = resume_point(self.dest, keys, self.layer_amax)
         calibration = Calibration(
             shares=self._shares(batches),
             keys=keys,
@@ -247,21 +240,6 @@ class Execution:
         """The batches of each calibration worker."""
         return deal(batches, self.calibration_workers)
 
-    def _resume_point(self, keys: list[str]) -> tuple[int, int | None]:
-        """First layer to calibrate, and the layer whose hidden states to start from."""
-        first, checkpoint = 0, None
-        for index, key in enumerate(keys):
-            try:
-                self.layer_amax[index] = json.loads(self.dest.read_text(f"{CALIBRATION_DIR}/{key}.json"))
-            except (FileNotFoundError, ValueError):
-                break
-            first = index + 1
-            if self.dest.exists(f"{CALIBRATION_DIR}/{key}/_COMPLETE"):
-                checkpoint = index
-        if first < len(keys):
-            first = 0 if checkpoint is None else checkpoint + 1
-        return first, checkpoint
-
     def _start_calibration(self, calibration: Calibration, indices, embeds: dict, pump: bool = False) -> None:
         """Embed the batches of calibration workers ``indices``; ``pump``: drive the layer flow
         meanwhile, so that the first layers load beside the embedding."""
@@ -279,7 +257,7 @@ class Execution:
         """Workers ``indices`` take the hidden states after layer calibration.checkpoint from
         DEST; False (with a warning) if a file of them is damaged: a worker that finds one
         restores nothing, and the caller calibrates from layer 0."""
-        folder = self._folder(calibration.checkpoint)
+        folder = calibration.folder(calibration.checkpoint)
         if all(self._get([self.workers[i].load_hidden.remote(self.config.dest, folder) for i in indices])):
             return True
         self.events.warning(
@@ -287,9 +265,6 @@ class Execution:
             "_COMPLETE marker): calibrating from layer 0 instead"
         )
         return False
-
-    def _folder(self, index: int) -> str:
-        return f"{CALIBRATION_DIR}/{self.calibration.keys[index]}"
 
     # ---- the layer loop ----------------------------------------------------------
     def _layer_loop(self) -> None:
@@ -350,7 +325,7 @@ class Execution:
         return len(written)
 
     def _calibrate_layer(self, index: int) -> None:
-        snapshot = self._wants_snapshot(index)
+        snapshot = self.calibration.wants_snapshot(index, self.config.checkpoint_minutes)
         calls = [(self.workers[i], self._submit_layer(i, index, snapshot)) for i in range(self.calibration_workers)]
         self._wait([call for _, call in calls])
         results = [self._layer_result(i, index, snapshot, *call) for i, call in enumerate(calls)]
@@ -365,12 +340,10 @@ class Execution:
             values = [result["amax"][local] for result in amax_results if local in result["amax"]]
             reduced[local] = math.nan if any(math.isnan(v) for v in values) else max(values)
         self.layer_amax[index] = reduced
-        self._persist(self.dest.write_text, f"{CALIBRATION_DIR}/{calibration.keys[index]}.json", json.dumps(reduced, sort_keys=True))
-        calibration.done_through = index
-        if snapshot is not None:
-            calibration.writing[index] = self.calibration_workers
-            calibration.last_checkpoint_time = time.monotonic()
-        self._snapshots_done([done for result in snapshot_results for done in result["snapshots"]])
+        self.persist(self.dest.write_text, f"{CALIBRATION_DIR}/{calibration.keys[index]}.json", json.dumps(reduced, sort_keys=True))
+        calibration.layer_done(index, snapshot, self.calibration_workers)
+        done = [done for result in snapshot_results for done in result["snapshots"]]
+        calibration.snapshots_done(done, self.dest, self.persist)
 
     def _submit_layer(self, i: int, index: int, snapshot: str | None = None):
         unit = self.plan.layer_units[index]
@@ -405,8 +378,7 @@ class Execution:
         self._start_workers([i])
         worker, node = self.workers[i], self.placement.nodes[i]
         if i < self.calibration_workers and calibration is not None and current < len(calibration.keys):
-            calibration.writing.clear()  # the lost worker's snapshots never finish
-            calibration.digests.clear()
+            calibration.forget_writes()
             self._start_calibration(calibration, [i], {})
             start = 0
             if calibration.checkpoint is not None and self._restore_snapshot(calibration, [i]):
@@ -433,53 +405,10 @@ class Execution:
     def _configure_calibration(self, worker) -> None:
         _configure(worker, self.config, self.plan.source.config)
 
-    # ---- hidden-state snapshots ----------------------------------------------------
-    def _wants_snapshot(self, index: int) -> str | None:
-        """A folder for the hidden states after layer ``index``: at the planned layers (kept
-        for re-quantization) and every checkpoint_minutes (crash resume)."""
-        calibration = self.calibration
-        if index == len(calibration.keys) - 1:
-            return None
-        due = time.monotonic() - calibration.last_checkpoint_time >= self.config.checkpoint_minutes * 60
-        return self._folder(index) if index in calibration.kept or due else None
-
-    def _snapshots_done(self, done: list) -> None:
-        """``done``: (folder, {file: sha256}) of each worker's finished snapshot writes. The
-        marker goes last, with every file's digest, once all workers have written theirs."""
-        calibration = self.calibration
-        by_folder = {self._folder(layer): layer for layer in calibration.writing}
-        for folder, digests in done:
-            layer = by_folder.get(folder)
-            if layer is None:
-                continue
-            calibration.digests.setdefault(layer, {}).update(digests)
-            calibration.writing[layer] -= 1
-            if calibration.writing[layer]:
-                continue
-            del calibration.writing[layer]
-            marker = json.dumps(calibration.digests.pop(layer), sort_keys=True).encode()
-            self._persist(self.dest.write_bytes, f"{folder}/_COMPLETE", marker)
-            previous = calibration.checkpoint
-            if previous is None or layer > previous:
-                calibration.checkpoint = layer
-                if previous is not None and previous not in calibration.kept:
-                    self._persist(self.dest.delete, self._folder(previous))
-
     def _finish_snapshots(self) -> None:
         finished = self._get([w.flush_snapshots.remote() for w in self.workers[: self.calibration_workers]])
-        self._snapshots_done([done for worker in finished for done in worker])
-        self.persisting.shutdown(wait=True)
-        self._persist(None)
-
-    def _persist(self, write, *args) -> None:
-        """Calibration state goes to DEST from a thread of its own, in order: a layer's
-        statistics before any snapshot marker after it (what resume relies on), and never
-        between two layers (a local write is fsynced). A failed write fails the job here."""
-        for future in [f for f in self.persisted if f.done()]:
-            self.persisted.remove(future)
-            future.result()
-        if write is not None:
-            self.persisted.append(self.persisting.submit(write, *args))
+        self.calibration.snapshots_done([done for worker in finished for done in worker], self.dest, self.persist)
+        self.persist.finish()
 
     # ---- input scales -----------------------------------------------------------
     def _write_scales(self) -> None:
@@ -503,16 +432,10 @@ class Execution:
         return {}
 
     def calibration_record(self) -> dict | None:
-        """Per layer: the calibration key and the reduced amax, and the layers whose hidden
-        states stay at DEST (kept in the manifest)."""
-        calibration = self.calibration
-        if calibration is None:
+        """The manifest's calibration part (Calibration.record)."""
+        if self.calibration is None:
             return None
-        layers = [{"module": u.spec.module, "amax": amax} for u, amax in zip(self.plan.layer_units, self.layer_amax)]
-        snapshots = [
-            calibration.keys[i] for i in sorted(calibration.kept) if self.dest.exists(f"{self._folder(i)}/_COMPLETE")
-        ]
-        return {"keys": calibration.keys, "layers": layers, "snapshots": snapshots}
+        return self.calibration.record(self.plan.layer_units, self.layer_amax, self.dest)
 
     @property
     def reads(self) -> Counter:

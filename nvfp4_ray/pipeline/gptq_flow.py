@@ -33,9 +33,8 @@ from nvfp4_ray.calibration.batches import make_batches
 from nvfp4_ray.calibration.hessians import block_size, blocks_of, device_bytes, reference_order, worker_runs
 from nvfp4_ray.errors import JobError
 from nvfp4_ray.io import destination
-from nvfp4_ray.io.storage import is_remote
 from nvfp4_ray.pipeline.driver import MAX_WORKER_REPLACEMENTS, Execution, reference_drops_causal_mask
-from nvfp4_ray.pipeline.layer_flow import LayerFlow, lost_worker_error
+from nvfp4_ray.pipeline.layer_flow import lost_worker_error
 from nvfp4_ray.pipeline.plan import digest
 
 
@@ -68,35 +67,18 @@ class GptqExecution(Execution):
         blocks = max((len(blocks_of(share, self.block)) for share in shares), default=1)
         return device_bytes([unit.spec.groups for unit in self.plan.layer_units], blocks)
 
+    def _reusable_units(self) -> list:
+        """The copy units: a layer unit's key chains its calibration key (_key_units)."""
+        return self.plan.copy_units
+
+    def _units_not_by_flow(self) -> set[str]:
+        """The flow only reads and loads layers for calibration: the GPTQ loop writes the units."""
+        return set(self.written) | {unit.key for unit in self.plan.layer_units}
+
     def run(self) -> None:
-        plan = self.plan
-        for unit in plan.copy_units:
-            done = destination.load_done(self.dest, unit.key, unit.file)
-            if done is not None:
-                self.written[unit.key] = done
-                self.reused.append(unit.file)
-        budget = min(self.config.prefetch_bytes, self.placement.object_store_bytes / 2)
-        readahead = self.config.readahead_gib * 2**30
-        # the flow only reads and loads layers for calibration: the GPTQ loop writes the units
-        not_by_flow = set(self.written) | {unit.key for unit in plan.layer_units}
-        self.flow = LayerFlow(plan, self.placement.nodes, not_by_flow, self.calibration_workers, budget, readahead,
-                              not is_remote(self.config.source))  # fmt: skip
-        embeds = self._read_embeddings()
-        self.flow.pump(None)
-        with self.events.stage("setup"):
-            infos = self._get(self._wait([w.describe.remote() for w in self.workers]))
-            self.startup = [info["startup"] for info in infos]
-            self._fit_device_memory(infos)
-            self.calibration = self._prepare_calibration(infos[: self.calibration_workers], embeds)
-        del embeds
+        self._set_up()
         self._key_units()
-        with self.events.stage("layers"):
-            self._layer_loop()
-        with self.events.stage("copy"):
-            for written in self._get(self.flow.copies):
-                self._record([written])
-        if plan.spec.needs_calibration:  # NVFP4A16 has no input scales
-            self._write_scales()
+        self._run_layers()
         if self.fell_back:
             self.events.warning(
                 f"Hessian not positive definite for {len(self.fell_back)} Linears, quantized with round-to-nearest "
@@ -169,7 +151,7 @@ class GptqExecution(Execution):
         fell_back = [flags for flags, _ in solved]
         # each worker gets the results of the groups the others solved (the driver never fetches them)
         shipped = [[results for (_, results), owner in zip(solved, owners) if owner != w] for w in range(len(workers))]
-        snapshot = self._wants_snapshot(index)
+        snapshot = self.calibration.wants_snapshot(index, self.config.checkpoint_minutes)
         writes = unit.key not in self.written
         propagate = [worker.gptq.remote("propagate", index, snapshot, self.config.dest,
                                         (spec, unit.file, unit.key) if writes and w == 0 else None, *shipped[w])
@@ -212,9 +194,8 @@ class GptqExecution(Execution):
         )  # fmt: skip
         for i in workers:
             ray.kill(self.workers[i], no_restart=True)
-        calibration.writing.clear()  # the killed workers' snapshots never finish
+        calibration.forget_writes()  # the killed workers' snapshots never finish
         self.unit_write = []  # lost, or done unrecorded: its layer (after the snapshot) is solved again
-        calibration.digests.clear()
         self._start_workers(workers)
         self._start_calibration(calibration, workers, {})
         if start and not self._restore_snapshot(calibration, workers):
