@@ -22,8 +22,10 @@ in device_bytes (the device memory plan adds it):
   device of a calibration worker   (1 + log2 of its blocks, at most 5) x S: the tree's
                                    pending sums and the block being summed; 1 x S with --exact
   device of an owner, per solve    4 x in^2 x 4 (the sum, a subtree arriving, the working
-                                   copy, its inverse factor in place) + out x in x 4
-                                   (the float32 working weight of the group)
+                                   copy, its inverse factor in place; or the sum, the
+                                   normalized copy and two reordered ones) + out x in x 10
+                                   (the group's weights: the float32 working copy, its
+                                   reordered or updated copy, the stacked bf16 input)
   reduction traffic                the subtrees of the workers that do not own the group,
                                    through Ray's object store: at most 4 x in^2 x 4 per
                                    worker and group; none on one worker (the owner's own
@@ -59,13 +61,14 @@ def device_bytes(layer_groups: list[list], blocks_per_worker: int) -> int:
     """A calibration worker's device bytes for GPTQ beside the layer and its activations,
     at the largest layer (``layer_groups``: each layer's fused groups of LinearSpecs): its
     pending sums (1 + log2 of its blocks, at most 5) over the layer's distinct inputs, and
-    an owner's solve of the largest group (the sum and two working copies of the Hessian,
-    a subtree arriving, the float32 working weight)."""
+    an owner's solve of the largest group (four copies of its Hessian at most, and ten
+    bytes a weight: the float32 working weights, a reordered or updated copy of them, the
+    stacked bf16 input; formats/gptq.py)."""
     pending = min(1 + math.ceil(math.log2(max(blocks_per_worker, 1))), 5)
     need = 0
     for groups in filter(None, layer_groups):
         sums = sum(group[0].in_features ** 2 * 4 for group in groups)
-        solve = max(4 * g[0].in_features ** 2 * 4 + sum(l.out_features for l in g) * g[0].in_features * 4 for g in groups)
+        solve = max(4 * g[0].in_features ** 2 * 4 + sum(l.out_features for l in g) * g[0].in_features * 10 for g in groups)
         need = max(need, pending * sums + solve)
     return need
 
