@@ -160,6 +160,24 @@ def test_default_mode_solve_is_gptq_with_one_factorization():
         assert torch.equal(q[:, 9], torch.zeros_like(q[:, 9]))  # the dead column
 
 
+def test_subtrees_leave_the_worker_symmetric_over_several_stripes(monkeypatch):
+    """The default mode sums the lower triangle by stripes (STRIPE_ROWS lowered here, so
+    that 48 inputs make 3 of them, as 14336 make 4); the subtrees HessianBlocks gives out
+    are whole: on small integers, the float64 sum of 2 x x^T bit for bit."""
+    from nvfp4_ray.calibration.hessians import HessianBlocks, reduce_partials
+
+    monkeypatch.setattr(gptq, "STRIPE_ROWS", 16)
+    assert len(gptq._stripes(48)) == 3
+    generator = torch.Generator().manual_seed(6)
+    forwards = [torch.randint(-30, 31, (1, 5 + i, 48), generator=generator).to(torch.bfloat16) for i in range(6)]
+    sums = HessianBlocks({"x": 48}, 2, torch.device("cpu"))
+    for batch, x in enumerate(forwards):
+        sums.add("x", batch, x)
+    hessian, count = reduce_partials(sums.partials()["x"], torch.device("cpu"))
+    assert count.item() == 6
+    assert torch.equal(hessian.double(), sum(2 * x[0].double().t() @ x[0].double() for x in forwards))
+
+
 @pytest.mark.parametrize("blocks", [16, 12, 7, 1])
 def test_hessian_tree_is_the_same_for_any_split_of_the_blocks(blocks):
     """Workers holding contiguous runs of blocks, each adding its own in the tree and

@@ -23,9 +23,12 @@ in device_bytes (the device memory plan adds it):
                                    pending sums and the block being summed; 1 x S with --exact
   device of an owner, per solve    4 x in^2 x 4 (the sum, a subtree arriving, the working
                                    copy, its inverse factor in place; or the sum, the
-                                   normalized copy and two reordered ones) + out x in x 10
-                                   (the group's weights: the float32 working copy, its
-                                   reordered or updated copy, the stacked bf16 input)
+                                   normalized copy and two reordered ones) + the group's
+                                   weights: out x in x 10 while solving (the float32
+                                   working copy, its reordered or updated copy, the stacked
+                                   bf16 input), or out x in x 2 + 12 bytes a weight of its
+                                   largest Linear while packing (nvfp4.encode's float32
+                                   temporaries), whichever is more
   reduction traffic                the subtrees of the workers that do not own the group,
                                    through Ray's object store: at most 4 x in^2 x 4 per
                                    worker and group; none on one worker (the owner's own
@@ -61,16 +64,25 @@ def device_bytes(layer_groups: list[list], blocks_per_worker: int) -> int:
     """A calibration worker's device bytes for GPTQ beside the layer and its activations,
     at the largest layer (``layer_groups``: each layer's fused groups of LinearSpecs): its
     pending sums (1 + log2 of its blocks, at most 5) over the layer's distinct inputs, and
-    an owner's solve of the largest group (four copies of its Hessian at most, and ten
-    bytes a weight: the float32 working weights, a reordered or updated copy of them, the
-    stacked bf16 input; formats/gptq.py)."""
+    an owner's solve of the largest group (four copies of its Hessian at most, and what
+    its weights take while solved or packed: ``solve_bytes``)."""
     pending = min(1 + math.ceil(math.log2(max(blocks_per_worker, 1))), 5)
     need = 0
     for groups in filter(None, layer_groups):
         sums = sum(group[0].in_features ** 2 * 4 for group in groups)
-        solve = max(4 * g[0].in_features ** 2 * 4 + sum(l.out_features for l in g) * g[0].in_features * 10 for g in groups)
+        solve = max(solve_bytes(group) for group in groups)
         need = max(need, pending * sums + solve)
     return need
+
+
+def solve_bytes(group: list) -> int:
+    """An owner's device bytes for one fused group's solve (formats/gptq.py): four copies
+    of its Hessian at most, and the group's weights, ten bytes each while solved (float32
+    working copy, its reordered or updated copy, the stacked bf16 input) or two each and
+    twelve for each of its largest Linear's while packed (nvfp4.encode's temporaries)."""
+    columns = group[0].in_features
+    rows, largest = sum(linear.out_features for linear in group), max(linear.out_features for linear in group)
+    return 4 * columns**2 * 4 + max(10 * rows, 2 * rows + 12 * largest) * columns
 
 
 def blocks_of(batches: list, size: int) -> list[list]:

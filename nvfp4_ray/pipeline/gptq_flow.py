@@ -88,7 +88,7 @@ class GptqExecution(Execution):
 
     def _key_units(self) -> None:
         """Unit keys chained with the calibration keys; units already at DEST are reused."""
-        units = []
+        units, reused = [], 0
         for unit, calibration_key in zip(self.plan.layer_units, self.calibration.keys):
             key = digest([unit.key, calibration_key])
             unit = replace(unit, key=key, file=f"{unit.file.rsplit('-', 1)[0]}-{key}.safetensors")
@@ -96,8 +96,11 @@ class GptqExecution(Execution):
             if done is not None:
                 self.written[unit.key] = done
                 self.reused.append(unit.file)
+                reused += 1
             units.append(unit)
         self.plan.layer_units = units
+        if reused:
+            self.events.info(f"reusing {reused} solved layer units already at DEST", reused=reused)
 
     def _owners(self, groups: list) -> list[int]:
         """Calibration worker of each group: largest Hessian first, to the least loaded."""
