@@ -113,10 +113,7 @@ class Execution:
         and calibration prepared."""
         plan = self.plan
         for unit in self._reusable_units():
-            done = destination.load_done(self.dest, unit.key, unit.file)
-            if done is not None:
-                self.written[unit.key] = done
-                self.reused.append(unit.file)
+            self._reuse(unit)
         if self.reused:
             self.events.info(f"reusing {len(self.reused)} unit files already at DEST", reused=len(self.reused))
         # never more than half the object store: the rest is for the tasks' results and spills
@@ -137,6 +134,14 @@ class Execution:
             else:
                 self.flow.start(self.workers, len(plan.layer_units))
         del embeds  # the samples are embedded: free the embedding's object-store copy (object stores; 1 GiB on the 8B)
+
+    def _reuse(self, unit) -> bool:
+        """Whether ``unit``'s file is already at DEST (complete, with its key): then it is taken as written."""
+        done = destination.load_done(self.dest, unit.key, unit.file)
+        if done is not None:
+            self.written[unit.key] = done
+            self.reused.append(unit.file)
+        return done is not None
 
     def _reusable_units(self) -> list:
         """Units whose key is known before calibration: a file at DEST with it is reused."""

@@ -32,7 +32,6 @@ import ray
 from nvfp4_ray.calibration.batches import make_batches
 from nvfp4_ray.calibration.hessians import block_size, blocks_of, device_bytes, reference_order, worker_runs
 from nvfp4_ray.errors import JobError
-from nvfp4_ray.io import destination
 from nvfp4_ray.pipeline.driver import MAX_WORKER_REPLACEMENTS, Execution, reference_drops_causal_mask
 from nvfp4_ray.pipeline.layer_flow import lost_worker_error
 from nvfp4_ray.pipeline.plan import digest
@@ -88,17 +87,12 @@ class GptqExecution(Execution):
 
     def _key_units(self) -> None:
         """Unit keys chained with the calibration keys; units already at DEST are reused."""
-        units, reused = [], 0
+        units = []
         for unit, calibration_key in zip(self.plan.layer_units, self.calibration.keys):
             key = digest([unit.key, calibration_key])
-            unit = replace(unit, key=key, file=f"{unit.file.rsplit('-', 1)[0]}-{key}.safetensors")
-            done = destination.load_done(self.dest, unit.key, unit.file)
-            if done is not None:
-                self.written[unit.key] = done
-                self.reused.append(unit.file)
-                reused += 1
-            units.append(unit)
+            units.append(replace(unit, key=key, file=f"{unit.file.rsplit('-', 1)[0]}-{key}.safetensors"))
         self.plan.layer_units = units
+        reused = sum(self._reuse(unit) for unit in units)
         if reused:
             self.events.info(f"reusing {reused} solved layer units already at DEST", reused=reused)
 

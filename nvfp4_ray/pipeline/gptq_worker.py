@@ -132,13 +132,8 @@ class GptqSteps:
         tensors cross to the host a chunk at a time, as the round-to-nearest writes do
         (their kernels are done: the solves synchronized, and the propagation pass ran)."""
         (_, file_name, key), out = self.units.pop(index)
-        worker = self.worker
-        copier = (None, None) if worker.device.type == "cpu" else worker.write_copiers.get()
-        try:
-            return write_unit(Store(dest_url), key, TensorShard(file_name, out, copier[0], None, copier[1]))
-        finally:
-            if copier[0] is not None:
-                worker.write_copiers.put(copier)
+        with self.worker.write_copier() as (buffer, stream):
+            return write_unit(Store(dest_url), key, TensorShard(file_name, out, buffer, None, stream))
 
 
 def _portable(tensor):

@@ -16,7 +16,7 @@ from __future__ import annotations
 import queue
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 
 import ray
 
@@ -187,6 +187,19 @@ class LayerLoads:
         with self.lock:
             return self.writes.setdefault(index, Future())
 
+    @contextmanager
+    def write_copier(self):
+        """A write thread's pinned buffer and stream for a unit's crossing to the host, a
+        chunk at a time (None, None on a CPU), given back after the write."""
+        if self.device.type == "cpu":
+            yield None, None
+            return
+        copier = self.write_copiers.get()
+        try:
+            yield copier
+        finally:
+            self.write_copiers.put(copier)
+
     def _write_behind(self, index: int, output: list, ready, file_name: str, key: str, dest_url: str) -> None:
         """Write layer ``index``'s unit in a write thread, once fewer than ``writes_limit``
         are ahead of it (the load thread waits until then)."""
@@ -196,15 +209,12 @@ class LayerLoads:
             self.writes_queued += 1
 
         def write():
-            copier = (None, None) if self.device.type == "cpu" else self.write_copiers.get()
             try:
-                shard = TensorShard(file_name, output, copier[0], ready, copier[1])
-                slot.set_result(write_retrying(Store(dest_url), key, shard))
+                with self.write_copier() as (buffer, stream):
+                    slot.set_result(write_retrying(Store(dest_url), key, TensorShard(file_name, output, buffer, ready, stream)))
             except BaseException as exc:
                 slot.set_exception(exc)
             finally:
-                if copier[0] is not None:
-                    self.write_copiers.put(copier)
                 with self.write_room:
                     self.writes_queued -= 1
                     self.write_room.notify_all()
