@@ -4,8 +4,8 @@
 summed in fp32, the lower triangle by row stripes), both against the float64 sum of the
 same products, at the 8B shapes (in_features 4096 and 14336), one forward of ``--tokens``
 tokens at a time as a calibration pass adds them. On a GPU also other arithmetic, other
-stripe counts, and 8 forwards' tokens in one product ("batched_8": less accurate, not
-used). Prints, per shape, each method's seconds per forward, its relative error
+stripe counts, and 2, 4 or 8 forwards' tokens in one product ("batched_N"; 8: less
+accurate, record 1709). Prints, per shape, each method's seconds per forward, its relative error
 (Frobenius norm, and the largest on the diagonal) and whether two runs gave the same bits.
 
     python -m bench.hessian_probe [--tokens 1024] [--forwards 16]
@@ -106,10 +106,12 @@ def main() -> None:
             methods += [("bf16_mm_then_add", _mm_then_add), ("tf32", _tf32)]
         if device.type == "cuda":
             methods += [(f"lower_stripes_{k}", _lower_stripes(k)) for k in (1, 2, 4, 7)]
-            methods += [(f"batched_8_lower_stripes_{k}", _lower_stripes(k)) for k in (1, 2, 4, 7)]
+            # several forwards' tokens in one product, add_products' own stripes: fewer passes
+            # over the sum (its reads and writes bound a 1024-token forward at 14336 inputs)
+            methods += [(f"batched_{n}", gptq.add_products) for n in (2, 4, 8)]
         for name, add in methods:
-            batched = name.startswith("batched_8")
-            feed = _batched(inputs, 8) if batched else inputs
+            batched = name.startswith("batched_")
+            feed = _batched(inputs, int(name.split("_")[1])) if batched else inputs
             try:
                 hessian, seconds = _run(add, feed, columns, device)
                 if batched:
@@ -119,7 +121,7 @@ def main() -> None:
                 log(json.dumps(results[-1]))
                 continue
             again, _ = _run(add, feed, columns, device)
-            if "stripes" in name or name == "exact_products":  # the upper triangle from the lower, as HessianBlocks fills it
+            if "stripes" in name or name == "exact_products" or batched:  # the upper triangle from the lower, as HessianBlocks fills it
                 gptq.fill_upper(hessian)
                 gptq.fill_upper(again)
             error = hessian.double() - exact

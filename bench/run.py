@@ -21,6 +21,7 @@ import os
 import platform
 import re
 import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -320,11 +321,12 @@ def nvfp4_ray_run(source, calibration, work, samples, seq_len, gpus, make_cold, 
             summary = run_quantize(config, Events("text", stream=_LogStream()))
             seconds = time.monotonic() - start
         log(f"nvfp4-ray: done in {seconds:.1f}s")
-        timeline, run_layer_s = os.environ.get("NVFP4_BENCH_TIMELINE"), None
+        timeline, run_layer_s, gptq_timeline = os.environ.get("NVFP4_BENCH_TIMELINE"), None, None
         if timeline:  # Ray's Chrome trace of every task and actor call, for diagnosis
             timeline = f"{timeline}-{gpus}gpu{'-preloaded' if preload else ''}.json"
             ray.timeline(filename=timeline)
             run_layer_s = run_layer_seconds(timeline)
+            gptq_timeline = gptq_layer_timeline(timeline, summary["layers"]) if options.get("algorithm") == "gptq" else None
     finally:
         ray.shutdown()
     if not os.path.exists(os.path.join(dest, "_SUCCESS")):
@@ -347,6 +349,7 @@ def nvfp4_ray_run(source, calibration, work, samples, seq_len, gpus, make_cold, 
         "snapshot_write_s": summary["snapshot_write_s"],
         "calibration_cuda_graphs": summary["calibration_cuda_graphs"],
         "run_layer_s": run_layer_s,
+        "gptq_timeline": gptq_timeline,
         "page_cache": page_cache,
         "summary": {key: summary[key] for key in (
             "layers", "linears_quantized", "bytes_in", "bytes_out", "calibration_tokens", "calibration_workers",
@@ -365,15 +368,38 @@ def nvfp4_ray_run(source, calibration, work, samples, seq_len, gpus, make_cold, 
     return run
 
 
-def run_layer_seconds(timeline: str) -> list[list[float]]:
-    """From Ray's timeline: per calibration worker, the seconds of each run_layer call (one
-    per decoder layer), in order."""
+def run_layer_seconds(timeline: str, method: str = "run_layer") -> list[list[float]]:
+    """From Ray's timeline: per calibration worker, the seconds of each call of ``method``
+    (run_layer: one per decoder layer), in order."""
     with open(timeline) as handle:
-        events = [e for e in json.load(handle) if e.get("cat") == "task::LayerWorker.run_layer" and e.get("ph") == "X"]
+        events = [e for e in json.load(handle) if e.get("cat") == f"task::LayerWorker.{method}" and e.get("ph") == "X"]
     workers: dict[str, list] = {}
     for event in sorted(events, key=lambda e: e["ts"]):
-        workers.setdefault(event["tid"], []).append(round(event["dur"] / 1e6, 3))
-    return list(workers.values())
+        workers.setdefault(event["tid"], []).append((event["ts"] / 1e6, round(event["dur"] / 1e6, 3)))
+    return [[seconds for _, seconds in calls] for calls in workers.values()] if method == "run_layer" else list(workers.values())
+
+
+def gptq_layer_timeline(timeline: str, layers: int) -> dict | None:
+    """One worker's GPTQ steps from Ray's timeline (its LayerWorker.gptq calls: per layer
+    the Hessian pass, one solve per fused group, the propagation pass): the first layer's
+    seconds in each, and the median of the later layers'; to_next_layer: from one layer's
+    Hessian pass to the next one's."""
+    workers = run_layer_seconds(timeline, "gptq")
+    if len(workers) != 1 or len(workers[0]) % layers:
+        return None
+    calls = workers[0]
+    per_layer = len(calls) // layers
+    steps = [calls[i * per_layer : (i + 1) * per_layer] for i in range(layers)]
+
+    def phases(i: int) -> dict:
+        layer = steps[i]
+        return {"calibration_pass_s": layer[0][1], "solves_s": round(sum(s for _, s in layer[1:-1]), 3),
+                "propagation_s": layer[-1][1],
+                "to_next_layer_s": round(steps[i + 1][0][0] - layer[0][0], 3) if i + 1 < layers else None}  # fmt: skip
+
+    later = [phases(i) for i in range(1, layers - 1)]
+    return {"first_layer": phases(0),
+            "later_layers_median": {key: statistics.median(p[key] for p in later) for key in later[0]} if later else None}  # fmt: skip
 
 
 def wait_for_idle_workers() -> None:
@@ -472,6 +498,8 @@ def make_record(*, command, device, gpus, machine_gpus, spec, source, samples, s
             "nvfp4_ray_run_layer_median": _median_layer(run["run_layer_s"]),
         },
         "run_layer_s": run["run_layer_s"],
+        # GPTQ on one worker, from Ray's timeline: the first layer against the median later one
+        "gptq_timeline": run["gptq_timeline"],
         # what the figures above are made of
         "model_shape": shape,
         "model_seed": spec["seed"],

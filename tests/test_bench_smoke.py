@@ -75,3 +75,24 @@ def test_bench_checkpoint_is_what_transformers_saves(tmp_path, family):
     assert names(ours) == names(str(tmp_path / "hf")) == dict(tensor_shapes(shape))
     _, info = AutoModelForCausalLM.from_pretrained(ours, dtype=torch.bfloat16, output_loading_info=True)
     assert not any(info[key] for key in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
+
+
+def test_gptq_timeline_splits_one_workers_calls_by_layer(tmp_path):
+    """bench/run.py's summary of Ray's timeline for a 1-GPU GPTQ run: per layer a Hessian
+    pass, a solve per fused group (two here), a propagation pass."""
+    sys.path.insert(0, REPO)
+    from bench.run import gptq_layer_timeline
+
+    events, clock = [], 0.0
+    for layer, durations in enumerate([(3.0, 1.0, 0.5, 0.25), (1.0, 0.25, 0.25, 0.25), (2.0, 0.5, 0.25, 0.5)]):
+        for seconds in durations:
+            events.append({"cat": "task::LayerWorker.gptq", "ph": "X", "tid": 7, "ts": clock * 1e6, "dur": seconds * 1e6})
+            clock += seconds + 0.125
+        events.append({"cat": "task::LayerWorker.gptq_write", "ph": "X", "tid": 8, "ts": clock * 1e6, "dur": 1e6})
+    path = tmp_path / "timeline.json"
+    path.write_text(json.dumps(events))
+    summary = gptq_layer_timeline(str(path), 3)
+    assert summary["first_layer"] == {"calibration_pass_s": 3.0, "solves_s": 1.5, "propagation_s": 0.25, "to_next_layer_s": 5.25}
+    assert summary["later_layers_median"] == {"calibration_pass_s": 1.0, "solves_s": 0.5, "propagation_s": 0.25,
+                                              "to_next_layer_s": 2.25}  # fmt: skip
+    assert gptq_layer_timeline(str(path), 5) is None  # 12 calls are no whole number of layers

@@ -131,16 +131,23 @@ class DecoderRunner:
     @torch.no_grad()
     def run_layer(
         self, index: int, weights: dict[str, torch.Tensor], record: list[str], attention: list[str] = (),
-        advance: bool = True, inputs_to: dict | None = None, eager: bool = False,
+        advance: bool = True, inputs_to: dict | None = None, eager: bool = False, inputs_only: bool = False,
     ) -> dict[str, float]:
         """Advance every batch through layer ``index``; return the amax of each recorded
         Linear's input and, for each named attention module, of its keys and values
         ("<attention>.k", "<attention>.v"). ``advance`` False: the hidden states stay
         (GPTQ runs the layer again with its quantized weights). ``inputs_to``: module name
         -> callable(batch index, input), given each batch's input of that module. ``eager``:
-        no CUDA graphs (the batches run one by one, in order: expert_groups.py)."""
+        no CUDA graphs (the batches run one by one, in order: expert_groups.py).
+        ``inputs_only`` (eager, not advancing): a forward stops once every module of
+        ``record`` and ``inputs_to`` has seen its input, and the keys and values theirs:
+        what comes after (a dense layer's down_proj product, a quarter of its FLOPs, and
+        the residual add) feeds nothing recorded. A forward where one of them is not
+        called (an expert no token chose) runs whole."""
         if len(attention) > 1:
             raise ValueError("one attention module per decoder layer is supported for KV-cache scales")
+        if inputs_only and (advance or not eager):
+            raise ValueError("inputs_only runs eagerly and leaves the hidden states where they are")
         layer = self.layers[index]
         layer.load_state_dict(_as_declared(layer, weights, self.device), assign=True, strict=True)
         modules = dict(layer.named_modules())
@@ -169,17 +176,32 @@ class DecoderRunner:
             current["valid"], current["sink"], current["batch"] = state.valid, sink, state.batch.index
             kwargs = state.layer_kwargs[index]
             if attention:
-                recorder = _KVRecorder(state.valid)
+                recorder = current["recorder"] = _KVRecorder(state.valid)
                 kwargs = {**kwargs, "past_key_values": recorder}
-            out = layer(hidden, **kwargs)
+            try:
+                out = layer(hidden, **kwargs)
+            except _StopForward:  # inputs_only: every input is in
+                out = None
             if attention:
                 for kv, value in recorder.amax.items():
                     merge(sink, f"{attention[0]}.{kv}", value)
             return out[0] if isinstance(out, tuple) else out
 
+        stop_after = set(record) | set(inputs_to or {}) if inputs_only else set()
+
+        def stop_hook(name):
+            def hook(_module, _args):  # registered last: the module's other hooks have run
+                seen = current.setdefault("seen", set())
+                seen.add(name)
+                if len(seen) == len(stop_after) and (not attention or len(current["recorder"].amax) == 2):
+                    raise _StopForward
+
+            return hook
+
         handles = [modules[name].register_forward_pre_hook(make_hook(name)) for name in record]
         for name, take in (inputs_to or {}).items():
             handles.append(modules[name].register_forward_pre_hook(lambda _m, args, take=take: take(current["batch"], args[0])))
+        handles.extend(modules[name].register_forward_pre_hook(stop_hook(name)) for name in stop_after)
         try:
             graphed = self.graphed and not eager
             groups = group_batches(self.states, index, self.graphs.equal) if graphed else [self.states]

@@ -155,6 +155,22 @@ def solve_group(
     return [Solved(q, tensors, fell_back) for q, tensors in zip(quantized, packed)]
 
 
+def warm_up(device: torch.device, exact: bool) -> None:
+    """One small solve on ``device``, so that a job's first layer does not pay for loading
+    the solve's kernels (and compiling llm-compressor's Triton block update, whose
+    specialization, every size a multiple of 16, is that of the real shapes)."""
+    generator = torch.Generator().manual_seed(0)
+    inputs = torch.randn(1, 64, 256, generator=generator).to(device, torch.bfloat16)
+    hessian, count = new_hessian(256, device)
+    if exact:
+        add_to_hessian(hessian, count, inputs)
+    else:
+        add_products(hessian, count, inputs)
+        fill_upper(hessian)
+    weight = torch.randn(32, 256, generator=generator).to(device, torch.bfloat16)
+    solve_group([weight], hessian, count, linear.preset("NVFP4"), 128, 0.01, True, exact=exact)
+
+
 def inverse_factor(hessian: torch.Tensor, dampening: float, ordered: bool, exact: bool) -> InverseFactor:
     """The normalized Hessian (overwritten) -> its InverseFactor. ``ordered``: activation
     ordering ("static", an alias of "weight"); else column order."""

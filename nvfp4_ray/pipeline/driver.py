@@ -55,7 +55,7 @@ def configure_workers(workers: list, config, inputs) -> None:
     """The first workers calibrate (one per batch at most); the others only quantize."""
     count = calibration_worker_count(len(workers), config, inputs.samples)
     for worker in workers[:count]:
-        _configure(worker, config, inputs.source.config)
+        _configure(worker, config, inputs.source.config, inputs.recipe.gptq is not None)
 
 
 def _new_worker(placement: Placement, bundle: int):
@@ -66,10 +66,10 @@ def _new_worker(placement: Placement, bundle: int):
     return LayerWorker.options(**placement.worker_options(bundle)).remote(threads, time.time())
 
 
-def _configure(worker, config, model_config: dict) -> None:
+def _configure(worker, config, model_config: dict, gptq: bool) -> None:
     drop_mask = reference_drops_causal_mask(config, model_config)
     batched, graphs = config.batch_tokens is not None, not config.no_cuda_graphs
-    worker.configure.remote(model_config, batched, drop_mask, graphs)  # runs before any later call
+    worker.configure.remote(model_config, batched, drop_mask, graphs, gptq, config.exact)  # runs before any later call
 
 
 class Execution:
@@ -408,7 +408,7 @@ class Execution:
             self.placement.nodes[i] = info["node_id"]
 
     def _configure_calibration(self, worker) -> None:
-        _configure(worker, self.config, self.plan.source.config)
+        _configure(worker, self.config, self.plan.source.config, self.plan.recipe.gptq is not None)
 
     def _finish_snapshots(self) -> None:
         finished = self._get([w.flush_snapshots.remote() for w in self.workers[: self.calibration_workers]])

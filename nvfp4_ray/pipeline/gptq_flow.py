@@ -32,7 +32,7 @@ import ray
 from nvfp4_ray.calibration.batches import make_batches
 from nvfp4_ray.calibration.hessians import block_size, blocks_of, device_bytes, reference_order, worker_runs
 from nvfp4_ray.errors import JobError
-from nvfp4_ray.pipeline.driver import MAX_WORKER_REPLACEMENTS, Execution, reference_drops_causal_mask
+from nvfp4_ray.pipeline.driver import MAX_WORKER_REPLACEMENTS, Execution
 from nvfp4_ray.pipeline.layer_flow import lost_worker_error
 from nvfp4_ray.pipeline.plan import digest
 
@@ -50,14 +50,6 @@ class GptqExecution(Execution):
         self.options = plan.recipe.gptq
         self.fell_back: list[str] = []  # Linears whose Hessian was not positive definite
         self.unit_write: list = []  # the last layer's unit write, taken in after the next layer
-        for worker in self.workers[: self.calibration_workers]:
-            self._configure_calibration(worker)
-
-    def _configure_calibration(self, worker) -> None:
-        """One sample per forward, no CUDA graphs: batches in index order."""
-        source_config = self.plan.source.config
-        drop_mask = reference_drops_causal_mask(self.config, source_config)
-        worker.configure.remote(source_config, False, drop_mask, False)
 
     def _shares(self, batches: list) -> list[list]:
         return worker_runs(batches, self.block, self.calibration_workers)

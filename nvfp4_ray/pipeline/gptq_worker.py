@@ -1,13 +1,15 @@
 """The GPTQ steps a LayerWorker runs for one decoder layer (LayerWorker.gptq), in order:
 
-  hessian_pass  its batches through the layer as loaded: input amax (as calibration
+  hessian_pass  its batches through the layer as loaded, eagerly and in order, each only
+                as far as its last recorded input: input amax (as calibration
                 records them) and the Hessian subtrees of its blocks of samples
                 (calibration/hessians.py), kept on the device; the hidden states stay
   partials_of   (the workers that do not own a group) its subtrees, on the host
   solve         (owner) the group's Hessian from its own subtrees and the others', in the
                 tree, and its GPTQ solve with scales from the loaded weights
   propagate     its batches through the layer with the solved weights: the next layer's
-                inputs (llm-compressor's propagate_error), by run_layer; the owner's
+                inputs (llm-compressor's propagate_error), by run_layer (as CUDA graphs
+                where they reproduce the eager forward, as calibration runs); the owner's
                 solved weights never left its device. The writing worker keeps the unit
                 file's tensors: the solved groups' and the layer's others as loaded
   write_unit    (one worker, in a write thread, beside the next layer's calibration
@@ -46,7 +48,7 @@ class GptqSteps:
         attention = [a.local for a in spec.attention]
         began = time.monotonic()
         amax = worker.runner.run_layer(index, self.tensors, list(spec.recorded), attention, advance=False,
-                                       inputs_to=blocks.hooks())  # fmt: skip
+                                       inputs_to=blocks.hooks(), eager=True, inputs_only=True)  # fmt: skip
         self.partials = blocks.partials()
         if worker.device.type == "cuda":
             torch.cuda.synchronize(worker.device)
