@@ -100,6 +100,8 @@ def test_gptq_hessians_enter_the_plan_at_the_128b_shape():
     assert device_bytes(groups, 16) == 5 * sums + down
     assert device_bytes(groups, 1) == sums + down
     assert device_bytes(groups, 2) == 2 * sums + down
+    # the default mode holds two forwards of 1024 tokens per distinct input and their concatenation
+    assert device_bytes(groups, 16, 1024) == 5 * sums + 3 * 1024 * (3 * 12288 + 28672) * 2 + down
     shares = calibration_shares(1, 256, 1024)
     rtn = plan_device(units, shares, config, int(0.9 * 80 * GIB))
     gptq = plan_device(units, shares, config, int(0.9 * 80 * GIB), device_bytes(groups, 16))

@@ -73,6 +73,12 @@ def test_default_mode_adds_exact_products(stripes):
     gptq.fill_upper(hessian)
     assert torch.equal(hessian.double(), exact)
     assert not torch.equal(rounded.double(), exact)
+    # two forwards in one product (HessianBlocks: FORWARDS_PER_PRODUCT): the same sum and count
+    paired, paired_count = gptq.new_hessian(64, torch.device("cpu"))
+    gptq.add_products(paired, paired_count, inputs[:2], stripes)
+    gptq.add_products(paired, paired_count, inputs[2:], stripes)
+    gptq.fill_upper(paired)
+    assert paired_count.item() == 4 and torch.equal(paired, hessian)
 
 
 @pytest.mark.parametrize("rows, columns, block_size, ordered", [(24, 96, 32, True), (16, 80, 128, True), (40, 160, 48, False)])

@@ -138,7 +138,9 @@ def gptq_budget_with_no_layer_ahead(case, tmp_path, workers: int) -> float:
     batches = make_batches(plan.samples, None)
     size = block_size(len(batches), False)
     shares = worker_runs(batches, size, workers)  # as GptqExecution deals them
-    hessians = device_bytes([unit.spec.groups for unit in plan.layer_units], max(len(blocks_of(s, size)) for s in shares))
+    longest = max(batch.input_ids.shape[-1] for batch in batches)
+    hessians = device_bytes([unit.spec.groups for unit in plan.layer_units], max(len(blocks_of(s, size)) for s in shares),
+                            longest)  # fmt: skip
     text_config = plan.source.config.get("text_config") or plan.source.config
     need = estimate(plan.layer_units, shares, text_config, hessians)[0]
     return (need(0, 2) + need(1, 2)) / 2 / 2**30

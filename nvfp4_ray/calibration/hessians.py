@@ -20,7 +20,10 @@ Memory, per decoder layer (in: a group's in_features; S = sum over the layer's g
 in^2 x 4 bytes; Llama-3-8B: 3 x 4096^2 x 4 + 14336^2 x 4 = 1.0 GB; a 128B layer 5.1 GB),
 in device_bytes (the device memory plan adds it):
   device of a calibration worker   (1 + log2 of its blocks, at most 5) x S: the tree's
-                                   pending sums and the block being summed; 1 x S with --exact
+                                   pending sums and the block being summed; 1 x S with --exact;
+                                   and the forwards held for one product, (2 x 2 - 1) x T x
+                                   sum of in x 2 for T tokens a forward (Llama-3-8B, T 1024:
+                                   0.16 GB); none with --exact
   device of an owner, per solve    4 x in^2 x 4 (the sum, a subtree arriving, the working
                                    copy, its inverse factor in place; or the sum, the
                                    normalized copy and two reordered ones) + the group's
@@ -46,6 +49,9 @@ from nvfp4_ray.formats import gptq
 # Blocks of samples in the default mode: the most calibration workers GPTQ uses, and the
 # partials a single worker keeps in host memory (per distinct Linear input of a layer)
 HESSIAN_BLOCKS = 16
+# The default mode's forwards per product (consecutive, of one block): each product reads
+# and writes the whole sum once
+FORWARDS_PER_PRODUCT = 2
 
 
 def reference_order(samples: list[list[int]]) -> list[int]:
@@ -60,18 +66,23 @@ def block_size(batches: int, exact: bool) -> int:
     return batches if exact else math.ceil(batches / min(HESSIAN_BLOCKS, batches))
 
 
-def device_bytes(layer_groups: list[list], blocks_per_worker: int) -> int:
+def device_bytes(layer_groups: list[list], blocks_per_worker: int, longest: int = 0) -> int:
     """A calibration worker's device bytes for GPTQ beside the layer and its activations,
     at the largest layer (``layer_groups``: each layer's fused groups of LinearSpecs): its
-    pending sums (1 + log2 of its blocks, at most 5) over the layer's distinct inputs, and
-    an owner's solve of the largest group (four copies of its Hessian at most, and what
-    its weights take while solved or packed: ``solve_bytes``)."""
+    pending sums (1 + log2 of its blocks, at most 5) over the layer's distinct inputs, the
+    default mode's held forwards (``longest``: the tokens of its longest forward, 0 with
+    --exact; per distinct input FORWARDS_PER_PRODUCT - 1 held copies and their
+    concatenation, (2 P - 1) x tokens x in x 2 bytes), and an owner's solve of the largest
+    group (four copies of its Hessian at most, and what its weights take while solved or
+    packed: ``solve_bytes``)."""
     pending = min(1 + math.ceil(math.log2(max(blocks_per_worker, 1))), 5)
+    held = (2 * FORWARDS_PER_PRODUCT - 1) * longest * 2 if FORWARDS_PER_PRODUCT > 1 else 0
     need = 0
     for groups in filter(None, layer_groups):
         sums = sum(group[0].in_features ** 2 * 4 for group in groups)
+        inputs = sum(group[0].in_features for group in groups)
         solve = max(solve_bytes(group) for group in groups)
-        need = max(need, pending * sums + solve)
+        need = max(need, pending * sums + held * inputs + solve)
     return need
 
 
@@ -106,7 +117,9 @@ class HessianBlocks:
         exact products (gptq.add_products: on a GPU, the bf16 tensor cores)."""
         self.inputs, self.size, self.device = inputs, block_size, device
         self.add_forward = gptq.add_to_hessian if exact else gptq.add_products
+        self.per_product = 1 if exact else FORWARDS_PER_PRODUCT
         self.current: dict[str, tuple[int, torch.Tensor, torch.Tensor]] = {}  # name -> block, hessian, count
+        self.held: dict[str, list[torch.Tensor]] = {name: [] for name in inputs}  # forwards of the next product
         # name -> the finished aligned subtrees, oldest first: (first block, blocks, hessian, count)
         self.subtrees: dict[str, list[tuple[int, int, torch.Tensor, torch.Tensor]]] = {name: [] for name in inputs}
 
@@ -121,9 +134,22 @@ class HessianBlocks:
             if current is not None:
                 self._finish(name)
             current = self.current[name] = (block, *gptq.new_hessian(self.inputs[name], self.device))
-        self.add_forward(current[1], current[2], x)
+        if self.per_product == 1:
+            self.add_forward(current[1], current[2], x)
+            return
+        held = self.held[name]
+        held.append(x.clone())  # the layer's forward goes on: a module after may change its input
+        if len(held) == self.per_product:
+            self._add_held(name)
+
+    def _add_held(self, name: str) -> None:
+        held, (_, hessian, count) = self.held[name], self.current[name]
+        if held:
+            self.add_forward(hessian, count, list(held))
+            held.clear()
 
     def _finish(self, name: str) -> None:
+        self._add_held(name)
         block, hessian, count = self.current.pop(name)
         stack = self.subtrees[name]
         stack.append((block, 1, hessian, count))

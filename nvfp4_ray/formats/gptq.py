@@ -56,7 +56,8 @@ def add_to_hessian(hessian: torch.Tensor, count: torch.Tensor, inputs: torch.Ten
     hessian += inputs.matmul(inputs.t())
 
 
-def add_products(hessian: torch.Tensor, count: torch.Tensor, inputs: torch.Tensor, stripes: int | None = None) -> None:
+def add_products(hessian: torch.Tensor, count: torch.Tensor, inputs: torch.Tensor | list[torch.Tensor],
+                 stripes: int | None = None) -> None:  # fmt: skip
     """The default mode's sum: ``2 x x^T`` in place of ``(sqrt(2) x)(sqrt(2) x)^T``, the
     same value rounded differently. A product of two bf16 (or fp16) inputs is exact in
     fp32 (8 + 8, or 11 + 11, significant bits of 24), so on a GPU the half-precision
@@ -65,11 +66,11 @@ def add_products(hessian: torch.Tensor, count: torch.Tensor, inputs: torch.Tenso
     is exact. Elsewhere the same products in fp32.
 
     Only the lower triangle is summed, by row stripes (each with its diagonal block
-    whole: 5/8 of the products at 4 stripes; ``fill_upper`` completes the Hessian)."""
-    if inputs.dim() == 2:
-        inputs = inputs.unsqueeze(0)
-    count += inputs.shape[0]
-    x = inputs.reshape((-1, inputs.shape[-1]))
+    whole: 5/8 of the products at 4 stripes; ``fill_upper`` completes the Hessian).
+    ``inputs``: one forward's, or a list of several forwards' summed in one product."""
+    parts = [part if part.dim() == 3 else part.unsqueeze(0) for part in (inputs if isinstance(inputs, list) else [inputs])]
+    count += sum(part.shape[0] for part in parts)
+    x = torch.cat([part.reshape((-1, part.shape[-1])) for part in parts]) if len(parts) > 1 else parts[0].reshape((-1, parts[0].shape[-1]))
     tensor_cores = x.is_cuda and x.dtype in (torch.bfloat16, torch.float16)
     if not tensor_cores:
         x = x.to(dtype=PRECISION)

@@ -56,7 +56,8 @@ class GptqExecution(Execution):
 
     def _algorithm_device_bytes(self, shares: list[list]) -> int:
         blocks = max((len(blocks_of(share, self.block)) for share in shares), default=1)
-        return device_bytes([unit.spec.groups for unit in self.plan.layer_units], blocks)
+        longest = 0 if self.config.exact else max((batch.input_ids.shape[-1] for share in shares for batch in share), default=0)
+        return device_bytes([unit.spec.groups for unit in self.plan.layer_units], blocks, longest)
 
     def _reusable_units(self) -> list:
         """The copy units: a layer unit's key chains its calibration key (_key_units)."""
