@@ -68,7 +68,9 @@ def _new_worker(placement: Placement, bundle: int):
 
 def _configure(worker, config, model_config: dict, gptq: bool) -> None:
     drop_mask = reference_drops_causal_mask(config, model_config)
-    batched, graphs = config.batch_tokens is not None, not config.no_cuda_graphs
+    # GPTQ's passes run eagerly: the Hessian pass's hooks run per forward, and the
+    # propagation pass records no amax, which LayerGraphs' checked replay compares
+    batched, graphs = config.batch_tokens is not None, not (config.no_cuda_graphs or gptq)
     worker.configure.remote(model_config, batched, drop_mask, graphs, gptq, config.exact)  # runs before any later call
 
 

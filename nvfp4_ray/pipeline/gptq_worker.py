@@ -8,8 +8,7 @@
   solve         (owner) the group's Hessian from its own subtrees and the others', in the
                 tree, and its GPTQ solve with scales from the loaded weights
   propagate     its batches through the layer with the solved weights: the next layer's
-                inputs (llm-compressor's propagate_error), by run_layer (as CUDA graphs
-                where they reproduce the eager forward, as calibration runs); the owner's
+                inputs (llm-compressor's propagate_error), by run_layer; the owner's
                 solved weights never left its device. The writing worker keeps the unit
                 file's tensors: the solved groups' and the layer's others as loaded
   write_unit    (one worker, in a write thread, beside the next layer's calibration
