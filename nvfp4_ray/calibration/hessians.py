@@ -10,7 +10,8 @@ of a Linear input and ships its largest whole subtrees, one to four. The owner o
 Linear adds the subtrees of every worker in the same tree. So the Hessian, and every byte
 after it, is the same on any number of workers and nodes. The default mode's forwards add
 exact products of the bf16 inputs (gptq.add_products: on a GPU, its bf16 tensor cores,
-several times the fp32 rate). ``--exact``: a single block over the samples in
+several times the fp32 rate), two consecutive forwards of a block in one product
+(FORWARDS_PER_PRODUCT: docs/gptq.md#speed). ``--exact``: a single block over the samples in
 llm-compressor's order, each forward added in its arithmetic: llm-compressor's sum itself.
 
 Fused siblings (q/k/v, gate/up) receive the same input, hence one Hessian per group,

@@ -76,8 +76,8 @@ class LayerWorker(LayerLoads):
         began, self.clock = self.clock, time.monotonic()
         return round(self.clock - began, 3)
 
-    def configure(self, model_config: dict, batched: bool, drop_causal_mask: bool, graphs: bool, gptq: bool = False,
-                  exact: bool = False) -> None:  # fmt: skip
+    def configure(self, model_config: dict, batched: bool, drop_causal_mask: bool, graphs: bool, gptq: bool,
+                  exact: bool) -> None:  # fmt: skip
         """Make this a calibration worker of ``model_config``; of a GPTQ job: its steps are
         made ready in a thread, beside the embedding and the first layer's load."""
         self.clock = time.monotonic()
