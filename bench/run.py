@@ -368,15 +368,20 @@ def nvfp4_ray_run(source, calibration, work, samples, seq_len, gpus, make_cold, 
     return run
 
 
-def run_layer_seconds(timeline: str, method: str = "run_layer") -> list[list[float]]:
-    """From Ray's timeline: per calibration worker, the seconds of each call of ``method``
-    (run_layer: one per decoder layer), in order."""
+def worker_calls(timeline: str, method: str) -> list[list[tuple[float, float]]]:
+    """From Ray's timeline: per calibration worker, (start, seconds) of each call of the
+    LayerWorker's ``method``, in order."""
     with open(timeline) as handle:
         events = [e for e in json.load(handle) if e.get("cat") == f"task::LayerWorker.{method}" and e.get("ph") == "X"]
     workers: dict[str, list] = {}
     for event in sorted(events, key=lambda e: e["ts"]):
         workers.setdefault(event["tid"], []).append((event["ts"] / 1e6, round(event["dur"] / 1e6, 3)))
-    return [[seconds for _, seconds in calls] for calls in workers.values()] if method == "run_layer" else list(workers.values())
+    return list(workers.values())
+
+
+def run_layer_seconds(timeline: str) -> list[list[float]]:
+    """Per calibration worker, the seconds of each run_layer call (one per decoder layer)."""
+    return [[seconds for _, seconds in calls] for calls in worker_calls(timeline, "run_layer")]
 
 
 def gptq_layer_timeline(timeline: str, layers: int) -> dict | None:
@@ -384,7 +389,7 @@ def gptq_layer_timeline(timeline: str, layers: int) -> dict | None:
     the Hessian pass, one solve per fused group, the propagation pass): the first layer's
     seconds in each, and the median of the later layers'; to_next_layer: from one layer's
     Hessian pass to the next one's."""
-    workers = run_layer_seconds(timeline, "gptq")
+    workers = worker_calls(timeline, "gptq")
     if len(workers) != 1 or len(workers[0]) % layers:
         return None
     calls = workers[0]

@@ -84,7 +84,7 @@ def test_gptq_timeline_splits_one_workers_calls_by_layer(tmp_path):
     from bench.run import gptq_layer_timeline
 
     events, clock = [], 0.0
-    for layer, durations in enumerate([(3.0, 1.0, 0.5, 0.25), (1.0, 0.25, 0.25, 0.25), (2.0, 0.5, 0.25, 0.5)]):
+    for durations in [(3.0, 1.0, 0.5, 0.25), (1.0, 0.25, 0.25, 0.25), (2.0, 0.5, 0.25, 0.5)]:
         for seconds in durations:
             events.append({"cat": "task::LayerWorker.gptq", "ph": "X", "tid": 7, "ts": clock * 1e6, "dur": seconds * 1e6})
             clock += seconds + 0.125

@@ -68,9 +68,10 @@ def add_products(hessian: torch.Tensor, count: torch.Tensor, inputs: torch.Tenso
     Only the lower triangle is summed, by row stripes (each with its diagonal block
     whole: 5/8 of the products at 4 stripes; ``fill_upper`` completes the Hessian).
     ``inputs``: one forward's, or a list of several forwards' summed in one product."""
-    parts = [part if part.dim() == 3 else part.unsqueeze(0) for part in (inputs if isinstance(inputs, list) else [inputs])]
-    count += sum(part.shape[0] for part in parts)
-    x = torch.cat([part.reshape((-1, part.shape[-1])) for part in parts]) if len(parts) > 1 else parts[0].reshape((-1, parts[0].shape[-1]))
+    parts = inputs if isinstance(inputs, list) else [inputs]
+    count += sum(part.shape[0] if part.dim() == 3 else 1 for part in parts)
+    rows = [part.reshape((-1, part.shape[-1])) for part in parts]
+    x = torch.cat(rows) if len(rows) > 1 else rows[0]
     tensor_cores = x.is_cuda and x.dtype in (torch.bfloat16, torch.float16)
     if not tensor_cores:
         x = x.to(dtype=PRECISION)
