@@ -31,7 +31,7 @@ RECORD = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn
 DEVICE = "cuda"
 
 
-def make_runner(samples: int, seq_len: int, seed: int, graphs: bool = False):
+def make_runner(samples: int, seq_len: int, seed: int, graphs: bool = False, attention: str = "eager"):
     import torch
 
     from nvfp4_ray.calibration.batches import make_batches
@@ -39,7 +39,7 @@ def make_runner(samples: int, seq_len: int, seed: int, graphs: bool = False):
 
     generator = torch.Generator().manual_seed(seed)
     rows = torch.randint(0, CONFIG["vocab_size"], (samples, seq_len), generator=generator).tolist()
-    runner = DecoderRunner(CONFIG, DEVICE, graphs=graphs)
+    runner = DecoderRunner(CONFIG, DEVICE, attention, graphs=graphs)
     embed = torch.randn(CONFIG["vocab_size"], CONFIG["hidden_size"], generator=generator).mul_(0.02).bfloat16()
     runner.start(make_batches(rows, None), embed)
     return runner

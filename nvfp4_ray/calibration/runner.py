@@ -74,15 +74,16 @@ class _BatchState:
 
 class DecoderRunner:
     def __init__(
-        self, config: dict, device: str, batched: bool = False, drop_causal_mask: bool = False, graphs: bool = False
+        self, config: dict, device: str, attention: str = "eager", drop_causal_mask: bool = False, graphs: bool = False
     ):
-        """``batched``: SDPA attention for padded batches; otherwise eager, as the reference.
+        """``attention``: transformers' attention implementation, "eager" as the reference
+        computes it, or "sdpa" (PyTorch's fused kernels: padded batches, GPTQ's default mode).
         ``graphs``: on a GPU, replay each layer's forward as a CUDA graph (checked bit for
         bit against the eager forward) for batches whose other inputs are equal."""
         self.device = torch.device(device)
         self.graphs = LayerGraphs(self.device) if graphs and self.device.type == "cuda" else None
         self.drop_causal_mask = drop_causal_mask
-        model = build_meta_model(config, "sdpa" if batched else "eager")
+        model = build_meta_model(config, attention)
         _, self.backbone = find_backbone(model)
         self.layers = list(self.backbone.layers)
         self._sink: dict = {}

@@ -32,7 +32,7 @@ from nvfp4_ray.pipeline.device_memory import plan_device
 from nvfp4_ray.pipeline.events import Events
 from nvfp4_ray.pipeline.layer_flow import LOST, LayerFlow, WorkerLost, lost_worker_error
 from nvfp4_ray.pipeline.placement import Placement
-from nvfp4_ray.pipeline.plan import Plan, calibration_keys, reference_drops_causal_mask, snapshot_layers
+from nvfp4_ray.pipeline.plan import Plan, attention_of, calibration_keys, reference_drops_causal_mask, snapshot_layers
 from nvfp4_ray.pipeline.unit_tasks import unwrap, write_unit
 from nvfp4_ray.pipeline.workers import LayerWorker
 
@@ -70,8 +70,9 @@ def _configure(worker, config, model_config: dict, gptq: bool) -> None:
     drop_mask = reference_drops_causal_mask(config, model_config)
     # GPTQ's passes run eagerly: the Hessian pass's hooks run per forward, and the
     # propagation pass records no amax, which LayerGraphs' checked replay compares
-    batched, graphs = config.batch_tokens is not None, not (config.no_cuda_graphs or gptq)
-    worker.configure.remote(model_config, batched, drop_mask, graphs, gptq, config.exact)  # runs before any later call
+    graphs = not (config.no_cuda_graphs or gptq)
+    attention = attention_of(config, gptq)
+    worker.configure.remote(model_config, attention, drop_mask, graphs, gptq, config.exact)  # runs before any later call
 
 
 class Execution:

@@ -190,6 +190,16 @@ def reference_drops_causal_mask(config: QuantizeConfig, model_config: dict) -> b
     return config.exact and text_model_type(model_config) in REFERENCE_DROPS_CAUSAL_MASK
 
 
+def attention_of(config: QuantizeConfig, gptq: bool) -> str:
+    """Calibration's attention: eager, as the reference computes it, except where the bytes
+    are nvfp4-ray's own anyway: padded batches (--batch-tokens), and GPTQ's default mode,
+    whose Hessians are summed in other roundings than llm-compressor's. There PyTorch's
+    fused SDPA kernel spares each forward the heads x T x T scores that eager attention
+    writes and reads again (in bf16, then in fp32 for the softmax): docs/gptq.md#speed.
+    The fingerprint's batch_tokens, GPTQ arguments and exact determine it."""
+    return "sdpa" if config.batch_tokens is not None or (gptq and not config.exact) else "eager"
+
+
 def _calibration_options(config: QuantizeConfig, source: SourceCheckpoint) -> dict:
     return {
         "drops_causal_mask": reference_drops_causal_mask(config, source.config),
