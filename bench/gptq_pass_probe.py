@@ -18,7 +18,6 @@ largest kernels: what the GPU does, and how much of the pass it waits for the ho
 
 from __future__ import annotations
 
-import argparse
 import time
 
 from bench import layer_probe
@@ -91,20 +90,10 @@ def profiled(run) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--samples", type=int, default=128)
-    parser.add_argument("--seq-len", type=int, default=1024)
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--out")
-    parser.add_argument("--device", default="cuda", help="cpu: only to try the script out, with --small")
-    parser.add_argument("--small", action="store_true", help="a 256-wide layer instead of the 8B shape")
-    args = parser.parse_args()
+    args = layer_probe.probe_arguments(__doc__, repeats=3).parse_args()
     import torch
 
-    layer_probe.DEVICE = args.device
-    if args.small:
-        layer_probe.CONFIG.update(hidden_size=256, intermediate_size=512, num_attention_heads=4, num_key_value_heads=2,
-                                  vocab_size=1000)  # fmt: skip
+    layer_probe.use_arguments(args)
     from nvfp4_ray.calibration import hessians
 
     runner = layer_probe.make_runner(args.samples, args.seq_len, seed=0, attention="sdpa")

@@ -112,22 +112,33 @@ def shared_gpu(processes: int, samples: int, seq_len: int, repeats: int) -> list
     return [round(max(results[r][i] for r in range(processes)), 4) for i in range(repeats)]
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def probe_arguments(description: str, repeats: int) -> argparse.ArgumentParser:
+    """The arguments of the probes that run this layer: samples, tokens, repeats, output,
+    and the device (``use_arguments`` applies the last two)."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--samples", type=int, default=128)
     parser.add_argument("--seq-len", type=int, default=1024)
-    parser.add_argument("--processes", type=int, default=2)
-    parser.add_argument("--repeats", type=int, default=4)
+    parser.add_argument("--repeats", type=int, default=repeats)
     parser.add_argument("--out")
     parser.add_argument("--device", default="cuda", help="cpu: only to try the script out, with --small")
     parser.add_argument("--small", action="store_true", help="a 256-wide layer instead of the 8B shape")
-    args = parser.parse_args()
-    import torch
+    return parser
 
+
+def use_arguments(args: argparse.Namespace) -> None:
     global DEVICE
     DEVICE = args.device
     if args.small:
         CONFIG.update(hidden_size=256, intermediate_size=512, num_attention_heads=4, num_key_value_heads=2, vocab_size=1000)
+
+
+def main() -> None:
+    parser = probe_arguments(__doc__, repeats=4)
+    parser.add_argument("--processes", type=int, default=2)
+    args = parser.parse_args()
+    import torch
+
+    use_arguments(args)
 
     runner = make_runner(args.samples, args.seq_len, seed=0)
     result = {"device": torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu", "samples": args.samples, "seq_len": args.seq_len}

@@ -20,7 +20,6 @@ launch of the layer step then waits for the GIL, and one step lasts tens of seco
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import threading
@@ -28,7 +27,15 @@ import time
 
 sys.path.insert(0, __file__.rsplit("/bench/", 1)[0])
 
-from bench.layer_probe import CONFIG, RECORD, layer_weights, make_runner, report, time_layers  # noqa: E402
+from bench.layer_probe import (  # noqa: E402
+    RECORD,
+    layer_weights,
+    make_runner,
+    probe_arguments,
+    report,
+    time_layers,
+    use_arguments,
+)
 
 
 def layer_bundle(weights: dict):
@@ -74,23 +81,13 @@ def background(work, stop: threading.Event, counter: list) -> threading.Thread:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--samples", type=int, default=128)
-    parser.add_argument("--seq-len", type=int, default=1024)
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--out")
-    parser.add_argument("--device", default="cuda")
-    parser.add_argument("--small", action="store_true")
-    args = parser.parse_args()
+    args = probe_arguments(__doc__, repeats=3).parse_args()
     import torch
 
-    import bench.layer_probe as probe
     from nvfp4_ray.layer_quantizer import quantize_layer, to_device_checked
     from nvfp4_ray.pipeline.worker_loads import PIECE_BYTES
 
-    probe.DEVICE = args.device
-    if args.small:
-        CONFIG.update(hidden_size=256, intermediate_size=512, num_attention_heads=4, num_key_value_heads=2, vocab_size=1000)
+    use_arguments(args)
     device = torch.device(args.device)
     runner = make_runner(args.samples, args.seq_len, seed=0)
     host = layer_weights(runner)
