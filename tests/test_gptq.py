@@ -219,5 +219,5 @@ def test_hessian_tree_is_the_same_for_any_split_of_the_blocks(blocks):
 
 @pytest.mark.parametrize("exact", [True, False])
 def test_warm_up_solves_on_a_device(exact):
-    """A GPTQ worker's start (LayerWorker._warm_up_gptq, on a GPU) runs this small solve."""
+    """A GPTQ worker's start (LayerWorker._start_gptq, on a GPU) runs this small solve."""
     gptq.warm_up(torch.device("cpu"), exact)

@@ -71,3 +71,23 @@ def test_a_pass_for_inputs_only_stops_after_the_last_input_and_records_the_same(
     assert all(torch.equal(a, b) for (_, _, a), (_, _, b) in zip(only_seen, whole_seen))
     with pytest.raises(ValueError, match="inputs_only runs eagerly"):
         runner.run_layer(1, weights, linears, advance=True, eager=True, inputs_only=True)
+
+
+def test_attention_is_eager_where_the_bytes_are_llmcompressors_and_sdpa_elsewhere():
+    """Round-to-nearest and --exact run the reference's eager attention; GPTQ's default mode
+    and padded batches PyTorch's SDPA. Dropping the causal mask (the reference's quirk,
+    --exact) needs eager attention: SDPA would stay causal without the mask."""
+    from nvfp4_ray.config import QuantizeConfig
+    from nvfp4_ray.pipeline.plan import attention_of
+
+    paths = dict(source="/source", dest="/dest")
+    assert attention_of(QuantizeConfig(**paths), gptq=False) == "eager"
+    assert attention_of(QuantizeConfig(**paths, exact=True), gptq=False) == "eager"
+    assert attention_of(QuantizeConfig(**paths, exact=True), gptq=True) == "eager"
+    assert attention_of(QuantizeConfig(**paths), gptq=True) == "sdpa"
+    assert attention_of(QuantizeConfig(**paths, batch_tokens=512), gptq=False) == "sdpa"
+    class_name, kwargs = FAMILIES["mistral"]
+    config = getattr(transformers, class_name)(**kwargs).to_dict()
+    with pytest.raises(ValueError, match="attention must be eager"):
+        DecoderRunner(config, "cpu", "sdpa", drop_causal_mask=True)
+    DecoderRunner(config, "cpu", "eager", drop_causal_mask=True)

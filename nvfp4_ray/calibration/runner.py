@@ -80,6 +80,8 @@ class DecoderRunner:
         computes it, or "sdpa" (PyTorch's fused kernels: padded batches, GPTQ's default mode).
         ``graphs``: on a GPU, replay each layer's forward as a CUDA graph (checked bit for
         bit against the eager forward) for batches whose other inputs are equal."""
+        if drop_causal_mask and attention != "eager":  # SDPA would stay causal without its mask
+            raise ValueError("dropping the causal mask reproduces the reference's eager attention: attention must be eager")
         self.device = torch.device(device)
         self.graphs = LayerGraphs(self.device) if graphs and self.device.type == "cuda" else None
         self.drop_causal_mask = drop_causal_mask

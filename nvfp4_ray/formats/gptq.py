@@ -31,6 +31,7 @@ from dataclasses import dataclass
 
 import torch
 from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme, QuantizationStrategy
+from llmcompressor.modifiers.gptq.gptq_quantize import gptq_block_update
 
 from nvfp4_ray.formats import linear
 
@@ -248,10 +249,6 @@ def quantize_weight(
 ) -> torch.Tensor:
     """One weight [rows, columns] and its Hessian's InverseFactor -> the solved weight in
     the weight's dtype."""
-    # imported here: llm-compressor's import takes about a second, which a worker spends
-    # beside its first Hessian pass (LayerWorker.configure) rather than before it
-    from llmcompressor.modifiers.gptq.gptq_quantize import gptq_block_update
-
     rows, columns = weight.shape
     work = torch.empty((1, rows, columns), device=weight.device, dtype=PRECISION)
     torch.stack([weight], out=work)

@@ -9,7 +9,8 @@ A calibration worker's device holds, in bytes:
                                      bytes, plus a bf16 copy of every FP8 weight)
   writes    queued x P               quantized layers waiting for the write threads (P: the
                                      largest layer's output: 0.5625 bytes a weight for NVFP4)
-  work      2 x heads x T^2 x 4      one sample's eager attention scores, twice
+  work      2 x heads x T^2 x 4      one sample's eager attention scores, twice (SDPA, which GPTQ's
+                                     default mode runs, writes none: then an over-estimate)
             + 4 x T x I x 2          its MLP (or one expert's) intermediates (I: the widest)
             + 12 x N                 the quantizer's float32 copies of the largest Linear (N weights)
             + GPTQ's Hessians        with --algorithm gptq: calibration/hessians.device_bytes

@@ -68,8 +68,8 @@ def _new_worker(placement: Placement, bundle: int):
 
 def _configure(worker, config, model_config: dict, gptq: bool) -> None:
     drop_mask = reference_drops_causal_mask(config, model_config)
-    # GPTQ's passes run eagerly: the Hessian pass's hooks run per forward, and the
-    # propagation pass records no amax, which LayerGraphs' checked replay compares
+    # GPTQ's passes run without CUDA graphs: the Hessian pass's hooks run per forward, and
+    # the propagation pass records no amax, which LayerGraphs' checked replay compares
     graphs = not (config.no_cuda_graphs or gptq)
     attention = attention_of(config, gptq)
     worker.configure.remote(model_config, attention, drop_mask, graphs, gptq, config.exact)  # runs before any later call

@@ -1,6 +1,6 @@
 """The GPTQ steps a LayerWorker runs for one decoder layer (LayerWorker.gptq), in order:
 
-  hessian_pass  its batches through the layer as loaded, eagerly and in order, each only
+  hessian_pass  its batches through the layer as loaded, one by one and in order, each only
                 as far as its last recorded input: input amax (as calibration
                 records them) and the Hessian subtrees of its blocks of samples
                 (calibration/hessians.py), kept on the device; the hidden states stay

@@ -156,8 +156,10 @@ def read_inputs(config: QuantizeConfig) -> Inputs:
         "recipe_sha256": hashlib.sha256(recipe.yaml_text.encode()).hexdigest(),
         "calibration": samples_hash(samples) if samples is not None else None,
         "calibration_options": _calibration_options(config, source),
-        # GPTQ: its Hessians are summed in one block with --exact, in fixed blocks otherwise
-        **({"gptq": {**recipe.gptq.key(), "exact": config.exact}} if recipe.gptq else {}),
+        # GPTQ: its Hessians are summed in one block with --exact, in fixed blocks otherwise,
+        # and its passes' attention follows (a checkpoint of eager passes is another one)
+        **({"gptq": {**recipe.gptq.key(), "exact": config.exact, "attention": attention_of(config, True)}}
+           if recipe.gptq else {}),
         # calibration numerics follow torch and transformers: an upgrade is a change
         "software": {"torch": torch.__version__, "transformers": transformers.__version__},
     }
@@ -196,7 +198,7 @@ def attention_of(config: QuantizeConfig, gptq: bool) -> str:
     whose Hessians are summed in other roundings than llm-compressor's. There PyTorch's
     fused SDPA kernel spares each forward the heads x T x T scores that eager attention
     writes and reads again (in bf16, then in fp32 for the softmax): docs/gptq.md#speed.
-    The fingerprint's batch_tokens, GPTQ arguments and exact determine it."""
+    GPTQ's fingerprint holds it; round-to-nearest's batch_tokens determine it."""
     return "sdpa" if config.batch_tokens is not None or (gptq and not config.exact) else "eager"
 
 

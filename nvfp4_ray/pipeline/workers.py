@@ -69,8 +69,8 @@ class LayerWorker(LayerLoads):
         self.snapshot_s = 0.0  # seconds spent writing hidden-state snapshots (in the background)
         self.snapshot_writer = ThreadPoolExecutor(1, thread_name_prefix="snapshot")
         self.snapshots: dict[str, Future] = {}  # folder -> hidden-state write in progress or done
-        self.gptq_warm_up: Future | None = None  # a GPTQ job's solver made ready, by configure
-        self.gptq_steps = None  # pipeline/gptq_worker.py, at the first step
+        self.gptq_start: Future | None = None  # a GPTQ job's steps, made ready by configure
+        self.gptq_steps = None  # pipeline/gptq_worker.py, from gptq_start at the first step
 
     def _lap(self) -> float:
         began, self.clock = self.clock, time.monotonic()
@@ -78,8 +78,8 @@ class LayerWorker(LayerLoads):
 
     def configure(self, model_config: dict, attention: str, drop_causal_mask: bool, graphs: bool, gptq: bool,
                   exact: bool) -> None:  # fmt: skip
-        """Make this a calibration worker of ``model_config``; of a GPTQ job: its solver is
-        made ready in a thread (``_warm_up_gptq``)."""
+        """Make this a calibration worker of ``model_config``; of a GPTQ job: its steps are
+        made ready in a thread, beside the embedding and the first layer's load."""
         self.clock = time.monotonic()
         from nvfp4_ray.calibration.runner import DecoderRunner
 
@@ -87,7 +87,7 @@ class LayerWorker(LayerLoads):
         self.runner = DecoderRunner(model_config, str(self.device), attention, drop_causal_mask, graphs)
         self.startup["build_model_s"] = self._lap()
         if gptq:
-            self.gptq_warm_up = ThreadPoolExecutor(1, thread_name_prefix="gptq-warm-up").submit(self._warm_up_gptq, exact)
+            self.gptq_start = ThreadPoolExecutor(1, thread_name_prefix="gptq-start").submit(self._start_gptq, exact)
 
     def _compute_threads(self) -> None:
         import torch
@@ -159,17 +159,19 @@ class LayerWorker(LayerLoads):
         self.busy_s += time.monotonic() - began
         return {"amax": amax, "snapshots": self._finished_snapshots(block=False)}
 
-    def _warm_up_gptq(self, exact: bool) -> None:
-        """llm-compressor imported and the solve's kernels loaded, beside the embedding and
-        the first Hessian pass: on the H100 the first layer's solves took 0.9 s against
-        0.25 s for the next ones (docs/gptq.md#speed)."""
+    def _start_gptq(self, exact: bool):
+        """The GPTQ steps, and their kernels loaded: on the H100 the first layer's solves
+        took 0.9 s against 0.25 s for the next ones (docs/gptq.md#speed). The first step
+        waits for them: the import holds the interpreter, which a Hessian pass beside it
+        needs to launch its kernels (measured: the first layer 0.4 s slower, 2228)."""
         # GPTQ runs llm-compressor's own block update (its Triton kernel on CUDA), and
         # importing llm-compressor imports pandas: no longer "absent" here
         for name in UNUSED_BY_WORKERS:
             if sys.modules.get(name, "") is None:
                 del sys.modules[name]
-        import llmcompressor.modifiers.gptq.gptq_quantize  # noqa: F401
+        from nvfp4_ray.pipeline.gptq_worker import GptqSteps
 
+        steps = GptqSteps(self)
         if self.device.type == "cuda":
             import torch
 
@@ -179,16 +181,12 @@ class LayerWorker(LayerLoads):
             with torch.cuda.stream(stream):  # beside the compute thread's kernels
                 gptq.warm_up(self.device, exact)
             stream.synchronize()
+        return steps
 
     def gptq(self, step: str, *args):
-        """A GPTQ step (pipeline/gptq_worker.py) on this worker's runner and device. Only
-        the solves wait for configure's warm-up."""
+        """A GPTQ step (pipeline/gptq_worker.py) on this worker's runner and device."""
         if self.gptq_steps is None:
-            from nvfp4_ray.pipeline.gptq_worker import GptqSteps
-
-            self.gptq_steps = GptqSteps(self)
-        if step == "solve":
-            self.gptq_warm_up.result()  # re-raises what failed there
+            self.gptq_steps = self.gptq_start.result()
         self._compute_threads()
         return getattr(self.gptq_steps, step)(*args)
 
