@@ -80,6 +80,30 @@ def test_deepseek_v3_fits_a_32gb_card_in_expert_groups(deepseek_v3):
         plan_device(units, shares, config, int(0.9 * 24 * GIB))
 
 
+def test_gptq_sums_one_hessian_for_every_routed_experts_gate_up_of_deepseek_v3(deepseek_v3):
+    """Calibration runs every routed expert on every token, so the 256 experts' gate/up
+    take one input, hence one Hessian sum (hessians.hessian_inputs): DeepSeek-V3's MoE
+    layer sums 6.0 GB, not 58.4 GB. Its whole layers then fit an 80 GB GPU with GPTQ on
+    two workers (8 blocks of samples each); one worker with all 16 blocks of 256 x 1024
+    tokens keeps five sums at once, and is refused before any work."""
+    from nvfp4_ray.calibration.hessians import device_bytes, hessian_inputs
+
+    config, units = deepseek_v3
+    groups = [unit.spec.groups for unit in units]
+    moe = groups[1]
+    inputs = dict(zip(hessian_inputs(moe), (group[0].in_features for group in moe)))
+    experts_gate_up = [g for g in moe if ".experts." in g[0].local and g[0].local.endswith("gate_proj")]
+    assert len(experts_gate_up) == 256 and len({hessian_inputs(moe)[moe.index(g)] for g in experts_gate_up}) == 1
+    assert len(moe) == 518 and len(inputs) == 263  # one gate/up input for 256 experts, 256 down_proj inputs
+    assert sum(n**2 * 4 for n in inputs.values()) == 6012534784
+    two = plan_device(units, calibration_shares(2, 256, 1024), config, int(0.9 * 80 * GIB), device_bytes(groups, 8, 1024),
+                      expert_groups=False)  # fmt: skip
+    assert two.expert_groups == 1 and two.need_bytes <= 0.9 * 80 * GIB
+    with pytest.raises(InputError, match="GPTQ's Hessians"):
+        plan_device(units, calibration_shares(1, 256, 1024), config, int(0.9 * 80 * GIB), device_bytes(groups, 16, 1024),
+                    expert_groups=False)  # fmt: skip
+
+
 def test_gptq_hessians_enter_the_plan_at_the_128b_shape():
     """The Mistral-Medium-3.5 decoder layer (hidden 12288, intermediate 28672) with GPTQ:
     a worker holding all 16 blocks keeps up to 5 Hessian sums of the layer's four inputs

@@ -221,3 +221,23 @@ def test_hessian_tree_is_the_same_for_any_split_of_the_blocks(blocks):
 def test_warm_up_solves_on_a_device(exact):
     """A GPTQ worker's start (LayerWorker._start_gptq, on a GPU) runs this small solve."""
     gptq.warm_up(torch.device("cpu"), exact)
+
+
+def test_routed_experts_gate_up_take_one_hessian_and_every_other_group_its_own():
+    """Every routed expert runs on every token in calibration: their gate/up (Mixtral's
+    w1/w3) share one Hessian, the first expert's; down_proj, shared experts and attention
+    keep their own."""
+    from types import SimpleNamespace
+
+    from nvfp4_ray.calibration.hessians import hessian_inputs
+
+    def group(*names):
+        return [SimpleNamespace(local=name) for name in names]
+
+    moe = "block_sparse_moe.experts"
+    groups = [group("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), group(f"{moe}.0.w1", f"{moe}.0.w3"),
+              group(f"{moe}.0.w2"), group(f"{moe}.1.w1", f"{moe}.1.w3"), group(f"{moe}.1.w2"),
+              group("mlp.shared_experts.gate_proj", "mlp.shared_experts.up_proj"), group("mlp.experts.7.up_proj"),
+              group("mlp.experts.9.gate_proj", "mlp.experts.9.up_proj")]  # fmt: skip
+    assert hessian_inputs(groups) == ["self_attn.q_proj", f"{moe}.0.w1", f"{moe}.0.w2", f"{moe}.0.w1", f"{moe}.1.w2",
+                                      "mlp.shared_experts.gate_proj", "mlp.experts.7.up_proj", "mlp.experts.7.up_proj"]  # fmt: skip

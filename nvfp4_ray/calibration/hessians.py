@@ -15,9 +15,12 @@ several times the fp32 rate), two consecutive forwards of a block in one product
 llm-compressor's order, each forward added in its arithmetic: llm-compressor's sum itself.
 
 Fused siblings (q/k/v, gate/up) receive the same input, hence one Hessian per group,
-taken from its first Linear.
+taken from its first Linear; and so do the gate/up of every routed expert of a layer:
+calibration runs every expert on every token (experts.LinearExperts), so their Hessians
+are one sum of the same products, which llm-compressor computes once per expert (the same
+bits, E times: ``hessian_inputs``).
 
-Memory, per decoder layer (in: a group's in_features; S = sum over the layer's groups of
+Memory, per decoder layer (in: a group's in_features; S = sum over the layer's distinct inputs of
 in^2 x 4 bytes; Llama-3-8B: 3 x 4096^2 x 4 + 14336^2 x 4 = 1.0 GB; a 128B layer 5.1 GB),
 in device_bytes (the device memory plan adds it):
   device of a calibration worker   (1 + log2 of its blocks, at most 5) x S: the tree's
@@ -45,6 +48,8 @@ import math
 
 import torch
 
+from nvfp4_ray.calibration.expert_groups import EXPERT
+from nvfp4_ray.experts import MOE_MODEL_TYPES
 from nvfp4_ray.formats import gptq
 
 # Blocks of samples in the default mode: the most calibration workers GPTQ uses, and the
@@ -53,6 +58,24 @@ HESSIAN_BLOCKS = 16
 # The default mode's forwards per product (consecutive, of one block): each product reads
 # and writes the whole sum once
 FORWARDS_PER_PRODUCT = 2
+
+
+# the checkpoint names of a routed expert's gate and up projections, in every MoE family
+EXPERT_GATE_UP = {name for family in MOE_MODEL_TYPES.values() for name in family.projections[:2]}
+
+
+def hessian_inputs(groups: list[list]) -> list[str]:
+    """For each fused group (of LinearSpecs), the name its Hessian is summed under: its
+    first Linear's, but for a routed expert's gate/up the first such expert's of its
+    experts module (all of them take the same input: the module docstring)."""
+    first: dict[str, str] = {}  # experts module -> the first gate/up Linear of its experts
+    names = []
+    for group in groups:
+        local = group[0].local
+        expert = EXPERT.search(f".{local}")
+        shared = expert is not None and local.rsplit(".", 1)[-1] in EXPERT_GATE_UP
+        names.append(first.setdefault(f".{local}"[: expert.start()], local) if shared else local)
+    return names
 
 
 def reference_order(samples: list[list[int]]) -> list[int]:
@@ -80,8 +103,9 @@ def device_bytes(layer_groups: list[list], blocks_per_worker: int, longest: int 
     held = (2 * FORWARDS_PER_PRODUCT - 1) * longest * 2 if FORWARDS_PER_PRODUCT > 1 else 0
     need = 0
     for groups in filter(None, layer_groups):
-        sums = sum(group[0].in_features ** 2 * 4 for group in groups)
-        inputs = sum(group[0].in_features for group in groups)
+        distinct = {name: group[0].in_features for name, group in zip(hessian_inputs(groups), groups)}.values()
+        sums = sum(features**2 * 4 for features in distinct)
+        inputs = sum(distinct)
         solve = max(solve_bytes(group) for group in groups)
         need = max(need, pending * sums + held * inputs + solve)
     return need

@@ -138,12 +138,25 @@ def solve_group(
     llm-compressor's arithmetic, sibling by sibling; else the inverse factor from one
     Cholesky (``_invert_reversed``) and the siblings' rows solved together: rows are
     independent in GPTQ, so only the kernels' shapes, hence some roundings, change."""
+    inverse = group_inverse(hessian, count, dampening, ordered, exact)
+    return solve_with(weights, inverse, scheme, block_size, exact=exact)
+
+
+def group_inverse(hessian: torch.Tensor, count: torch.Tensor, dampening: float, ordered: bool, exact: bool) -> InverseFactor:
+    """The InverseFactor of a Hessian sum and its count (``hessian`` is left as it is):
+    what every group of that input takes (solve_with)."""
+    return inverse_factor(hessian / count.to(device=hessian.device), dampening, ordered, exact)
+
+
+def solve_with(weights: list[torch.Tensor], inverse: InverseFactor, scheme: QuantizationScheme, block_size: int, *,
+               exact: bool) -> list[Solved]:  # fmt: skip
+    """solve_group's solve from the group's input's InverseFactor, which groups of one
+    input share (the routed experts' gate/up: calibration/hessians.hessian_inputs)."""
     args = scheme.weights
     if args.strategy != QuantizationStrategy.TENSOR_GROUP or args.group_size != GROUP_SIZE:
         raise ValueError(f"GPTQ is implemented for NVFP4 weights only, not {args.strategy} / {args.group_size}")
     qparams = linear.weight_qparams(weights, args)
     global_scale, scales = qparams
-    inverse = inverse_factor(hessian / count.to(device=hessian.device), dampening, ordered, exact)
     if exact:
         quantized = [quantize_weight(weight, inverse, scale, global_scale, args, block_size)
                      for weight, (scale, _) in zip(weights, scales)]  # fmt: skip
@@ -152,7 +165,6 @@ def solve_group(
                                   args, block_size)  # fmt: skip
         quantized = list(stacked.split([weight.shape[0] for weight in weights]))
     fell_back = inverse.fell_back
-    del inverse  # its factor (in^2 x 4 bytes) is not needed to pack the results
     packed = linear.quantize_group(quantized, scheme, qparams)
     return [Solved(q, tensors, fell_back) for q, tensors in zip(quantized, packed)]
 

@@ -25,12 +25,13 @@ depend on all of them.
 from __future__ import annotations
 
 import math
+from collections import Counter
 from dataclasses import replace
 
 import ray
 
 from nvfp4_ray.calibration.batches import make_batches
-from nvfp4_ray.calibration.hessians import block_size, blocks_of, device_bytes, reference_order, worker_runs
+from nvfp4_ray.calibration.hessians import block_size, blocks_of, device_bytes, hessian_inputs, reference_order, worker_runs
 from nvfp4_ray.errors import JobError
 from nvfp4_ray.pipeline.driver import MAX_WORKER_REPLACEMENTS, Execution
 from nvfp4_ray.pipeline.layer_flow import lost_worker_error
@@ -130,17 +131,21 @@ class GptqExecution(Execution):
             self._poll(block=False)  # the finished loads taken in: the next parts' go out
             self.flow.pump(self._current)
         passes = [worker.gptq.remote("hessian_pass", index, spec, self.block, self.config.exact) for worker in workers]
-        owners = self._owners(spec.groups)
+        pairs = list(zip(hessian_inputs(spec.groups), self._owners(spec.groups)))  # (input, owner) of each group
         ship = len(workers) > 1  # one worker keeps every result on its device
-        solved = [
-            workers[owner].gptq.options(num_returns=2).remote("solve", index, group, self.options, self.config.exact, ship, *[
-                worker.gptq.remote("partials_of", index, group[0].local) for w, worker in enumerate(workers) if w != owner
-            ])
-            for group, owner in zip(spec.groups, owners)
-        ]  # fmt: skip
+        partials = self._partials(index, workers, pairs)
+        # An owner's first group of an input takes the others' subtrees of it; the owner
+        # keeps the input's inverse factor while it has another group of it to solve
+        groups_of, solved_of, solved = Counter(pairs), Counter(), []
+        for group, (name, owner) in zip(spec.groups, pairs):
+            solved_of[name, owner] += 1
+            first, keep = solved_of[name, owner] == 1, solved_of[name, owner] < groups_of[name, owner]
+            others = [partials[name, w] for w in range(len(workers)) if w != owner] if first else []
+            solved.append(workers[owner].gptq.options(num_returns=2).remote(
+                "solve", index, group, name, keep, self.options, self.config.exact, ship, *others))  # fmt: skip
         fell_back = [flags for flags, _ in solved]
         # each worker gets the results of the groups the others solved (the driver never fetches them)
-        shipped = [[results for (_, results), owner in zip(solved, owners) if owner != w] for w in range(len(workers))]
+        shipped = [[results for (_, results), (_, owner) in zip(solved, pairs) if owner != w] for w in range(len(workers))]
         snapshot = self.calibration.wants_snapshot(index, self.config.checkpoint_minutes)
         writes = unit.key not in self.written
         propagate = [worker.gptq.remote("propagate", index, snapshot, self.config.dest,
@@ -166,6 +171,18 @@ class GptqExecution(Execution):
         self.fell_back += [name for group in flags for name in (f"{spec.module}.{local}" for local in group)
                            if name not in self.fell_back]  # fmt: skip
         self._finish_layer(index, amax, snapshot, propagated)
+
+    @staticmethod
+    def _partials(index: int, workers: list, pairs: list[tuple[str, int]]) -> dict:
+        """(input, worker) -> that worker's subtrees of the input, asked for once, before any
+        solve, for the owners of its groups elsewhere (the routed experts' gate/up share one
+        input: hessian_inputs); kept on the worker where it owns groups of the input too."""
+        owning, partials = set(pairs), {}
+        for name, owner in pairs:
+            for w, worker in enumerate(workers):
+                if w != owner and (name, w) not in partials:
+                    partials[name, w] = worker.gptq.remote("partials_of", index, name, (name, w) in owning)
+        return partials
 
     def _restart_workers(self, index: int, error: Exception) -> None:
         """Every calibration worker is started again from the last complete hidden-state

@@ -21,7 +21,7 @@ import time
 
 import torch
 
-from nvfp4_ray.calibration.hessians import HessianBlocks, reduce_partials
+from nvfp4_ray.calibration.hessians import HessianBlocks, hessian_inputs, reduce_partials
 from nvfp4_ray.formats import gptq
 from nvfp4_ray.io.storage import Store
 from nvfp4_ray.io.tensors import TensorShard
@@ -34,6 +34,7 @@ class GptqSteps:
         self.index: int | None = None
         self.tensors: dict = {}  # the layer as loaded: parameter name inside it -> device tensor
         self.partials: dict[str, list] = {}  # input name -> this worker's subtrees, on the device
+        self.inverses: dict[str, gptq.InverseFactor] = {}  # input name -> its factor, for this worker's next group of it
         self.solved_here: dict[str, tuple] = {}  # local Linear name -> its solved weight and tensors, on the device
         self.units: dict[int, tuple] = {}  # layer -> ((spec, file name, key), tensors) of a unit to write
         # seconds in each step, for the summary (the propagation pass is run_layer's)
@@ -41,8 +42,8 @@ class GptqSteps:
 
     def hessian_pass(self, index: int, spec, block_size: int, exact: bool) -> dict:
         worker = self.worker
-        self.index, self.tensors = index, worker._take(index)
-        inputs = {group[0].local: group[0].in_features for group in spec.groups}
+        self.index, self.tensors, self.inverses = index, worker._take(index), {}
+        inputs = {name: group[0].in_features for name, group in zip(hessian_inputs(spec.groups), spec.groups)}
         blocks = HessianBlocks(inputs, block_size, worker.device, exact)
         attention = [a.local for a in spec.attention]
         began = time.monotonic()
@@ -54,32 +55,44 @@ class GptqSteps:
         self.seconds["calibration_pass"] += time.monotonic() - began
         return {"amax": amax, "snapshots": []}
 
-    def partials_of(self, index: int, group: str) -> list:
-        """As numpy arrays: Ray reads those in place from the object store, where a torch
+    def partials_of(self, index: int, name: str, keep: bool) -> list:
+        """The subtrees of input ``name``, for its owners elsewhere; ``keep``: this worker
+        owns groups of it too (a routed expert's gate/up: hessian_inputs), else they are
+        freed. As numpy arrays: Ray reads those in place from the object store, where a torch
         tensor is pickled and copied (2.2x the rate on a 2-core VM; bench/transport_probe.py)."""
         assert index == self.index
-        return [(first, size, hessian.cpu().numpy(), count.cpu()) for first, size, hessian, count in self.partials.pop(group)]
+        partials = self.partials[name] if keep else self.partials.pop(name)
+        # (Ray copies the arrays into the object store as this returns, before this
+        # worker's own solve adds into its subtrees in place)
+        return [(first, size, hessian.cpu().numpy(), count.cpu()) for first, size, hessian, count in partials]
 
-    def solve(self, index: int, group_linears: list, options, exact: bool, ship: bool, *others: list) -> tuple[list, dict | None]:
-        """``group_linears``: the group's LinearSpecs; ``exact``: llm-compressor's arithmetic
-        (gptq.solve_group); ``others``: the other calibration
-        workers' subtrees of the group. The results stay on this device for this worker's
-        write and propagation; ``ship``: also return them, on the host, for the others.
+    def solve(self, index: int, group_linears: list, name: str, keep: bool, options, exact: bool, ship: bool,
+              *others: list) -> tuple[list, dict | None]:  # fmt: skip
+        """``group_linears``: the group's LinearSpecs; ``name``: its input's (hessian_inputs);
+        ``keep``: this worker solves another group of that input after this one, which takes
+        the same inverse factor (computed once); ``exact``: llm-compressor's arithmetic
+        (gptq.solve_group); ``others``: the other calibration workers' subtrees of the input.
+        The results stay on this device for this worker's write and propagation; ``ship``:
+        also return them, on the host, for the others.
         -> (the Linears that fell back to round-to-nearest, local name -> (weight, tensors) or None)."""
         assert index == self.index
         device = self.worker.device
         began = time.monotonic()  # the others' subtrees are here: Ray fetched them before the call
-        subtrees = self.partials.pop(group_linears[0].local, []) + [p for partials in others for p in partials]
-        hessian, count = reduce_partials(subtrees, device)
-        del subtrees
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        reduced = time.monotonic()
+        inverse, reduced = self.inverses.pop(name, None), began
+        if inverse is None:
+            subtrees = self.partials.pop(name, []) + [p for partials in others for p in partials]
+            hessian, count = reduce_partials(subtrees, device)
+            del subtrees
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            reduced = time.monotonic()
+            inverse = gptq.group_inverse(hessian, count, options.dampening_frac, options.ordered, exact)
+            del hessian
+        if keep:
+            self.inverses[name] = inverse
         weights = [self.tensors[f"{linear.local}.weight"] for linear in group_linears]
-        solved = gptq.solve_group(
-            weights, hessian, count, group_linears[0].scheme, options.block_size, options.dampening_frac, options.ordered,
-            exact=exact,
-        )
+        solved = gptq.solve_with(weights, inverse, group_linears[0].scheme, options.block_size, exact=exact)
+        del inverse
         self.solved_here.update((linear.local, (result.weight, result.tensors)) for linear, result in zip(group_linears, solved))
         shipped = None
         if ship:
