@@ -38,8 +38,9 @@ in device_bytes (the device memory plan adds it):
                                    temporaries), whichever is more
   reduction traffic                the subtrees of the workers that do not own the group,
                                    through Ray's object store: at most 4 x in^2 x 4 per
-                                   worker and group; none on one worker (the owner's own
-                                   stay on its device)
+                                   worker and input, to each owner of the input's groups
+                                   (the routed experts' gate/up: up to W - 1 owners); none
+                                   on one worker (the owner's own stay on its device)
 """
 
 from __future__ import annotations
@@ -137,8 +138,8 @@ def worker_runs(batches: list, size: int, workers: int) -> list[list]:
 
 class HessianBlocks:
     def __init__(self, inputs: dict[str, int], block_size: int, device: torch.device, exact: bool = False):
-        """``inputs``: the first Linear of each fused group (name inside the layer) -> its
-        in_features. ``exact``: each forward added as llm-compressor adds it; else with
+        """``inputs``: each distinct input's name (``hessian_inputs``: a Linear inside the
+        layer) -> its in_features. ``exact``: each forward added as llm-compressor adds it; else with
         exact products (gptq.add_products: on a GPU, the bf16 tensor cores)."""
         self.inputs, self.size, self.device = inputs, block_size, device
         self.add_forward = gptq.add_to_hessian if exact else gptq.add_products

@@ -136,13 +136,14 @@ class GptqExecution(Execution):
         partials = self._partials(index, workers, pairs)
         # An owner's first group of an input takes the others' subtrees of it; the owner
         # keeps the input's inverse factor while it has another group of it to solve
-        groups_of, solved_of, solved = Counter(pairs), Counter(), []
+        groups_of, solved_of, solved, others = Counter(pairs), Counter(), [], []
         for group, (name, owner) in zip(spec.groups, pairs):
             solved_of[name, owner] += 1
             first, keep = solved_of[name, owner] == 1, solved_of[name, owner] < groups_of[name, owner]
             others = [partials[name, w] for w in range(len(workers)) if w != owner] if first else []
             solved.append(workers[owner].gptq.options(num_returns=2).remote(
-                "solve", index, group, name, keep, self.options, self.config.exact, ship, *others))  # fmt: skip
+                "solve", index, group, name, first, keep, self.options, self.config.exact, ship, *others))  # fmt: skip
+        del partials, others  # Ray frees each subtree once the solves that take it are done
         fell_back = [flags for flags, _ in solved]
         # each worker gets the results of the groups the others solved (the driver never fetches them)
         shipped = [[results for (_, results), (_, owner) in zip(solved, pairs) if owner != w] for w in range(len(workers))]

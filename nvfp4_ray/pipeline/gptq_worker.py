@@ -4,9 +4,11 @@
                 as far as its last recorded input: input amax (as calibration
                 records them) and the Hessian subtrees of its blocks of samples
                 (calibration/hessians.py), kept on the device; the hidden states stay
-  partials_of   (the workers that do not own a group) its subtrees, on the host
+  partials_of   (for the owners of an input's groups on other workers) its subtrees of
+                the input, on the host
   solve         (owner) the group's Hessian from its own subtrees and the others', in the
-                tree, and its GPTQ solve with scales from the loaded weights
+                tree (or its input's inverse factor, kept from the owner's first group of
+                that input), and its GPTQ solve with scales from the loaded weights
   propagate     its batches through the layer with the solved weights: the next layer's
                 inputs (llm-compressor's propagate_error), by run_layer; the owner's
                 solved weights never left its device. The writing worker keeps the unit
@@ -66,11 +68,12 @@ class GptqSteps:
         # worker's own solve adds into its subtrees in place)
         return [(first, size, hessian.cpu().numpy(), count.cpu()) for first, size, hessian, count in partials]
 
-    def solve(self, index: int, group_linears: list, name: str, keep: bool, options, exact: bool, ship: bool,
-              *others: list) -> tuple[list, dict | None]:  # fmt: skip
+    def solve(self, index: int, group_linears: list, name: str, first: bool, keep: bool, options, exact: bool,
+              ship: bool, *others: list) -> tuple[list, dict | None]:  # fmt: skip
         """``group_linears``: the group's LinearSpecs; ``name``: its input's (hessian_inputs);
-        ``keep``: this worker solves another group of that input after this one, which takes
-        the same inverse factor (computed once); ``exact``: llm-compressor's arithmetic
+        ``first``: this worker's first group of that input, which reduces its Hessian;
+        ``keep``: another group of that input follows here, which takes the same inverse
+        factor (computed once); ``exact``: llm-compressor's arithmetic
         (gptq.solve_group); ``others``: the other calibration workers' subtrees of the input.
         The results stay on this device for this worker's write and propagation; ``ship``:
         also return them, on the host, for the others.
@@ -78,8 +81,9 @@ class GptqSteps:
         assert index == self.index
         device = self.worker.device
         began = time.monotonic()  # the others' subtrees are here: Ray fetched them before the call
+        assert first == (name not in self.inverses), f"{name}: solved out of order"
         inverse, reduced = self.inverses.pop(name, None), began
-        if inverse is None:
+        if first:
             subtrees = self.partials.pop(name, []) + [p for partials in others for p in partials]
             hessian, count = reduce_partials(subtrees, device)
             del subtrees
