@@ -86,12 +86,12 @@ def test_gptq_sums_one_hessian_for_every_routed_experts_gate_up_of_deepseek_v3(d
     layer sums 6.0 GB, not 58.4 GB. Its whole layers then fit an 80 GB GPU with GPTQ on
     two workers (8 blocks of samples each); one worker with all 16 blocks of 256 x 1024
     tokens keeps five sums at once, and is refused before any work."""
-    from nvfp4_ray.calibration.hessians import device_bytes, hessian_inputs
+    from nvfp4_ray.calibration.hessians import device_bytes, distinct_inputs, hessian_inputs
 
     config, units = deepseek_v3
     groups = [unit.spec.groups for unit in units]
     moe = groups[1]
-    inputs = dict(zip(hessian_inputs(moe), (group[0].in_features for group in moe)))
+    inputs = distinct_inputs(moe)
     experts_gate_up = [g for g in moe if ".experts." in g[0].local and g[0].local.endswith("gate_proj")]
     assert len(experts_gate_up) == 256 and len({hessian_inputs(moe)[moe.index(g)] for g in experts_gate_up}) == 1
     assert len(moe) == 518 and len(inputs) == 263  # one gate/up input for 256 experts, 256 down_proj inputs

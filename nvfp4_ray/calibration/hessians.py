@@ -79,6 +79,11 @@ def hessian_inputs(groups: list[list]) -> list[str]:
     return names
 
 
+def distinct_inputs(groups: list[list]) -> dict[str, int]:
+    """A layer's distinct Hessian inputs (``hessian_inputs``' names) -> their in_features."""
+    return {name: group[0].in_features for name, group in zip(hessian_inputs(groups), groups)}
+
+
 def reference_order(samples: list[list[int]]) -> list[int]:
     """The order llm-compressor 0.14 runs samples in when not shuffling them (its
     LengthAwareSampler: longest first, ties as torch's argsort leaves them): its Hessian is
@@ -104,7 +109,7 @@ def device_bytes(layer_groups: list[list], blocks_per_worker: int, longest: int 
     held = (2 * FORWARDS_PER_PRODUCT - 1) * longest * 2 if FORWARDS_PER_PRODUCT > 1 else 0
     need = 0
     for groups in filter(None, layer_groups):
-        distinct = {name: group[0].in_features for name, group in zip(hessian_inputs(groups), groups)}.values()
+        distinct = distinct_inputs(groups).values()
         sums = sum(features**2 * 4 for features in distinct)
         inputs = sum(distinct)
         solve = max(solve_bytes(group) for group in groups)

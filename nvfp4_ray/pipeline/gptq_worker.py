@@ -23,7 +23,7 @@ import time
 
 import torch
 
-from nvfp4_ray.calibration.hessians import HessianBlocks, hessian_inputs, reduce_partials
+from nvfp4_ray.calibration.hessians import HessianBlocks, distinct_inputs, reduce_partials
 from nvfp4_ray.formats import gptq
 from nvfp4_ray.io.storage import Store
 from nvfp4_ray.io.tensors import TensorShard
@@ -45,8 +45,7 @@ class GptqSteps:
     def hessian_pass(self, index: int, spec, block_size: int, exact: bool) -> dict:
         worker = self.worker
         self.index, self.tensors, self.inverses = index, worker._take(index), {}
-        inputs = {name: group[0].in_features for name, group in zip(hessian_inputs(spec.groups), spec.groups)}
-        blocks = HessianBlocks(inputs, block_size, worker.device, exact)
+        blocks = HessianBlocks(distinct_inputs(spec.groups), block_size, worker.device, exact)
         attention = [a.local for a in spec.attention]
         began = time.monotonic()
         amax = worker.runner.run_layer(index, self.tensors, list(spec.recorded), attention, advance=False,
