@@ -140,9 +140,11 @@ def mount_tmpfs(tmp_path):
     """A real mount point; unmounted afterwards."""
     mounts = []
 
-    def mount(options: str) -> str:
-        point = tmp_path / f"mount{len(mounts)}"
-        point.mkdir()
+    def mount(options: str, point=None) -> str:
+        """A new tmpfs with these options, at ``point`` (an empty folder) or a new one."""
+        if point is None:
+            point = tmp_path / f"mount{len(mounts)}"
+            point.mkdir()
         subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(point)], check=True)
         mounts.append(point)
         return str(point)
@@ -184,6 +186,26 @@ def test_disk_full_fails_cleanly_and_resumes_elsewhere(family_case, mount_tmpfs,
     assert "Traceback" not in stderr
     assert not os.path.exists(os.path.join(dest, "_SUCCESS"))
     assert json.loads(stdout.strip().splitlines()[-1])["exit_code"] == 3
+
+
+def test_disk_full_under_a_workers_snapshot_fails_cleanly(family_case, mount_tmpfs, tmp_path):
+    """The hidden-state snapshots are written by the calibration workers, not by the driver:
+    a full disk there (a tmpfs of one page where they go, the units' folder roomy) fails
+    the job with the exit code and the one-line error, naming the file, of a full disk
+    under the unit files."""
+    from nvfp4_ray.io.versions import CALIBRATION
+
+    case = family_case("llama")
+    dest = tmp_path / "out"
+    (dest / CALIBRATION).mkdir(parents=True)
+    mount_tmpfs("size=4k", dest / CALIBRATION)
+    args = ["--calibration", case.calibration, "--num-samples", "6", "--max-seq-len", "64", "--checkpoint-minutes", "0"]
+    code, stdout, stderr = run_cli("quantize", case.source, str(dest), *args)
+    assert code == 3, stderr
+    assert "No space left on device" in stderr and "run the same command again to resume" in stderr
+    assert f"{CALIBRATION}/" in stderr.splitlines()[-1]
+    assert "Traceback" not in stderr and "a task failed" not in stderr
+    assert not (dest / "_SUCCESS").exists()
 
 
 @pytest.fixture(scope="module")

@@ -31,7 +31,7 @@ _HOPELESS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
 
 def write_unit(dest: Store, key: str, shard: TensorShard | CopiedShard):
     """Write a unit's file (``shard.name``) and its completion record."""
-    with _dest_errors(dest, shard.name):
+    with dest_write_errors(dest, shard.name):
         dest.write_parts(shard.name, shard.parts(), size=shard.size)
         destination.save_done(dest, key, shard.written)
     return shard.written
@@ -49,9 +49,9 @@ def write_retrying(dest: Store, key: str, shard: TensorShard):
 
 
 @contextmanager
-def _dest_errors(dest: Store, file_name: str):
+def dest_write_errors(dest: Store, file_name: str):
     """Storage errors that a retry cannot fix (full disk, read-only or forbidden DEST) fail
-    the job at once."""
+    the job at once, naming the file."""
     try:
         yield
     except OSError as exc:
@@ -85,7 +85,9 @@ def copy_unit_task(file_name: str, key: str, tensors: list, source_url: str, des
 
 
 def unwrap(error: Exception) -> Exception:
-    """The InputError or JobError a task raised, if that is what failed."""
+    """The InputError, JobError or OSError a task raised, if that is what failed: an
+    OSError (a full disk under a worker's hidden-state snapshot, say) reaches the CLI as a
+    storage error, which says that the same command resumes."""
     cause = getattr(error, "cause", None)
-    return cause if isinstance(cause, (InputError, JobError)) else error
+    return cause if isinstance(cause, (InputError, JobError, OSError)) else error
 
