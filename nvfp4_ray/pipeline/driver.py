@@ -33,7 +33,7 @@ from nvfp4_ray.pipeline.events import Events
 from nvfp4_ray.pipeline.layer_flow import LOST, LayerFlow, WorkerLost, lost_worker_error
 from nvfp4_ray.pipeline.placement import Placement
 from nvfp4_ray.pipeline.plan import Plan, attention_of, calibration_keys, reference_drops_causal_mask, snapshot_layers
-from nvfp4_ray.pipeline.unit_tasks import unwrap, write_unit
+from nvfp4_ray.pipeline.unit_tasks import task_error, write_unit
 from nvfp4_ray.pipeline.workers import LayerWorker
 
 MAX_WORKER_REPLACEMENTS = 3
@@ -185,10 +185,7 @@ class Execution:
         try:
             return ray.get(refs)
         except ray.exceptions.RayTaskError as exc:
-            cause = unwrap(exc)
-            if cause is not exc:
-                raise cause from None
-            raise JobError(_task_failure(exc)) from None
+            raise task_error(exc) from None
 
     def _record(self, written: list[WrittenFile]) -> None:
         for file in written:
@@ -327,8 +324,7 @@ class Execution:
             except WorkerLost as lost:
                 self._replace_worker(lost.worker, lost.error)
             except ray.exceptions.RayTaskError as exc:
-                cause = unwrap(exc)
-                raise (cause if cause is not exc else JobError(_task_failure(exc))) from None
+                raise task_error(exc) from None
         self._record(written)
         return len(written)
 
@@ -367,8 +363,7 @@ class Execution:
                 return ray.get(call)
             except (ray.exceptions.RayTaskError, *LOST) as exc:
                 if not lost_worker_error(exc):
-                    cause = unwrap(exc)
-                    raise (cause if cause is not exc else JobError(_task_failure(exc))) from None
+                    raise task_error(exc) from None
                 if self.workers[i] is actor:
                     self._replace_worker(i, exc)
             actor = self.workers[i]
@@ -454,9 +449,3 @@ class Execution:
         files = [self.written[u.key] for u in self.plan.layer_units] + [self.written[u.key] for u in self.plan.copy_units]
         return files + ([self.scales] if self.scales else [])
 
-
-def _task_failure(exc: Exception) -> str:
-    from nvfp4_ray.io.storage import redact
-
-    lines = [line for line in str(exc).splitlines() if line.strip()]
-    return redact(f"a task failed: {lines[-1] if lines else type(exc).__name__}")

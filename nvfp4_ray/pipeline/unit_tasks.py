@@ -18,7 +18,7 @@ import ray
 
 from nvfp4_ray.errors import InputError, JobError
 from nvfp4_ray.io import destination
-from nvfp4_ray.io.storage import Store
+from nvfp4_ray.io.storage import Store, redact
 from nvfp4_ray.io.tensors import CopiedShard, TensorBundle, TensorShard, read_tensors
 
 # Storage hiccups (resets, throttling, timeouts) surface as OSError subclasses: retry those.
@@ -84,10 +84,14 @@ def copy_unit_task(file_name: str, key: str, tensors: list, source_url: str, des
     return write_unit(Store(dest_url), key, CopiedShard(file_name, Store(source_url), tensors))
 
 
-def unwrap(error: Exception) -> Exception:
-    """The InputError, JobError or OSError a task raised, if that is what failed: an
-    OSError (a full disk under a worker's hidden-state snapshot, say) reaches the CLI as a
-    storage error, which says that the same command resumes."""
+def task_error(error: Exception) -> Exception:
+    """What to raise for a failed task: the InputError, JobError or OSError it raised (an
+    OSError, say a full disk under a worker's hidden-state snapshot, reaches the CLI as a
+    storage error, which says that the same command resumes), else a JobError with the
+    last line of Ray's report."""
     cause = getattr(error, "cause", None)
-    return cause if isinstance(cause, (InputError, JobError, OSError)) else error
+    if isinstance(cause, (InputError, JobError, OSError)):
+        return cause
+    lines = [line for line in str(error).splitlines() if line.strip()]
+    return JobError(redact(f"a task failed: {lines[-1] if lines else type(error).__name__}"))
 
