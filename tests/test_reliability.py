@@ -10,6 +10,7 @@ import subprocess
 import sys
 import threading
 import time
+import types
 
 import pytest
 from conftest import quantize, run_cli, session_processes
@@ -105,6 +106,29 @@ def test_calibration_actor_killed_is_replaced(smol_job, tmp_path):
     thread, result = run_in_background(source=source, dest=dest, calibration=calibration, num_samples=SAMPLES,
                                        max_seq_len=SEQ_LEN)  # fmt: skip
     wait_for(lambda: calibrated_layers(dest) >= 5, what="five calibrated layers")
+    (actor,) = session_processes("ray::LayerWorker")
+    os.kill(actor, signal.SIGKILL)
+    thread.join(timeout=900)
+    assert "error" not in result, result.get("error")
+    assert result["summary"]["worker_replacements"] == 1
+    assert_same_checkpoint(dest, clean)
+
+
+def test_worker_killed_while_moe_layers_load_in_expert_groups_is_replaced(smollm2, tmp_path):
+    """A DeepSeek-V3-shaped model whose MoE layers fit the device only in 4 expert groups:
+    the calibration worker killed mid-run is replaced, the stand-in loads the layers it
+    needs again group by group, and the bytes are those of an uninterrupted run."""
+    from models import build_model, random_rows, save_model, write_rows
+    from test_expert_groups import budget_for
+
+    source = save_model(build_model("deepseek_v3", num_hidden_layers=10), str(tmp_path / "source"), smollm2)
+    case = types.SimpleNamespace(source=source, calibration=write_rows(random_rows(6, 2048, 64, 64), str(tmp_path / "rows.parquet")))
+    options = dict(source=source, calibration=case.calibration, num_samples=6, max_seq_len=64, ignore=["lm_head"],
+                   device_memory_gib=budget_for(case, 4, tmp_path))  # fmt: skip
+    clean, dest = str(tmp_path / "clean"), str(tmp_path / "out")
+    assert quantize(dest=clean, **options)["device_memory"]["expert_groups"] == 4
+    thread, result = run_in_background(dest=dest, **options)
+    wait_for(lambda: calibrated_layers(dest) >= 3, what="three calibrated layers")
     (actor,) = session_processes("ray::LayerWorker")
     os.kill(actor, signal.SIGKILL)
     thread.join(timeout=900)
