@@ -199,7 +199,7 @@ def test_workers_stopped_right_after_they_were_asked_for_give_back_every_cpu():
     later job on the instance wait out its placement timeout."""
     import ray
 
-    from nvfp4_ray.pipeline.driver import start_workers
+    from nvfp4_ray.pipeline.worker_start import start_workers
     from nvfp4_ray.pipeline.placement import Placement
 
     total = ray.cluster_resources()["CPU"]

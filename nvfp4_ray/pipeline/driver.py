@@ -6,7 +6,7 @@ SOURCE into their page caches, which the workers read from) and loads it onto th
 that need it; its owner quantizes it from the device copy and writes the unit file. Every
 calibration worker then advances its batches through the layer and returns the input amax
 of each Linear; the driver max-reduces them (exact: max is order-free) and persists the
-result. Hidden states are persisted now and then (crash resume) and at a few planned
+result (calibration_steps.py). Hidden states are persisted now and then (crash resume) and at a few planned
 layers, which are kept after the commit (re-quantization resumes from the last one before
 the first changed layer). Units already done at DEST are skipped; calibration resumes
 from the last persisted hidden states, or is skipped when every layer's statistics exist.
@@ -14,68 +14,30 @@ from the last persisted hidden states, or is skipped when every layer's statisti
 
 from __future__ import annotations
 
-import json
-import math
-import time
 from collections import Counter
 
 import ray
 
-from nvfp4_ray.calibration.batches import deal, make_batches
+from nvfp4_ray.calibration.batches import make_batches
 from nvfp4_ray.errors import JobError
 from nvfp4_ray.io import destination
 from nvfp4_ray.io.storage import Store, is_remote
 from nvfp4_ray.io.tensors import TensorShard, WrittenFile, torch_dtype
 from nvfp4_ray.layer_quantizer import scale_tensors
-from nvfp4_ray.pipeline.calibration_state import CALIBRATION_DIR, Calibration, Persister, resume_point
+from nvfp4_ray.pipeline.calibration_state import Calibration, Persister
+from nvfp4_ray.pipeline.calibration_steps import CalibrationSteps
 from nvfp4_ray.pipeline.device_memory import plan_device
 from nvfp4_ray.pipeline.events import Events
 from nvfp4_ray.pipeline.layer_flow import LOST, LayerFlow, WorkerLost, lost_worker_error
 from nvfp4_ray.pipeline.placement import Placement
-from nvfp4_ray.pipeline.plan import Plan, attention_of, calibration_keys, reference_drops_causal_mask, snapshot_layers
+from nvfp4_ray.pipeline.plan import Plan
 from nvfp4_ray.pipeline.unit_tasks import task_error, write_unit
-from nvfp4_ray.pipeline.workers import LayerWorker
+from nvfp4_ray.pipeline.worker_start import calibration_worker_count, configure, new_worker
 
 MAX_WORKER_REPLACEMENTS = 3
 
 
-def calibration_worker_count(workers: int, config, samples) -> int:
-    if samples is None:
-        return 0
-    return min(workers, len(make_batches(samples, config.batch_tokens)))
-
-
-def start_workers(placement: Placement) -> list:
-    """One worker per bundle, asked for before the inputs are read: the seconds a process
-    takes to import torch and transformers and create a CUDA context pass meanwhile."""
-    return [_new_worker(placement, i) for i in range(placement.size)]
-
-
-def configure_workers(workers: list, config, inputs) -> None:
-    """The first workers calibrate (one per batch at most); the others only quantize."""
-    count = calibration_worker_count(len(workers), config, inputs.samples)
-    for worker in workers[:count]:
-        _configure(worker, config, inputs.source.config, inputs.recipe.gptq is not None)
-
-
-def _new_worker(placement: Placement, bundle: int):
-    import torch
-
-    # the driver is a plain process: its thread count is what llm-compressor would use here
-    threads = torch.get_num_threads()
-    return LayerWorker.options(**placement.worker_options(bundle)).remote(threads, time.time())
-
-
-def _configure(worker, config, model_config: dict, gptq: bool) -> None:
-    drop_mask = reference_drops_causal_mask(config, model_config)
-    # GPTQ's passes run without CUDA graphs: the Hessian pass's hooks run per forward, and
-    # the propagation pass records no amax, which LayerGraphs' checked replay compares
-    graphs = not (config.no_cuda_graphs or gptq)
-    attention = attention_of(config, gptq)
-    worker.configure.remote(model_config, attention, drop_mask, graphs, gptq, config.exact)  # runs before any later call
-
-
-class Execution:
+class Execution(CalibrationSteps):
     EXPERT_GROUPS = True  # MoE layers larger than a device may load in expert groups (device_memory.py)
 
     def __init__(self, plan: Plan, placement: Placement, events: Events, workers: list):
@@ -192,85 +154,6 @@ class Execution:
             self.written[self._key_of(file.name)] = file
             self.computed.append(file.name)
 
-    # ---- calibration setup ---------------------------------------------------------
-    def _read_embeddings(self) -> dict:
-        """The embedding, for the calibration workers' nodes: read into their object stores,
-        or (a local SOURCE) into their page caches, before any layer, for the workers to read."""
-        if not self.calibration_workers:
-            return {}
-        embed = self.plan.source.tensors[self.plan.spec.embed_tensor]
-        nodes = dict.fromkeys(self.placement.nodes[: self.calibration_workers])
-        for node in nodes:
-            self.flow.read_into_page_cache(node, [embed])
-        return {node: self.flow.tensors_on(node, [embed]) for node in nodes}
-
-    def _prepare_calibration(self, infos: list[dict], embeds: dict) -> Calibration:
-        """Where calibration resumes, the samples embedded (or the hidden states of the last
-        snapshot restored) on every calibration worker, and the layer flow started."""
-        plan = self.plan
-        batches = make_batches(plan.samples, self.config.batch_tokens)
-        signature = "+".join(sorted({info["signature"] for info in infos}))
-        keys = calibration_keys(plan, signature)
-        first, checkpoint = resume_point(self.dest, keys, self.layer_amax)
-        calibration = Calibration(
-            shares=self._shares(batches),
-            keys=keys,
-            first=first,
-            checkpoint=checkpoint,
-            done_through=first - 1,
-            devices=[info["device"] for info in infos],
-            kept=set(snapshot_layers(len(keys), self.config.hidden_snapshots)),
-        )
-        self.calibration = calibration
-        workers = range(self.calibration_workers)
-        if first == len(keys):
-            self.events.info("calibration statistics for every layer already at DEST: skipping calibration")
-            self.flow.start(self.workers, first)
-            return calibration
-        if checkpoint is None:  # the first layers' loads (copies to the device, quantization) go on meanwhile
-            self.flow.start(self.workers, first)
-        else:
-            self.events.info(f"resuming calibration at layer {first} from persisted state", layer=first)
-        began = time.monotonic()
-        self._start_calibration(calibration, workers, embeds, pump=checkpoint is None)
-        self.events.info("calibration batches embedded", seconds=round(time.monotonic() - began, 3))
-        if checkpoint is not None:
-            if not self._restore_snapshot(calibration, workers):
-                calibration.checkpoint, calibration.first, calibration.done_through = None, 0, -1
-                self._start_calibration(calibration, workers, embeds)  # the workers that restored theirs, too
-            self.flow.start(self.workers, calibration.first)
-        return calibration
-
-    def _shares(self, batches: list) -> list[list]:
-        """The batches of each calibration worker."""
-        return deal(batches, self.calibration_workers)
-
-    def _start_calibration(self, calibration: Calibration, indices, embeds: dict, pump: bool = False) -> None:
-        """Embed the batches of calibration workers ``indices``; ``pump``: drive the layer flow
-        meanwhile, so that the first layers load beside the embedding."""
-        embed = self.plan.source.tensors[self.plan.spec.embed_tensor]
-        starts = []
-        for i in indices:
-            node = self.placement.nodes[i]
-            if node not in embeds:  # a replaced worker on another node
-                embeds[node] = self.flow.tensors_on(node, [embed])
-            starts.append(self.workers[i].start.remote(calibration.shares[i], embeds[node], embed.name))
-        tokens = self._get(self._wait(starts) if pump else starts)
-        calibration.tokens = max(calibration.tokens, sum(tokens))
-
-    def _restore_snapshot(self, calibration: Calibration, indices) -> bool:
-        """Workers ``indices`` take the hidden states after layer calibration.checkpoint from
-        DEST; False (with a warning) if a file of them is damaged: a worker that finds one
-        restores nothing, and the caller calibrates from layer 0."""
-        folder = calibration.folder(calibration.checkpoint)
-        if all(self._get([self.workers[i].load_hidden.remote(self.config.dest, folder) for i in indices])):
-            return True
-        self.events.warning(
-            f"the hidden states at DEST/{folder} are damaged (a file is missing or differs from the digest in its "
-            "_COMPLETE marker): calibrating from layer 0 instead"
-        )
-        return False
-
     # ---- the layer loop ----------------------------------------------------------
     def _layer_loop(self) -> None:
         flow = self.flow
@@ -335,20 +218,6 @@ class Execution:
         results = [self._layer_result(i, index, snapshot, *call) for i, call in enumerate(calls)]
         self._finish_layer(index, results, snapshot, results)
 
-    def _finish_layer(self, index: int, amax_results: list[dict], snapshot: str | None, snapshot_results: list[dict]) -> None:
-        """Layer ``index`` calibrated: the workers' amax max-reduced (exact: max is
-        order-free) and persisted, and the hidden-state snapshots they finished taken in."""
-        calibration = self.calibration
-        reduced = {}
-        for local in self.plan.record_sets()[index]:
-            values = [result["amax"][local] for result in amax_results if local in result["amax"]]
-            reduced[local] = math.nan if any(math.isnan(v) for v in values) else max(values)
-        self.layer_amax[index] = reduced
-        self.persist(self.dest.write_text, f"{CALIBRATION_DIR}/{calibration.keys[index]}.json", json.dumps(reduced, sort_keys=True))
-        calibration.layer_done(index, snapshot, self.calibration_workers)
-        done = [done for result in snapshot_results for done in result["snapshots"]]
-        calibration.snapshots_done(done, self.dest, self.persist)
-
     def _submit_layer(self, i: int, index: int, snapshot: str | None = None):
         unit = self.plan.layer_units[index]
         attention = [a.local for a in unit.spec.attention]
@@ -396,7 +265,7 @@ class Execution:
         """New workers in bundles ``indices`` (stand-ins for lost ones), set up as the job's
         first ones were: the model for a calibration worker, the device plan's limits."""
         for i in indices:
-            worker = self.workers[i] = _new_worker(self.placement, i)
+            worker = self.workers[i] = new_worker(self.placement, i)
             if i < self.calibration_workers:
                 self._configure_calibration(worker)
             if self.device_plan is not None:
@@ -406,12 +275,7 @@ class Execution:
             self.placement.nodes[i] = info["node_id"]
 
     def _configure_calibration(self, worker) -> None:
-        _configure(worker, self.config, self.plan.source.config, self.plan.recipe.gptq is not None)
-
-    def _finish_snapshots(self) -> None:
-        finished = self._get([w.flush_snapshots.remote() for w in self.workers[: self.calibration_workers]])
-        self.calibration.snapshots_done([done for worker in finished for done in worker], self.dest, self.persist)
-        self.persist.finish()
+        configure(worker, self.config, self.plan.source.config, self.plan.recipe.gptq is not None)
 
     # ---- input scales -----------------------------------------------------------
     def _write_scales(self) -> None:
@@ -433,12 +297,6 @@ class Execution:
     def report_fields(self) -> dict:
         """What this kind of run adds to the summary (GPTQ: the Linears that fell back to RTN)."""
         return {}
-
-    def calibration_record(self) -> dict | None:
-        """The manifest's calibration part (Calibration.record)."""
-        if self.calibration is None:
-            return None
-        return self.calibration.record(self.plan.layer_units, self.layer_amax, self.dest)
 
     @property
     def reads(self) -> Counter:

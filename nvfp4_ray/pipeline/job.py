@@ -56,8 +56,9 @@ def run_quantize(config: QuantizeConfig, events: Events) -> dict:
         return _unchanged(config, inputs, started, events)
     with ray_session(config.ray_address):
         from nvfp4_ray.pipeline.commit import checkpoint_files, commit, write_checkpoint
-        from nvfp4_ray.pipeline.driver import Execution, configure_workers, start_workers
+        from nvfp4_ray.pipeline.driver import Execution
         from nvfp4_ray.pipeline.placement import Placement
+        from nvfp4_ray.pipeline.worker_start import configure_workers, start_workers
 
         if inputs is None and not Placement.fits_now(config.num_workers, config.worker_device):
             inputs = _read_inputs(config, events)

@@ -1,0 +1,51 @@
+"""Starting the LayerWorkers and making the first ones calibration workers.
+
+The job asks for its workers before it reads its inputs (start_workers), and a lost
+worker's stand-in is started the same way (Execution._start_workers); a calibration
+worker is given the model and the way its passes run (configure) before any other call.
+"""
+
+from __future__ import annotations
+
+import time
+
+from nvfp4_ray.calibration.batches import make_batches
+from nvfp4_ray.pipeline.placement import Placement
+from nvfp4_ray.pipeline.plan import attention_of, reference_drops_causal_mask
+from nvfp4_ray.pipeline.workers import LayerWorker
+
+
+def calibration_worker_count(workers: int, config, samples) -> int:
+    if samples is None:
+        return 0
+    return min(workers, len(make_batches(samples, config.batch_tokens)))
+
+
+def start_workers(placement: Placement) -> list:
+    """One worker per bundle, asked for before the inputs are read: the seconds a process
+    takes to import torch and transformers and create a CUDA context pass meanwhile."""
+    return [new_worker(placement, i) for i in range(placement.size)]
+
+
+def configure_workers(workers: list, config, inputs) -> None:
+    """The first workers calibrate (one per batch at most); the others only quantize."""
+    count = calibration_worker_count(len(workers), config, inputs.samples)
+    for worker in workers[:count]:
+        configure(worker, config, inputs.source.config, inputs.recipe.gptq is not None)
+
+
+def new_worker(placement: Placement, bundle: int):
+    import torch
+
+    # the driver is a plain process: its thread count is what llm-compressor would use here
+    threads = torch.get_num_threads()
+    return LayerWorker.options(**placement.worker_options(bundle)).remote(threads, time.time())
+
+
+def configure(worker, config, model_config: dict, gptq: bool) -> None:
+    drop_mask = reference_drops_causal_mask(config, model_config)
+    # GPTQ's passes run without CUDA graphs: the Hessian pass's hooks run per forward, and
+    # the propagation pass records no amax, which LayerGraphs' checked replay compares
+    graphs = not (config.no_cuda_graphs or gptq)
+    attention = attention_of(config, gptq)
+    worker.configure.remote(model_config, attention, drop_mask, graphs, gptq, config.exact)  # runs before any later call
