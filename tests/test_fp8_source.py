@@ -159,11 +159,19 @@ def test_units_are_dequantized_on_the_device_and_checked_there(tmp_path):
         to_device_checked(unit(weight), torch.device("cpu"))
 
 
-def test_fp8_source_is_byte_identical_to_llmcompressor(fp8_case, tmp_path):
+@pytest.fixture(scope="module")
+def fp8_quantized(fp8_case, tmp_path_factory):
+    """(nvfp4-ray's checkpoint of the FP8 SOURCE, the bf16 checkpoint compressed-tensors'
+    dequantizer makes of that SOURCE)."""
     case, fp8 = fp8_case
-    out = str(tmp_path / "out")
-    quantize(fp8, out, case.calibration, ignore=IGNORE)
-    dequantized = dequantized_by_compressed_tensors(fp8, str(tmp_path / "dequantized"))
+    folder = tmp_path_factory.mktemp("fp8-quantized")
+    quantize(fp8, str(folder / "out"), case.calibration, ignore=IGNORE)
+    return str(folder / "out"), dequantized_by_compressed_tensors(fp8, str(folder / "dequantized"))
+
+
+def test_fp8_source_is_byte_identical_to_llmcompressor(fp8_case, fp8_quantized, tmp_path):
+    case, fp8 = fp8_case
+    out, dequantized = fp8_quantized
     ref = run_llmcompressor(dequantized, case.rows, IGNORE, str(tmp_path / "reference"))
 
     ours, theirs = load_tensors(out), load_tensors(ref)
@@ -180,6 +188,27 @@ def test_fp8_source_is_byte_identical_to_llmcompressor(fp8_case, tmp_path):
     source_config = json.load(open(os.path.join(fp8, "config.json")))
     assert {**config, "quantization_config": None} == {**source_config, "quantization_config": None}
     assert config["quantization_config"]["quant_method"] == "compressed-tensors"
+
+
+def test_evaluate_against_an_fp8_base_is_evaluate_against_its_bf16_dequantization(fp8_case, fp8_quantized, tmp_path):
+    """DeepSeek-V3 is published in FP8 only: its users evaluate against that. The report
+    against the FP8 BASE is the one against the bf16 checkpoint that compressed-tensors'
+    dequantizer makes of it (what llm-compressor's users quantize), number for number."""
+    from pydoc_data.topics import topics
+    from transformers import AutoTokenizer
+
+    from nvfp4_ray.quality.evaluate import EvaluateOptions, evaluate
+
+    case, fp8 = fp8_case
+    out, dequantized = fp8_quantized
+    # held-out text within the random model's 2048-token vocabulary (the tokenizer is SmolLM2's)
+    tokenizer = AutoTokenizer.from_pretrained(fp8)
+    words = [w for w in topics["compound"].split() if max(tokenizer(" " + w)["input_ids"]) < 2048]
+    (tmp_path / "text.txt").write_text(" ".join(words * 4))
+    options = dict(quant=out, text=str(tmp_path / "text.txt"), seq_len=64, max_tokens=192)
+    report = evaluate(EvaluateOptions(base=fp8, **options))
+    assert report == evaluate(EvaluateOptions(base=dequantized, **options))
+    assert report["text"]["tokens"] == 192 and report["weight_sqnr_db"]["linears"] > 0
 
 
 @pytest.mark.parametrize(
@@ -202,6 +231,9 @@ def test_other_quantization_configs_are_refused(setting, fragment, fp8_case, tmp
     json.dump(config, open(os.path.join(source, "config.json"), "w"))
     dest = str(tmp_path / "dest")
     assert_input_error(run_cli(*quantize_args(source, dest, case.calibration)), fragment, dest)
+    # as evaluate's BASE: an FP8 one is read as quantize reads it, anything else is refused
+    as_base = "is quantized; give the unquantized (or FP8" if "quant_method" in setting else fragment
+    assert_input_error(run_cli("evaluate", source, dest), as_base)
 
 
 O_PROJ = "model.layers.1.self_attn.o_proj"
@@ -233,3 +265,5 @@ def test_inconsistent_fp8_tensors_are_refused(fp8, edit, quantization, fragment,
     source = write_fp8(case.source, str(tmp_path / "source"), fp8, edit, quantization)
     dest = str(tmp_path / "dest")
     assert_input_error(run_cli(*quantize_args(source, dest, case.calibration)), fragment, dest)
+    if "outside the decoder layers" not in fragment:  # evaluate dequantizes an FP8 lm_head as well
+        assert_input_error(run_cli("evaluate", source, dest), fragment)

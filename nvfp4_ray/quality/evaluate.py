@@ -32,7 +32,7 @@ NVFP4_FORMAT = "nvfp4-pack-quantized"
 class EvaluateOptions(CommandOptions):
     POSITIONAL = ("base", "quant")
 
-    base: str = Field(description="the unquantized checkpoint directory")
+    base: str = Field(description="the unquantized (or FP8, 128 x 128 block scales) checkpoint directory")
     quant: str = Field(description="the NVFP4 checkpoint directory made from BASE")
     text: str | None = Field(None, description="held-out UTF-8 text file; default: the text shipped with nvfp4-ray")
     seq_len: int = Field(512, ge=2, description="tokens per forward window")
@@ -76,6 +76,7 @@ def evaluate(options: EvaluateOptions, events=None) -> dict:
     import torch
 
     from nvfp4_ray.quality import logits, weights
+    from nvfp4_ray.quality.fp8_base import bf16_base
 
     base, base_config = _local_checkpoint(options.base, "BASE", quantized=False)
     quant, quant_config = _local_checkpoint(options.quant, "QUANT", quantized=True)
@@ -85,12 +86,13 @@ def evaluate(options: EvaluateOptions, events=None) -> dict:
             "give the checkpoint QUANT was made from as BASE"
         )
     text, windows = held_out_windows(base, base_config, options)
-    per_linear = weights.weight_sqnr(base, quant)
     # Both models compute in BASE's dtype, as they would be served.
     dtype = getattr(torch, str(base_config.get("dtype") or base_config.get("torch_dtype")), None)
     dtype = dtype if isinstance(dtype, torch.dtype) and dtype.is_floating_point else torch.bfloat16
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    base_model = logits.load_model(base, dtype, device)
+    with bf16_base(base, base_config) as base_weights:
+        per_linear = weights.weight_sqnr(base_weights, quant)
+        base_model = logits.load_model(base_weights, dtype, device)
     quant_model = logits.load_model(quant, dtype, device)
     if events is not None:
         events.progress("evaluate", len(windows), unit="window")
@@ -156,7 +158,14 @@ def _local_checkpoint(url: str, role: str, quantized: bool) -> tuple[str, dict]:
             f"QUANT {folder} is not an NVFP4 checkpoint (quantization format {method!r}, need {NVFP4_FORMAT!r})"
         )
     if not quantized and "quantization_config" in config:
-        raise InputError(f"BASE {folder} is quantized; give the unquantized checkpoint QUANT was made from")
+        if not isinstance(config["quantization_config"], dict) or config["quantization_config"].get("quant_method") != "fp8":
+            raise InputError(
+                f"{role} {folder} is quantized; give the unquantized (or FP8, 128 x 128 block scales) checkpoint "
+                "QUANT was made from"
+            )
+        from nvfp4_ray.quality.fp8_base import check_fp8_base
+
+        check_fp8_base(folder, role)  # read as quantize reads it (fp8_base.py)
     return folder, config
 
 
