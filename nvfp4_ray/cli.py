@@ -66,7 +66,7 @@ def run_guarded(action, log_format: str = "text") -> int:
     except JobError as exc:
         message = redact(str(exc))
         code = EXIT_RUN
-    except OSError as exc:  # storage failed under the driver (the tasks' own errors are JobErrors)
+    except OSError as exc:  # storage failed under the driver, or under a task (unit_tasks.task_error)
         message = redact(f"storage error: {exc}; run the same command again to resume")
         code = EXIT_RUN
     except KeyboardInterrupt:

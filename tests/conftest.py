@@ -284,3 +284,22 @@ def gptq_reference(tmp_path_factory, family_case):
         return cache[family]
 
     return get
+
+
+@pytest.fixture
+def mount_tmpfs(tmp_path):
+    """A real mount point; unmounted afterwards."""
+    mounts = []
+
+    def mount(options: str, point=None) -> str:
+        """A new tmpfs with these options, at ``point`` (an empty folder) or a new one."""
+        if point is None:
+            point = tmp_path / f"mount{len(mounts)}"
+            point.mkdir()
+        subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(point)], check=True)
+        mounts.append(point)
+        return str(point)
+
+    yield mount
+    for point in mounts:
+        subprocess.run(["umount", "-l", str(point)])

@@ -209,6 +209,46 @@ def test_evaluate_against_an_fp8_base_is_evaluate_against_its_bf16_dequantizatio
     report = evaluate(EvaluateOptions(base=fp8, **options))
     assert report == evaluate(EvaluateOptions(base=dequantized, **options))
     assert report["text"]["tokens"] == 192 and report["weight_sqnr_db"]["linears"] > 0
+    # a scale in another shard than its weight (the index says where each tensor is)
+    moved = rewrite(fp8, str(tmp_path / "moved"), lambda tensors: None, FP8_CONFIG)
+    index_path = os.path.join(moved, "model.safetensors.index.json")
+    index = json.load(open(index_path))
+    scale = f"{O_PROJ}.weight_scale_inv"
+    shard = os.path.join(moved, index["weight_map"][scale])
+    tensors = load_file(shard)
+    save_file({scale: tensors.pop(scale)}, os.path.join(moved, "model-scales.safetensors"), metadata={"format": "pt"})
+    save_file(tensors, shard, metadata={"format": "pt"})
+    index["weight_map"][scale] = "model-scales.safetensors"
+    json.dump(index, open(index_path, "w"))
+    assert evaluate(EvaluateOptions(base=moved, **options)) == report
+
+
+def test_quantize_evaluate_from_an_fp8_source(fp8_case, smollm2, tmp_path):
+    """``quantize --evaluate`` from an FP8 SOURCE (its vocabulary SmolLM2's, for the shipped
+    held-out text): the report stored in the manifest is evaluate's against the bf16
+    checkpoint compressed-tensors' dequantizer makes of SOURCE."""
+    from models import build_model, save_model
+
+    from nvfp4_ray.quality.evaluate import EvaluateOptions, evaluate
+
+    case, _ = fp8_case
+    bf16 = save_model(build_model("deepseek_v3", vocab_size=49152), str(tmp_path / "bf16"), smollm2)
+    fp8 = write_fp8(bf16, str(tmp_path / "fp8"))
+    out = str(tmp_path / "out")
+    summary = quantize(fp8, out, case.calibration, ignore=IGNORE, evaluate=True)
+    stored = json.load(open(os.path.join(out, "manifest.json")))["quality"]
+    assert summary["quality"] == stored and stored["weight_sqnr_db"]["linears"] > 0
+    dequantized = dequantized_by_compressed_tensors(fp8, str(tmp_path / "dequantized"))
+    assert evaluate(EvaluateOptions(base=dequantized, quant=out)) == stored
+
+
+def test_an_fp8_base_whose_bf16_copy_does_not_fit_under_tmpdir_is_refused(fp8_case, fp8_quantized, mount_tmpfs, monkeypatch):
+    import tempfile
+
+    _, fp8 = fp8_case
+    out, _ = fp8_quantized
+    monkeypatch.setattr(tempfile, "tempdir", mount_tmpfs("size=64k"))
+    assert_input_error(run_cli("evaluate", fp8, out), "set TMPDIR to a folder with room")
 
 
 @pytest.mark.parametrize(

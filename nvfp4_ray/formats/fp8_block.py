@@ -37,19 +37,20 @@ _ACCEPTED = {
 _UNREAD = ("modules_to_not_convert", "ignored_layers", "dequantize")  # the tensors say what is FP8
 
 
-def check_source_config(quantization: object) -> None:
-    """Refuse a SOURCE quantization_config other than FP8 with 128 x 128 block scales."""
+def check_source_config(quantization: object, role: str = "SOURCE") -> None:
+    """Refuse a quantization_config other than FP8 with 128 x 128 block scales; ``role``:
+    what the checkpoint is to the command (SOURCE, or evaluate's BASE)."""
     method = quantization.get("quant_method", "?") if isinstance(quantization, dict) else "?"
     if method != "fp8":
         raise InputError(
-            f"SOURCE is already quantized (quantization_config: {method}); start from the unquantized checkpoint "
+            f"{role} is already quantized (quantization_config: {method}); start from the unquantized checkpoint "
             "(or an FP8 one with 128 x 128 block scales, as DeepSeek-V3 and Kimi-K2 are published)"
         )
     for key, value in {"weight_block_size": None, **quantization}.items():
         accepted = value in _ACCEPTED[key] if key in _ACCEPTED else key in _UNREAD or (key == "modules_to_convert" and not value)
         if not accepted:
             raise InputError(
-                f"SOURCE's FP8 quantization_config has {key}={json.dumps(value)}; only e4m3 weights with 128 x 128 "
+                f"{role}'s FP8 quantization_config has {key}={json.dumps(value)}; only e4m3 weights with 128 x 128 "
                 "block scales and dynamic activations are read: start from the unquantized checkpoint"
             )
 
@@ -59,7 +60,7 @@ def scale_shape(weight_shape: tuple[int, ...]) -> tuple[int, int]:
     return math.ceil(rows / BLOCK), math.ceil(cols / BLOCK)
 
 
-def scales_of(quantization: dict | None, tensors: dict) -> dict[str, str]:
+def scales_of(quantization: dict | None, tensors: dict, role: str = "SOURCE") -> dict[str, str]:
     """The ``weight_scale_inv`` tensors of an FP8 SOURCE, each with the name of its weight,
     after checking that every F8_E4M3 tensor is a 2D weight with its F32 block scales
     (``tensors``: name -> SourceTensor); {} for a checkpoint without quantization_config."""
@@ -76,7 +77,7 @@ def scales_of(quantization: dict | None, tensors: dict) -> dict[str, str]:
             pairs[name] = weight.name
             continue
         if entry.dtype.startswith("F8_") and entry.dtype != "F8_E4M3":
-            raise InputError(f"tensor {name!r} is {entry.dtype}; an FP8 SOURCE is read with e4m3 weights only")
+            raise InputError(f"tensor {name!r} is {entry.dtype}; an FP8 {role} is read with e4m3 weights only")
         if entry.dtype != "F8_E4M3":
             continue
         if not name.endswith(".weight") or len(entry.shape) != 2:

@@ -90,6 +90,7 @@ def evaluate(options: EvaluateOptions, events=None) -> dict:
     dtype = getattr(torch, str(base_config.get("dtype") or base_config.get("torch_dtype")), None)
     dtype = dtype if isinstance(dtype, torch.dtype) and dtype.is_floating_point else torch.bfloat16
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    weights.quantized_linears(base, quant)  # QUANT made from BASE? Asked before an FP8 BASE's bf16 copy
     with bf16_base(base, base_config) as base_weights:
         per_linear = weights.weight_sqnr(base_weights, quant)
         base_model = logits.load_model(base_weights, dtype, device)
@@ -165,7 +166,7 @@ def _local_checkpoint(url: str, role: str, quantized: bool) -> tuple[str, dict]:
             )
         from nvfp4_ray.quality.fp8_base import check_fp8_base
 
-        check_fp8_base(folder, role)  # read as quantize reads it (fp8_base.py)
+        check_fp8_base(folder, config, role)  # read as quantize reads it (fp8_base.py)
     return folder, config
 
 
