@@ -90,7 +90,8 @@ def evaluate(options: EvaluateOptions, events=None) -> dict:
     dtype = getattr(torch, str(base_config.get("dtype") or base_config.get("torch_dtype")), None)
     dtype = dtype if isinstance(dtype, torch.dtype) and dtype.is_floating_point else torch.bfloat16
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    weights.quantized_linears(base, quant)  # QUANT made from BASE? Asked before an FP8 BASE's bf16 copy
+    # QUANT made from BASE? Asked before an FP8 BASE's bf16 copy is written
+    weights.quantized_linears(weights.tensor_files(base), weights.tensor_files(quant), quant)
     with bf16_base(base, base_config) as base_weights:
         per_linear = weights.weight_sqnr(base_weights, quant)
         base_model = logits.load_model(base_weights, dtype, device)

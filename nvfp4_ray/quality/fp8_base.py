@@ -62,16 +62,15 @@ def bf16_base(folder: str, config: dict) -> Iterator[str]:
         weight_map = {}
         for shard in checkpoint.files:
             tensors = load_file(os.path.join(folder, shard))
-            scales = {name: tensors.pop(name) for name in list(tensors) if name.endswith(fp8_block.SCALE_SUFFIX)}
-            for name in list(tensors):
+            for name in list(tensors):  # each weight's scale beside it, wherever it is kept
+                if name.endswith(fp8_block.SCALE_SUFFIX) and shard_of[name.removesuffix("_scale_inv")] != shard:
+                    del tensors[name]
                 scale_name = name.removesuffix(".weight") + fp8_block.SCALE_SUFFIX
-                if not name.endswith(".weight") or scale_name not in shard_of:
-                    continue
-                if scale_name not in scales:
+                if name.endswith(".weight") and shard_of.get(scale_name, shard) != shard:
                     where = shard_of[scale_name]
                     handles.setdefault(where, safe_open(os.path.join(folder, where), "pt"))
-                    scales[scale_name] = handles[where].get_tensor(scale_name)
-                tensors[name] = fp8_block.dequantize(tensors[name], scales.pop(scale_name))
+                    tensors[scale_name] = handles[where].get_tensor(scale_name)
+            tensors = fp8_block.dequantize_weights(tensors)  # quantize's own step: the scales dropped
             os.makedirs(os.path.dirname(os.path.join(copy, shard)), exist_ok=True)
             save_file(tensors, os.path.join(copy, shard), metadata={"format": "pt"})
             weight_map.update(dict.fromkeys(tensors, shard))

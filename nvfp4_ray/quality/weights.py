@@ -35,9 +35,9 @@ def tensor_files(folder: str) -> dict[str, str]:
         return {name: single for name in handle.keys()}
 
 
-def quantized_linears(base: str, quant: str) -> list[str]:
-    """The checkpoint prefixes of QUANT's NVFP4 Linears, in name order, each with a weight in BASE."""
-    base_files, quant_files = tensor_files(base), tensor_files(quant)
+def quantized_linears(base_files: dict[str, str], quant_files: dict[str, str], quant: str) -> list[str]:
+    """The checkpoint prefixes of QUANT's NVFP4 Linears (``tensor_files`` of both), in name
+    order, each with a weight in BASE."""
     prefixes = sorted(name[: -len(PACKED)] for name in quant_files if name.endswith(PACKED))
     if not prefixes:
         raise InputError(f"QUANT {quant} holds no NVFP4 weights (no *{PACKED} tensors)")
@@ -51,7 +51,7 @@ def weight_sqnr(base: str, quant: str) -> dict[str, float]:
     """Quantized Linear (checkpoint prefix) -> SQNR in dB (None when exact), in name order."""
     base_files, quant_files = tensor_files(base), tensor_files(quant)
     result = {}
-    for prefix in quantized_linears(base, quant):
+    for prefix in quantized_linears(base_files, quant_files, quant):
         weight = _read(base_files, f"{prefix}.weight")
         suffixes = (PACKED, ".weight_scale", ".weight_global_scale")
         packed = PackedWeight(*(_read(quant_files, prefix + suffix) for suffix in suffixes))
