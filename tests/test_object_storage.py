@@ -6,6 +6,7 @@ of local and S3 SOURCE and DEST. No credential appears in any output."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -247,6 +248,44 @@ def test_a_failed_multipart_upload_is_aborted_and_leaves_no_object(bucket, proxy
     assert "s3://" in str(failure.value) and not secrets_in(str(failure.value))
     assert not Store(f"s3://{bucket}/out").exists("big.safetensors")
     assert pending_uploads(bucket) == []  # the abort went through: no invisible parts kept
+
+
+@pytest.mark.parametrize("what", ["unit", "hidden-state snapshot"])
+def test_a_workers_write_is_tried_again_after_the_store_fails_it(what, bucket, proxy, capsys):
+    """s3fs gives up on an upload whose every request is cut (above); the worker's write
+    (unit_tasks.retrying) tries it again, saying so in its log, and the file lands whole."""
+    import torch
+
+    from nvfp4_ray.io.tensors import TensorShard
+    from nvfp4_ray.pipeline.unit_tasks import write_retrying
+    from nvfp4_ray.pipeline.workers import _write_hidden
+
+    tensor = torch.arange(3 * MiB // 2, dtype=torch.bfloat16)
+    store = through(proxy, f"s3://{bucket}/out")
+    if what == "unit":
+        write = lambda: write_retrying(store, "layer-0", TensorShard("unit.safetensors", [("w", tensor)]))  # noqa: E731
+        name = "unit.safetensors"
+    else:
+        write = lambda: _write_hidden(store, "snapshot", {0: tensor})  # noqa: E731
+        name = "snapshot/batch-00000.safetensors"
+    proxy.cut_uploads, proxy.cut_after = True, MiB
+    result = {}
+    writer = threading.Thread(target=lambda: result.update(written=write()))
+    writer.start()
+    log = ""
+    while writer.is_alive() and "retry 1 of 4" not in log:
+        log += capsys.readouterr().err
+        time.sleep(0.02)
+    proxy.cut_uploads = False  # the store recovers
+    writer.join()
+
+    assert f"nvfp4-ray: warning: writing s3://{bucket}/out/{name} failed" in log, log
+    digest = result["written"].sha256 if what == "unit" else result["written"][1]["batch-00000.safetensors"]
+    stored = Store(f"s3://{bucket}/out")
+    assert hashlib.sha256(stored.read_bytes(name)).hexdigest() == digest and complete_safetensors(stored, name)
+    if what == "unit":
+        assert destination.load_done(stored, "layer-0", name) == result["written"]
+    assert pending_uploads(bucket) == [] and not secrets_in(log)
 
 
 def test_an_upload_sends_parts_while_its_chunks_are_still_coming_and_a_failing_chunk_aborts_it(bucket):

@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import errno
+import sys
 import time
 from contextlib import contextmanager
 
@@ -39,13 +40,21 @@ def write_unit(dest: Store, key: str, shard: TensorShard | CopiedShard):
 
 def write_retrying(dest: Store, key: str, shard: TensorShard):
     """write_unit, tried again after a storage hiccup, as Ray retries a task."""
+    return retrying(dest.display(shard.name), lambda: write_unit(dest, key, shard))
+
+
+def retrying(what: str, write):
+    """``write()``, tried again after a storage hiccup (RETRIES times, waiting 0.5 to 4 s);
+    each retry is a line in the process's stderr (a worker's log), naming ``what``."""
     for attempt in range(RETRIES + 1):
         try:
-            return write_unit(dest, key, shard)
-        except RETRYABLE:
+            return write()
+        except RETRYABLE as exc:
             if attempt == RETRIES:
                 raise
-            time.sleep(min(4.0, 0.5 * 2**attempt))
+            pause = min(4.0, 0.5 * 2**attempt)
+            print(redact(f"nvfp4-ray: warning: writing {what} failed ({exc}); retry {attempt + 1} of {RETRIES} in {pause} s"), file=sys.stderr, flush=True)
+            time.sleep(pause)
 
 
 @contextmanager

@@ -20,7 +20,7 @@ import ray
 
 from nvfp4_ray.io.storage import Store
 from nvfp4_ray.io.tensors import LocalRead, TensorBundle, TensorShard, read_file
-from nvfp4_ray.pipeline.unit_tasks import dest_write_errors
+from nvfp4_ray.pipeline.unit_tasks import dest_write_errors, retrying
 from nvfp4_ray.pipeline.worker_loads import LayerLoads, pinned_copier
 
 # torch, transformers and compressed-tensors are imported inside the worker and the tasks
@@ -248,8 +248,13 @@ def _write_hidden(dest: Store, folder: str, hidden: dict, copier=(None, None), d
     digests = {}
     for index, tensor in hidden.items():
         shard = TensorShard(f"batch-{index:05d}.safetensors", [("hidden", tensor)], copier[0], done, copier[1])
-        with dest_write_errors(dest, f"{folder}/{shard.name}"):
-            dest.write_parts(f"{folder}/{shard.name}", shard.parts(), durable=False, size=shard.size)
+        name = f"{folder}/{shard.name}"
+
+        def write():
+            with dest_write_errors(dest, name):
+                dest.write_parts(name, shard.parts(), durable=False, size=shard.size)
+
+        retrying(dest.display(name), write)
         digests[shard.name] = shard.written.sha256
     # Not fsynced: waiting for 1 GiB to reach the disk (8B model) was the job's last 2.8 s,
     # behind the unit files being written. The folder counts once the driver's _COMPLETE
