@@ -35,6 +35,7 @@ def main(argv: list[str] | None = None) -> dict:
     import ray
 
     import nvfp4_ray.pipeline.layer_flow as layer_flow
+    import nvfp4_ray.pipeline.layer_reads as layer_reads
     from nvfp4_ray.config import QuantizeConfig
     from nvfp4_ray.pipeline.plan import build_plan, read_inputs
 
@@ -44,10 +45,10 @@ def main(argv: list[str] | None = None) -> dict:
     ray.init(address="local", include_dashboard=False, log_to_driver=False)
     try:
         node = ray.get_runtime_context().get_node_id()
-        ray.get([layer_flow.read_ahead_task.remote(args.model, []) for _ in range(4)])  # their processes started
+        ray.get([layer_reads.read_ahead_task.remote(args.model, []) for _ in range(4)])  # their processes started
         passes = []
         for in_flight in [int(n) for n in args.in_flight.split(",")]:
-            layer_flow.READING_AHEAD = in_flight
+            layer_reads.READING_AHEAD = in_flight
             page_cache = drop_page_cache(files_under(args.model))
             flow = layer_flow.LayerFlow(plan, [node], set(), 0, budget=1, readahead=float("inf"), local=True)
             began = time.monotonic()

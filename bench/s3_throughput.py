@@ -79,7 +79,7 @@ def run(sizes: list[int], repeats: int, workdir: str) -> list[dict]:
     import numpy as np
     import s3fs
 
-    from nvfp4_ray.io import storage
+    from nvfp4_ray.io import range_reads, s3_uploads
     from nvfp4_ray.io.checkpoint import SourceTensor, read_header
     from nvfp4_ray.io.storage import Store
     from nvfp4_ray.io.tensors import read_tensors, write_shard
@@ -124,10 +124,10 @@ def run(sizes: list[int], repeats: int, workdir: str) -> list[dict]:
     rows.append(
         {
             "settings": {
-                "read_piece_mib": [bound / MiB for bound in storage._REMOTE_PIECE],
-                "reads_in_flight": storage._REMOTE_READERS,
-                "part_mib": [bound / MiB for bound in storage._PART_SIZE],
-                "parts_in_flight": storage._PARTS_IN_FLIGHT,
+                "read_piece_mib": [bound / MiB for bound in range_reads._REMOTE_PIECE],
+                "reads_in_flight": range_reads.REMOTE_READERS,
+                "part_mib": [bound / MiB for bound in s3_uploads._PART_SIZE],
+                "parts_in_flight": s3_uploads.PARTS_IN_FLIGHT,
             }
         }
     )

@@ -24,7 +24,8 @@ from tcp_proxy import TcpProxy
 
 from nvfp4_ray.io import destination
 from nvfp4_ray.io.checkpoint import SourceTensor, read_header
-from nvfp4_ray.io.storage import Store, read_piece_size
+from nvfp4_ray.io.range_reads import read_piece_size
+from nvfp4_ray.io.storage import Store
 from nvfp4_ray.io.storage_errors import StorageUnavailable
 from nvfp4_ray.io.tensors import read_file, read_tensors
 

@@ -178,7 +178,7 @@ def test_simulated_cluster_of_two_nodes_with_two_gpus_each(family_case, bucket, 
     assert [result["device_memory"]["expert_groups"] for result in then] == [1, 4, 1]
     assert then[2]["device_memory"]["layers_ahead"] == 0
     # layers 0 and 1 are read whole while the workers start, before the plan (two reads in
-    # flight: layer_flow.READING); the last MoE layer a part at a time, on each node
+    # flight: layer_reads.READING); the last MoE layer a part at a time, on each node
     assert [result["layer_reads_in_parts"] for result in (summary, *then)] == [0, 2, 2, 2]
     single, single_gptq = str(tmp_path / "single"), str(tmp_path / "single-gptq")
     assert run_cli("quantize", *job_args(case, single))[0] == 0

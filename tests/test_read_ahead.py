@@ -77,7 +77,8 @@ def test_layers_are_read_ahead_in_order_within_the_budgets(tmp_path, smollm2, ra
     into the object store and nothing into the page cache beside them. Nothing later is
     read. The model is one file."""
     from nvfp4_ray.config import QuantizeConfig
-    from nvfp4_ray.pipeline.layer_flow import READING, READING_AHEAD, LayerFlow
+    from nvfp4_ray.pipeline.layer_flow import LayerFlow
+    from nvfp4_ray.pipeline.layer_reads import READING, READING_AHEAD
     from nvfp4_ray.pipeline.plan import build_plan, read_inputs
     import ray
 

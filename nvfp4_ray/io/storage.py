@@ -1,10 +1,11 @@
 """One directory-like location (a local path or any fsspec URL such as ``s3://bucket/prefix``).
 
 Everything the job reads or writes goes through :class:`Store`, so local disks and object
-stores behave the same: byte-range reads with many requests in flight, whole-object
-writes that are atomic (a local file is written under a temporary name and renamed; an
-object only appears once its upload, multipart with concurrent parts for large bodies,
-completes), exclusive creation for the commit marker, and listing.
+stores behave the same: byte-range reads with many requests in flight (range_reads.py),
+whole-object writes that are atomic (a local file is written under a temporary name and
+renamed; an object only appears once its upload, multipart with concurrent parts for
+large bodies, completes: s3_uploads.py), exclusive creation for the commit marker, and
+listing.
 
 Credentials never pass through here: fsspec/s3fs take them from the standard AWS sources
 (environment, profiles, instance roles). ``redact`` scrubs secrets from any text we print,
@@ -14,49 +15,21 @@ that names the location, the reason and the fix.
 
 from __future__ import annotations
 
-import itertools
 import os
 import posixpath
 import re
-import threading
 import uuid
-from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from contextlib import contextmanager
 from dataclasses import dataclass
 
 import fsspec
 
 from nvfp4_ray.errors import InputError
+from nvfp4_ray.io import range_reads, s3_uploads
 from nvfp4_ray.io.storage_errors import error_code, missing_bucket, translate
 
 _SECRET_ENV = ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_ACCESS_KEY_ID")
-# Reads are split into pieces read concurrently: one sequential reader saturates neither
-# an NVMe drive nor an object store, which caps each request's bandwidth (S3: ~100 MB/s),
-# so throughput comes from requests in flight. Remote pieces are sized to keep up to
-# _REMOTE_READERS in flight, but no smaller than 2 MiB, where a request's latency would
-# dominate its transfer. Local pieces of 16 MiB: a layer crosses to a GPU 64 MiB at a
-# time (worker_loads.PIECE_BYTES), each read by four threads.
-_LOCAL_CHUNK = 16 << 20
-_LOCAL_READERS = 8
-_AHEAD_PIECE = 8 << 20
-_REMOTE_PIECE = (2 << 20, 8 << 20)
-_REMOTE_READERS = 32
-# Multipart uploads: up to _PARTS_IN_FLIGHT parts per object at once, each at least S3's
-# minimum part size (5 MiB); bodies under two parts go up in one PUT. At most 32 MiB a
-# part: an upload holds at most 512 MiB, and S3's 10,000 parts still allow 312 GiB.
-_PART_SIZE = (5 << 20, 32 << 20)
-_PARTS_IN_FLIGHT = 16
-
-
-def _clamp_split(total: int, count: int, bounds: tuple[int, int]) -> int:
-    """The size that cuts ``total`` into ``count`` pieces, kept within ``bounds``."""
-    return min(bounds[1], max(bounds[0], -(-total // count)))
-
-
-def read_piece_size(total: int) -> int:
-    """Bytes per request when reading ``total`` bytes from a remote store."""
-    return _clamp_split(total, _REMOTE_READERS, _REMOTE_PIECE)
 
 
 def redact(text: str) -> str:
@@ -80,7 +53,7 @@ def storage_options(url: str) -> dict:
         # stale listing.
         "use_listings_cache": False,
         # botocore's pool (default 10) caps the requests in flight per process.
-        "config_kwargs": {"max_pool_connections": 2 * max(_REMOTE_READERS, _PARTS_IN_FLIGHT)},
+        "config_kwargs": {"max_pool_connections": 2 * max(range_reads.REMOTE_READERS, s3_uploads.PARTS_IN_FLIGHT)},
     }
 
 
@@ -118,7 +91,7 @@ class Store:
         return redact(posixpath.join(self.url, relative) if relative else self.url)
 
     @contextmanager
-    def _requests(self, relative: str = ""):
+    def requests(self, relative: str = ""):
         """Turn a remote store's failures into StorageError / StorageUnavailable."""
         if self.local:
             yield
@@ -133,7 +106,7 @@ class Store:
         if self.local:
             return self.fs.exists(self.path(relative))
         path = self.path(relative)
-        with self._requests(relative):
+        with self.requests(relative):
             try:
                 self.fs.info(path)
             except FileNotFoundError as exc:
@@ -143,11 +116,11 @@ class Store:
         return True
 
     def isdir(self, relative: str = "") -> bool:
-        with self._requests(relative):
+        with self.requests(relative):
             return self.fs.isdir(self.path(relative))
 
     def info(self, relative: str) -> FileInfo:
-        with self._requests(relative):
+        with self.requests(relative):
             raw = self.fs.info(self.path(relative))
         if self.local:
             size = int(raw["size"])
@@ -167,7 +140,7 @@ class Store:
                     stat = entry.stat()
                     infos[entry.name] = FileInfo(stat.st_size, f"size={stat.st_size};mtime_ns={stat.st_mtime_ns}")
             return dict(sorted(infos.items()))
-        with self._requests(relative):
+        with self.requests(relative):
             try:
                 entries = self.fs.ls(base, detail=True)
             except FileNotFoundError:
@@ -184,7 +157,7 @@ class Store:
         return list(self.list_infos(relative))
 
     def read_bytes(self, relative: str, start: int | None = None, end: int | None = None) -> bytes:
-        with self._requests(relative):
+        with self.requests(relative):
             return self.fs.cat_file(self.path(relative), start=start, end=end)
 
     def read_text(self, relative: str) -> str:
@@ -195,90 +168,14 @@ class Store:
         self.read_many([(relative, start, end) for start, end in ranges], out)
 
     def read_many(self, reads: list[tuple[str, int, int]], out: memoryview) -> None:
-        """Read ``(file, start, end)`` ranges back to back into ``out``, all at once: each
-        range is cut into pieces and the pieces of every file are read concurrently."""
-        chunk = _LOCAL_CHUNK if self.local else read_piece_size(sum(end - start for _, start, end in reads))
-        pieces = []
-        offset = 0
-        for relative, start, end in reads:
-            for piece_start in range(start, end, chunk):
-                piece_end = min(end, piece_start + chunk)
-                pieces.append((relative, piece_start, piece_end, offset))
-                offset += piece_end - piece_start
-        if offset != len(out):
-            raise ValueError("ranges do not match the output buffer")
-        if self.local:
-            self._read_local(pieces, out)
-        else:
-            self._run(self._read_remote_piece, pieces, out, _REMOTE_READERS)
-
-    def _read_remote_piece(self, piece, out: memoryview) -> None:
-        relative, start, end, dst = piece
-        with self._requests(relative):
-            blob = self.fs.cat_file(self.path(relative), start=start, end=end)
-        if len(blob) != end - start:
-            raise OSError(f"{self.display(relative)}: short read at byte {start} (file truncated or replaced?)")
-        out[dst : dst + len(blob)] = blob
-
-    @contextmanager
-    def _open_local(self, relatives) -> Iterator[dict[str, int]]:
-        """Each of the local files ``relatives`` opened once for reading: name -> fd."""
-        fds = {}
-        try:
-            for relative in relatives:
-                if relative not in fds:
-                    fds[relative] = os.open(self.path(relative), os.O_RDONLY)
-            yield fds
-        finally:
-            for fd in fds.values():
-                os.close(fd)
-
-    def _read_local(self, pieces: list, out: memoryview) -> None:
-        with self._open_local(piece[0] for piece in pieces) as fds:
-
-            def read_piece(piece, out):
-                relative, start, end, dst = piece
-                view = out[dst : dst + end - start]
-                done = 0
-                while done < len(view):
-                    n = os.preadv(fds[relative], [view[done:]], start + done)
-                    if n == 0:
-                        raise OSError(f"{self.display(relative)}: short read at byte {start + done} (file truncated?)")
-                    done += n
-
-            self._run(read_piece, pieces, out, _LOCAL_READERS)
+        """Read ``(file, start, end)`` ranges back to back into ``out``, all at once
+        (range_reads.py)."""
+        range_reads.read_many(self, reads, out)
 
     def read_ahead(self, reads: list[tuple[str, int, int]]) -> None:
-        """Read ``(file, start, end)`` ranges of local files into the kernel's page cache,
-        discarding the bytes: no process holds them afterwards, the kernel may evict them
-        under memory pressure, and a later read_many of them is served from memory. Real
-        reads, not posix_fadvise(WILLNEED): Linux reads only a read-ahead window (128 KiB
-        by default) of each range for that. Object stores have no page cache: nothing to do."""
-        if not self.local:
-            return
-        pieces = [
-            (relative, piece, min(end, piece + _AHEAD_PIECE))
-            for relative, start, end in reads
-            for piece in range(start, end, _AHEAD_PIECE)
-        ]
-        scratch = threading.local()  # one buffer per reading thread, reused for every piece
-        with self._open_local(piece[0] for piece in pieces) as fds:
-
-            def read_piece(piece, _out):
-                relative, start, end = piece
-                if not hasattr(scratch, "buffer"):
-                    scratch.buffer = memoryview(bytearray(_AHEAD_PIECE))
-                os.preadv(fds[relative], [scratch.buffer[: end - start]], start)  # a short read is the real read's to report
-
-            self._run(read_piece, pieces, memoryview(b""), _LOCAL_READERS)
-
-    @staticmethod
-    def _run(read_piece, pieces: list, out: memoryview, workers: int) -> None:
-        if len(pieces) == 1:
-            read_piece(pieces[0], out)
-            return
-        with ThreadPoolExecutor(min(workers, len(pieces)) or 1) as pool:
-            list(pool.map(lambda piece: read_piece(piece, out), pieces))
+        """Read ``(file, start, end)`` ranges of local files into the kernel's page cache
+        (range_reads.py); nothing on an object store."""
+        range_reads.read_ahead(self, reads)
 
     # ---- writing -------------------------------------------------------------------
     def write_bytes(self, relative: str, data: bytes | bytearray | memoryview) -> None:
@@ -310,59 +207,11 @@ class Store:
                     os.unlink(tmp)
             return
         if self._is_s3:
-            self._upload(relative, parts, size)
+            s3_uploads.upload(self, relative, parts, size)
             return
         body = b"".join(bytes(part) for part in parts)  # other object stores take one body
-        with self._requests(relative):
+        with self.requests(relative):
             self.fs.pipe_file(path, body)
-
-    def _upload(self, relative: str, parts: Iterable, size: int | None) -> None:
-        """One PUT for a body of one part; otherwise a multipart upload, fed as the parts
-        come, several in flight. The object only becomes visible once the upload completes;
-        a failure aborts it (and what a killed writer leaves, the next run's abort_uploads).
-        Only the requests' failures are storage errors of DEST: an error of ``parts`` (a
-        source read, a NaN found in a copied tensor) goes through as it is."""
-        path = self.path(relative)
-        part_size = _clamp_split(size, _PARTS_IN_FLIGHT, _PART_SIZE) if size else _PART_SIZE[1]
-        pieces = _pieces(parts, part_size)
-        first, second = next(pieces), next(pieces, None)
-        if second is None:
-            with self._requests(relative):
-                self.fs.pipe_file(path, bytes(first))
-            return
-        bucket, key, _ = self.fs.split_path(path)
-        upload = dict(Bucket=bucket, Key=key)
-        with self._requests(relative):
-            upload_id = self.fs.call_s3("create_multipart_upload", **upload)["UploadId"]
-
-        def put(number: int, body: bytearray) -> dict:
-            with self._requests(relative):
-                reply = self.fs.call_s3("upload_part", **upload, UploadId=upload_id, PartNumber=number, Body=body)
-            return {"PartNumber": number, "ETag": reply["ETag"]}
-
-        try:
-            bodies = itertools.chain([first, second], pieces)
-            del first, second  # each piece is held only until its part is sent
-            with ThreadPoolExecutor(_PARTS_IN_FLIGHT) as pool:
-                sent: list = []
-                for number, body in enumerate(bodies, 1):
-                    for future in sent:
-                        if future.done() and future.exception() is not None:
-                            future.result()  # a part failed: stop reading, abort
-                    pending = [future for future in sent if not future.done()]
-                    if len(pending) >= _PARTS_IN_FLIGHT:  # the next piece waits: memory stays bounded
-                        wait(pending, return_when=FIRST_COMPLETED)
-                    sent.append(pool.submit(put, number, body))
-                    del body
-                done = [future.result() for future in sent]
-            with self._requests(relative):
-                self.fs.call_s3("complete_multipart_upload", **upload, UploadId=upload_id, MultipartUpload={"Parts": done})
-        except BaseException:
-            try:
-                self.fs.call_s3("abort_multipart_upload", **upload, UploadId=upload_id)
-            except Exception:  # unreachable now: the next run's abort_uploads removes it
-                pass
-            raise
 
     @property
     def _is_s3(self) -> bool:
@@ -385,7 +234,7 @@ class Store:
                 handle.flush()
                 os.fsync(handle.fileno())
             return True
-        with self._requests(relative):
+        with self.requests(relative):
             try:
                 # A conditional PUT (If-None-Match: *): of two racing writers, one wins.
                 self.fs.pipe_file(path, data, mode="create")
@@ -406,7 +255,7 @@ class Store:
     def delete(self, relative: str) -> None:
         path = self.path(relative)
         if self.exists(relative):
-            with self._requests(relative):
+            with self.requests(relative):
                 self.fs.rm(path, recursive=self.fs.isdir(path))
 
     def makedirs(self, relative: str = "") -> None:
@@ -415,30 +264,11 @@ class Store:
 
     def abort_uploads(self, ours: Callable[[str], bool]) -> int:
         """Abort the unfinished multipart uploads under this location whose name (relative
-        to it) ``ours`` accepts: left by a run that was killed, or whose abort could not
-        reach the store. How many there were. On a local DEST: the temporary files of
-        writes a killed run left behind."""
+        to it) ``ours`` accepts (s3_uploads.py); how many there were. On a local DEST: the
+        temporary files of writes a killed run left behind."""
         if self.local:
             return self._remove_stale_temporaries(ours)
-        if not self._is_s3:
-            return 0
-        prefix = self.root[len(self.bucket) :].strip("/")
-        prefix = f"{prefix}/" if prefix else ""
-        aborted = 0
-        marker: dict = {}
-        with self._requests():
-            while True:
-                page = self.fs.call_s3("list_multipart_uploads", Bucket=self.bucket, Prefix=prefix, **marker)
-                for upload in page.get("Uploads", []):
-                    if not ours(upload["Key"][len(prefix) :]):
-                        continue
-                    self.fs.call_s3(
-                        "abort_multipart_upload", Bucket=self.bucket, Key=upload["Key"], UploadId=upload["UploadId"]
-                    )
-                    aborted += 1
-                if not page.get("IsTruncated"):
-                    return aborted
-                marker = {"KeyMarker": page["NextKeyMarker"], "UploadIdMarker": page["NextUploadIdMarker"]}
+        return s3_uploads.abort_uploads(self, ours) if self._is_s3 else 0
 
     def _remove_stale_temporaries(self, ours: Callable[[str], bool]) -> int:
         removed = 0
@@ -450,23 +280,6 @@ class Store:
                     os.unlink(os.path.join(folder, name))
                     removed += 1
         return removed
-
-
-def _pieces(parts: Iterable, size: int):
-    """The bytes of ``parts`` back to back, cut into pieces of ``size`` (the last shorter;
-    at least one piece, empty for an empty file)."""
-    buffer, given = bytearray(), False
-    for part in parts:
-        view = memoryview(part).cast("B")
-        while len(view):
-            take = min(len(view), size - len(buffer))
-            buffer += view[:take]
-            view = view[take:]
-            if len(buffer) == size:
-                yield buffer
-                buffer, given = bytearray(), True
-    if buffer or not given:
-        yield buffer
 
 
 _TEMPORARY = re.compile(r"[0-9a-f]{8}")  # the suffix write_bytes gives a file while it is written
