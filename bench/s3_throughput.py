@@ -81,8 +81,9 @@ def run(sizes: list[int], repeats: int, workdir: str) -> list[dict]:
 
     from nvfp4_ray.io import range_reads, s3_uploads
     from nvfp4_ray.io.checkpoint import SourceTensor, read_header
+    from nvfp4_ray.io.shards import write_shard
     from nvfp4_ray.io.storage import Store
-    from nvfp4_ray.io.tensors import read_tensors, write_shard
+    from nvfp4_ray.io.tensors import read_tensors
 
     plain = s3fs.S3FileSystem(skip_instance_cache=True)  # s3fs as it comes: the yardstick
     plain.mkdir("bench")

@@ -68,7 +68,7 @@ def pending_uploads(bucket: str, prefix: str = "", client=None) -> list[str]:
 # ---- reads ------------------------------------------------------------------------------
 def write_layers_file(store: Store, name: str, layers: int, layer_bytes: int) -> dict[str, bytes]:
     """A safetensors file of ``layers`` layers (two tensors each), like one shard of a model."""
-    from nvfp4_ray.io.tensors import write_shard
+    from nvfp4_ray.io.shards import write_shard
 
     rng = np.random.default_rng(0)
     raw = {}
@@ -83,20 +83,20 @@ def write_layers_file(store: Store, name: str, layers: int, layer_bytes: int) ->
 def test_a_copied_tensor_is_streamed_in_chunks_into_the_same_bytes_as_a_whole_write(where, bucket, tmp_path, monkeypatch):
     """CopiedShard writes the file write_shard would, holding one chunk at a time; a NaN in
     a later chunk leaves no file at DEST, and the error names the tensor."""
-    import nvfp4_ray.io.tensors as tensors
+    import nvfp4_ray.io.shards as shards
     from nvfp4_ray.errors import InputError
 
-    monkeypatch.setattr(tensors, "_COPY_CHUNK", 4096)
+    monkeypatch.setattr(shards, "_COPY_CHUNK", 4096)
     source = Store(str(tmp_path / "source"))
     rng = np.random.default_rng(0)
     values = {"lm_head.weight": rng.standard_normal((64, 200)), "model.norm.weight": rng.standard_normal(300)}
     raw = {name: value.astype(np.float32).tobytes() for name, value in values.items()}
-    tensors.write_shard(source, "in.safetensors", [(n, "F32", values[n].shape, memoryview(b)) for n, b in raw.items()])
+    shards.write_shard(source, "in.safetensors", [(n, "F32", values[n].shape, memoryview(b)) for n, b in raw.items()])
     entries = read_header(source, "in.safetensors", source.info("in.safetensors").size)
     dest = Store(str(tmp_path / "dest") if where == "local" else f"s3://{bucket}/dest")
-    expected = tensors.write_shard(dest, "whole.safetensors", [(n, "F32", values[n].shape, memoryview(b)) for n, b in raw.items()])
+    expected = shards.write_shard(dest, "whole.safetensors", [(n, "F32", values[n].shape, memoryview(b)) for n, b in raw.items()])
 
-    shard = tensors.CopiedShard("copy.safetensors", source, [SourceTensor("in.safetensors", e) for e in entries.values()])
+    shard = shards.CopiedShard("copy.safetensors", source, [SourceTensor("in.safetensors", e) for e in entries.values()])
     parts = list(shard.parts())
     assert max(len(part) for part in parts[1:]) == 4096 and len(parts) > 2 * len(raw)
     dest.write_parts("copy.safetensors", parts)
@@ -105,9 +105,9 @@ def test_a_copied_tensor_is_streamed_in_chunks_into_the_same_bytes_as_a_whole_wr
 
     broken = values["lm_head.weight"].astype(np.float32)
     broken[60, 3] = np.nan  # in the last of its chunks
-    tensors.write_shard(source, "in.safetensors", [("lm_head.weight", "F32", broken.shape, memoryview(broken.tobytes()))])
+    shards.write_shard(source, "in.safetensors", [("lm_head.weight", "F32", broken.shape, memoryview(broken.tobytes()))])
     entries = read_header(source, "in.safetensors", source.info("in.safetensors").size)
-    shard = tensors.CopiedShard("broken.safetensors", source, [SourceTensor("in.safetensors", e) for e in entries.values()])
+    shard = shards.CopiedShard("broken.safetensors", source, [SourceTensor("in.safetensors", e) for e in entries.values()])
     with pytest.raises(InputError, match="tensor 'lm_head.weight' contains NaN or Inf"):
         dest.write_parts("broken.safetensors", shard.parts())
     assert not dest.exists("broken.safetensors") and shard.written is None
@@ -122,7 +122,7 @@ def test_tensors_written_through_a_small_buffer_are_the_bytes_of_a_whole_write(w
     digest are those write_shard makes of the tensors' bytes, and so without a buffer."""
     import torch
 
-    from nvfp4_ray.io.tensors import TensorShard, write_shard
+    from nvfp4_ray.io.shards import TensorShard, write_shard
 
     generator = torch.Generator().manual_seed(0)
     tensors = [
@@ -151,7 +151,8 @@ def test_a_tensor_read_to_a_device_in_pieces_is_the_tensor(tmp_path):
     short: the same tensor as a whole read, of the second tensor of a file."""
     import torch
 
-    from nvfp4_ray.io.tensors import LocalRead, write_shard
+    from nvfp4_ray.io.shards import write_shard
+    from nvfp4_ray.io.tensors import LocalRead
 
     store = Store(str(tmp_path))
     values = {"a.weight": torch.randn(7, 5).to(torch.bfloat16), "b.weight": torch.randn(301, 33).to(torch.bfloat16)}
@@ -172,7 +173,8 @@ def test_a_layer_crossing_in_pieces_has_the_bytes_of_a_whole_read(tmp_path):
     those of a whole read, from a LocalRead and from the bundle it reads."""
     import torch
 
-    from nvfp4_ray.io.tensors import LocalRead, to_device_in_pieces, write_shard
+    from nvfp4_ray.io.shards import write_shard
+    from nvfp4_ray.io.tensors import LocalRead, to_device_in_pieces
 
     store = Store(str(tmp_path))
     rng = np.random.default_rng(0)
@@ -257,7 +259,7 @@ def test_a_workers_write_is_tried_again_after_the_store_fails_it(what, bucket, p
     (unit_tasks.retrying) tries it again, saying so in its log, and the file lands whole."""
     import torch
 
-    from nvfp4_ray.io.tensors import TensorShard
+    from nvfp4_ray.io.shards import TensorShard
     from nvfp4_ray.pipeline.unit_tasks import write_retrying
     from nvfp4_ray.pipeline.workers import _write_hidden
 

@@ -18,9 +18,9 @@ import json
 from dataclasses import asdict
 
 from nvfp4_ray.errors import InputError
+from nvfp4_ray.io.shards import WrittenFile
 from nvfp4_ray.io.storage import Store, redact
 from nvfp4_ray.io.storage_errors import StorageError
-from nvfp4_ray.io.tensors import WrittenFile
 
 STATE_DIR = ".nvfp4"
 SUCCESS = "_SUCCESS"

@@ -20,8 +20,8 @@ from concurrent.futures import ThreadPoolExecutor
 from nvfp4_ray import __version__
 from nvfp4_ray.errors import JobError
 from nvfp4_ray.io import destination, versions
+from nvfp4_ray.io.shards import WrittenFile
 from nvfp4_ray.io.storage import Store
-from nvfp4_ray.io.tensors import WrittenFile
 from nvfp4_ray.pipeline.plan import Plan, digest
 
 

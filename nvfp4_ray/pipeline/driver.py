@@ -21,8 +21,9 @@ import ray
 from nvfp4_ray.calibration.batches import make_batches
 from nvfp4_ray.errors import JobError
 from nvfp4_ray.io import destination
+from nvfp4_ray.io.shards import TensorShard, WrittenFile
 from nvfp4_ray.io.storage import Store, is_remote
-from nvfp4_ray.io.tensors import TensorShard, WrittenFile, torch_dtype
+from nvfp4_ray.io.tensors import torch_dtype
 from nvfp4_ray.layer_quantizer import scale_tensors
 from nvfp4_ray.pipeline.calibration_state import Calibration, Persister
 from nvfp4_ray.pipeline.calibration_steps import CalibrationSteps

@@ -25,8 +25,8 @@ import torch
 
 from nvfp4_ray.calibration.hessians import HessianBlocks, distinct_inputs, reduce_partials
 from nvfp4_ray.formats import gptq
+from nvfp4_ray.io.shards import TensorShard
 from nvfp4_ray.io.storage import Store
-from nvfp4_ray.io.tensors import TensorShard
 from nvfp4_ray.pipeline.unit_tasks import write_unit
 
 

@@ -19,8 +19,9 @@ import ray
 
 from nvfp4_ray.errors import InputError, JobError
 from nvfp4_ray.io import destination
+from nvfp4_ray.io.shards import CopiedShard, TensorShard
 from nvfp4_ray.io.storage import Store, redact
-from nvfp4_ray.io.tensors import CopiedShard, TensorBundle, TensorShard, read_tensors
+from nvfp4_ray.io.tensors import TensorBundle, read_tensors
 
 # Storage hiccups (resets, throttling, timeouts) surface as OSError subclasses: retry those.
 # InputError (a broken source) and JobError (e.g. a full disk) are never retried.

@@ -20,8 +20,9 @@ from contextlib import contextmanager, nullcontext
 
 import ray
 
+from nvfp4_ray.io.shards import TensorShard
 from nvfp4_ray.io.storage import Store
-from nvfp4_ray.io.tensors import LocalRead, TensorBundle, TensorShard
+from nvfp4_ray.io.tensors import LocalRead, TensorBundle
 from nvfp4_ray.pipeline.unit_tasks import write_retrying
 
 # Quantized layers a worker holds for its write threads (one each): about 0.12 GiB each on

@@ -18,8 +18,9 @@ from concurrent.futures import Future, ThreadPoolExecutor
 
 import ray
 
+from nvfp4_ray.io.shards import TensorShard
 from nvfp4_ray.io.storage import Store
-from nvfp4_ray.io.tensors import LocalRead, TensorBundle, TensorShard, read_file
+from nvfp4_ray.io.tensors import LocalRead, TensorBundle, read_file
 from nvfp4_ray.pipeline.unit_tasks import dest_write_errors, retrying
 from nvfp4_ray.pipeline.worker_loads import LayerLoads, pinned_copier
 
