@@ -223,6 +223,33 @@ def test_warm_up_solves_on_a_device(exact):
     gptq.warm_up(torch.device("cpu"), exact)
 
 
+def test_a_worker_runs_llmcompressors_gptq_modules_alone():
+    """A worker imports llm-compressor's block update and its helpers only (workers.
+    _gptq_modules_alone), in a process set up as a worker is: not datasets, pandas or
+    llm-compressor's entrypoints, which its package's __init__ imports. The GPTQ tests
+    through workers (test_gptq_reference.py) check that the solves stay llm-compressor's."""
+    import json
+    import subprocess
+    import sys
+
+    code = """
+import json, sys
+from nvfp4_ray.pipeline import workers
+for name in workers.UNUSED_BY_WORKERS:
+    sys.modules.setdefault(name, None)
+import nvfp4_ray.layer_quantizer
+workers._gptq_modules_alone()
+from nvfp4_ray.pipeline.gptq_worker import GptqSteps
+from nvfp4_ray.formats import gptq
+heavy = [m for m in ("datasets", "pyarrow", "pandas", "llmcompressor.entrypoints") if sys.modules.get(m) is not None]
+print(json.dumps([sys.modules[gptq.gptq_block_update.__module__].__file__, heavy]))
+"""
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    source, heavy = json.loads(result.stdout.strip().splitlines()[-1])
+    assert source.endswith("llmcompressor/modifiers/gptq/gptq_quantize.py") and heavy == []
+
+
 def test_routed_experts_gate_up_take_one_hessian_and_every_other_group_its_own():
     """Every routed expert runs on every token in calibration: their gate/up (Mixtral's
     w1/w3) share one Hessian, the first expert's; down_proj, shared experts and attention

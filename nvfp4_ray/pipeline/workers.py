@@ -166,11 +166,7 @@ class LayerWorker(LayerLoads):
         took 0.9 s against 0.25 s for the next ones (docs/gptq.md#speed). The first step
         waits for them: the import holds the interpreter, which a Hessian pass beside it
         needs to launch its kernels (measured: the first layer 0.4 s slower, 2228)."""
-        # GPTQ runs llm-compressor's own block update (its Triton kernel on CUDA), and
-        # importing llm-compressor imports pandas: no longer "absent" here
-        for name in UNUSED_BY_WORKERS:
-            if sys.modules.get(name, "") is None:
-                del sys.modules[name]
+        _gptq_modules_alone()  # GPTQ runs llm-compressor's own block update (its Triton kernel on CUDA)
         from nvfp4_ray.pipeline.gptq_worker import GptqSteps
 
         steps = GptqSteps(self)
@@ -239,6 +235,27 @@ class LayerWorker(LayerLoads):
             hidden[state.batch.index] = bundle.tensor("hidden")
         self.runner.restore_hidden_states(hidden)
         return True
+
+
+def _gptq_modules_alone() -> None:
+    """Let ``import llmcompressor.modifiers.gptq.gptq_quantize`` run only that module and
+    its helpers (which import torch, transformers and compressed-tensors, already here),
+    not the packages' __init__ files above them: llmcompressor's imports its entrypoints,
+    and datasets, pyarrow and pandas with them, seconds of a worker's first GPTQ layer on
+    the GPU machine (there `import llmcompressor` took 6.2 s against compressed-tensors'
+    4.8 s). The packages are entered as bare namespaces over their folders; a worker uses
+    nothing else of llm-compressor."""
+    import importlib.util
+    import types
+
+    if "llmcompressor" in sys.modules:
+        return
+    root = importlib.util.find_spec("llmcompressor").submodule_search_locations[0]  # found, not run
+    for name, folder in (("llmcompressor", root), ("llmcompressor.modifiers", f"{root}/modifiers"),
+                         ("llmcompressor.modifiers.gptq", f"{root}/modifiers/gptq")):  # fmt: skip
+        package = types.ModuleType(name)
+        package.__path__ = [folder]
+        sys.modules[name] = package
 
 
 def _write_hidden(dest: Store, folder: str, hidden: dict, copier=(None, None), done=None) -> tuple[float, dict]:
