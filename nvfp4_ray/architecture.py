@@ -3,8 +3,9 @@
 The model is built on the meta device from config.json (no memory, no weights) and its
 module tree is matched against the checkpoint's tensor names with transformers' own key
 conversions (e.g. Mistral3 checkpoints say ``language_model.model.layers`` where the
-module is ``model.language_model.layers``). The result, :class:`ModelSpec`, is plain data
-that workers receive; workers rebuild single decoder layers from the same config.
+module is ``model.language_model.layers``: model_checks.py, with the other checks made
+before any work). The result, :class:`ModelSpec`, is plain data that workers receive;
+workers rebuild single decoder layers from the same config.
 """
 
 from __future__ import annotations

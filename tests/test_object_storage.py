@@ -263,7 +263,7 @@ def test_a_workers_write_is_tried_again_after_the_store_fails_it(what, bucket, p
     from nvfp4_ray.pipeline.unit_tasks import write_retrying
     from nvfp4_ray.pipeline.workers import _write_hidden
 
-    tensor = torch.arange(3 * MiB // 2, dtype=torch.bfloat16)
+    tensor = torch.arange(6 * MiB, dtype=torch.bfloat16)  # 12 MiB: a multipart upload, aborted when cut
     store = through(proxy, f"s3://{bucket}/out")
     if what == "unit":
         write = lambda: write_retrying(store, "layer-0", TensorShard("unit.safetensors", [("w", tensor)]))  # noqa: E731
@@ -276,11 +276,12 @@ def test_a_workers_write_is_tried_again_after_the_store_fails_it(what, bucket, p
     writer = threading.Thread(target=lambda: result.update(written=write()))
     writer.start()
     log = ""
-    while writer.is_alive() and "retry 1 of 4" not in log:
+    while writer.is_alive() and "warning: writing" not in log:
         log += capsys.readouterr().err
         time.sleep(0.02)
     proxy.cut_uploads = False  # the store recovers
-    writer.join()
+    writer.join(timeout=120)
+    log += capsys.readouterr().err
 
     assert f"nvfp4-ray: warning: writing s3://{bucket}/out/{name} failed" in log, log
     digest = result["written"].sha256 if what == "unit" else result["written"][1]["batch-00000.safetensors"]

@@ -16,8 +16,9 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 
 # Remote pieces are sized to keep up to REMOTE_READERS in flight, but no smaller than
-# 2 MiB, where a request's latency would dominate its transfer. Local pieces of 16 MiB: a layer crosses to a GPU 64 MiB at a
-# time (worker_loads.PIECE_BYTES), each read by four threads.
+# 2 MiB, where a request's latency would dominate its transfer. Local pieces of 16 MiB:
+# a layer crosses to a GPU 64 MiB at a time (worker_loads.PIECE_BYTES), each read by four
+# threads.
 _LOCAL_CHUNK = 16 << 20
 _LOCAL_READERS = 8
 _AHEAD_PIECE = 8 << 20

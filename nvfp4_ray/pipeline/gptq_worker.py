@@ -27,7 +27,7 @@ from nvfp4_ray.calibration.hessians import HessianBlocks, distinct_inputs, reduc
 from nvfp4_ray.formats import gptq
 from nvfp4_ray.io.shards import TensorShard
 from nvfp4_ray.io.storage import Store
-from nvfp4_ray.pipeline.unit_tasks import write_unit
+from nvfp4_ray.pipeline.unit_tasks import write_retrying
 
 
 class GptqSteps:
@@ -150,7 +150,7 @@ class GptqSteps:
         (their kernels are done: the solves synchronized, and the propagation pass ran)."""
         (_, file_name, key), out = self.units.pop(index)
         with self.worker.write_copier() as (buffer, stream):
-            return write_unit(Store(dest_url), key, TensorShard(file_name, out, buffer, None, stream))
+            return write_retrying(Store(dest_url), key, TensorShard(file_name, out, buffer, None, stream))
 
 
 def _portable(tensor):

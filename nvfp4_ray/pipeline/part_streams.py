@@ -11,7 +11,7 @@ layer's unit after the last, and puts the parts of a layer it calibrates whole t
 
 Layers read whole before the plan split them are loaded from that read
 (``LayerFlow.load_call``), and so are a replaced worker's layers (each part read again
-for it, ``LayerFlow.read_layer``): a new worker starts from the first part, which the
+for it, ``LayerReads.read_layer``): a new worker starts from the first part, which the
 stream may have released.
 """
 

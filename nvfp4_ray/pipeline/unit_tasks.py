@@ -6,6 +6,8 @@
                      the bytes: the disk keeps going while the workers start and compute
   copy_unit_task     copies tensors outside the decoder layers, byte for byte
   write_unit         a unit file and its completion record (a worker's write threads too)
+  retrying           a worker's write tried again after a storage hiccup (write_retrying:
+                     a unit's; the hidden-state snapshots' files too)
 """
 
 from __future__ import annotations
