@@ -56,7 +56,8 @@ def retrying(what: str, write):
             if attempt == RETRIES:
                 raise
             pause = min(4.0, 0.5 * 2**attempt)
-            print(redact(f"nvfp4-ray: warning: writing {what} failed ({exc}); retry {attempt + 1} of {RETRIES} in {pause} s"), file=sys.stderr, flush=True)
+            warning = f"nvfp4-ray: warning: writing {what} failed ({exc}); retry {attempt + 1} of {RETRIES} in {pause} s"
+            print(redact(warning), file=sys.stderr, flush=True)
             time.sleep(pause)
 
 
