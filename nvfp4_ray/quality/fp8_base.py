@@ -16,7 +16,7 @@ import json
 import os
 import shutil
 import tempfile
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from typing import Iterator
 
 from nvfp4_ray.errors import InputError
@@ -53,7 +53,7 @@ def bf16_base(folder: str, config: dict) -> Iterator[str]:
     checkpoint = _open(folder, "BASE")
     shard_of = {name: tensor.file for name, tensor in checkpoint.tensors.items()}
     handles = {}  # shard -> open file, for a scale kept in another shard than its weight
-    with tempfile.TemporaryDirectory(prefix="nvfp4-base-") as copy:
+    with tempfile.TemporaryDirectory(prefix="nvfp4-base-") as copy, ExitStack() as opened:
         for name in checkpoint.copied_files:  # tokenizer & co, as quantize copies them
             os.makedirs(os.path.dirname(os.path.join(copy, name)), exist_ok=True)
             shutil.copy(os.path.join(folder, name), os.path.join(copy, name))
@@ -63,12 +63,14 @@ def bf16_base(folder: str, config: dict) -> Iterator[str]:
         for shard in checkpoint.files:
             tensors = load_file(os.path.join(folder, shard))
             for name in list(tensors):  # each weight's scale beside it, wherever it is kept
-                if name.endswith(fp8_block.SCALE_SUFFIX) and shard_of[name.removesuffix("_scale_inv")] != shard:
+                prefix = name.removesuffix(fp8_block.SCALE_SUFFIX).removesuffix(".weight")
+                if name.endswith(fp8_block.SCALE_SUFFIX) and shard_of[f"{prefix}.weight"] != shard:
                     del tensors[name]
-                scale_name = name.removesuffix(".weight") + fp8_block.SCALE_SUFFIX
+                scale_name = prefix + fp8_block.SCALE_SUFFIX
                 if name.endswith(".weight") and shard_of.get(scale_name, shard) != shard:
                     where = shard_of[scale_name]
-                    handles.setdefault(where, safe_open(os.path.join(folder, where), "pt"))
+                    if where not in handles:
+                        handles[where] = opened.enter_context(safe_open(os.path.join(folder, where), "pt"))
                     tensors[scale_name] = handles[where].get_tensor(scale_name)
             tensors = fp8_block.dequantize_weights(tensors)  # quantize's own step: the scales dropped
             os.makedirs(os.path.dirname(os.path.join(copy, shard)), exist_ok=True)
