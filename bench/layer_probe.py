@@ -69,7 +69,6 @@ def time_layers(runner, weights: dict, repeats: int) -> list[float]:
 
 
 def profile_layer(runner, weights: dict, samples: int) -> dict:
-    import torch
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
