@@ -160,16 +160,29 @@ def _gptq_options(modifier, resolved) -> GptqOptions:
     return GptqOptions(modifier.block_size, float(damp), orders == {ActivationOrdering.WEIGHT})
 
 
-def _parse_recipe_file(path: str, llmc_recipe_class):
-    import yaml
+def names_gptq(path: str) -> bool:
+    """Whether the recipe file at ``path`` names a GPTQModifier (a recipe holds one modifier,
+    by its class name); False if it can't be read (load_recipe says why)."""
+    try:
+        return "GPTQModifier" in _recipe_text(path)
+    except Exception:
+        return False
 
+
+def _recipe_text(path: str) -> str:
     from nvfp4_ray.io.storage import Store
 
     folder, _, name = path.rpartition("/")
     store = Store(folder or ".")
     if not store.exists(name):
         raise InputError(f"recipe file {path} does not exist")
-    text = store.read_text(name)
+    return store.read_text(name)
+
+
+def _parse_recipe_file(path: str, llmc_recipe_class):
+    import yaml
+
+    text = _recipe_text(path)
     try:
         if not isinstance(yaml.safe_load(text), dict):
             raise InputError(f"recipe {path} must be a YAML mapping (stage -> modifiers)")

@@ -8,6 +8,7 @@ import os
 import shutil
 import struct
 import time
+from types import SimpleNamespace
 
 import pytest
 from conftest import NUM_ROWS, run_cli, session_processes
@@ -205,7 +206,7 @@ def test_workers_stopped_right_after_they_were_asked_for_give_back_every_cpu():
     total = ray.cluster_resources()["CPU"]
     for attempt in range(60):
         placement = Placement.request(None, "auto")
-        start_workers(placement)
+        start_workers(placement, SimpleNamespace(recipe=None, algorithm="rtn", exact=False))
         placement.release()
         deadline = time.monotonic() + 10
         while ray.available_resources().get("CPU", 0) < total and time.monotonic() < deadline:

@@ -223,6 +223,26 @@ def test_warm_up_solves_on_a_device(exact):
     gptq.warm_up(torch.device("cpu"), exact)
 
 
+def test_workers_know_a_gptq_job_from_its_command_line(tmp_path):
+    """Workers start before the inputs are read (worker_start.start_workers), and a GPTQ
+    job's make its steps ready from their start: --algorithm gptq, or a recipe that names
+    a GPTQModifier; not for round-to-nearest, nor for a recipe that can't be read (the
+    inputs' check reports it)."""
+    from types import SimpleNamespace
+
+    from nvfp4_ray.pipeline.worker_start import expects_gptq
+
+    stage = "quant_stage:\n  quant_modifiers:\n    %s: {targets: [Linear], scheme: NVFP4}\n"
+    (tmp_path / "gptq.yaml").write_text(stage % "GPTQModifier")
+    (tmp_path / "rtn.yaml").write_text(stage % "QuantizationModifier")
+    config = lambda recipe=None, algorithm="rtn": SimpleNamespace(  # noqa: E731
+        recipe=recipe and str(tmp_path / recipe), algorithm=algorithm
+    )
+    assert expects_gptq(config(algorithm="gptq")) and not expects_gptq(config())
+    assert expects_gptq(config("gptq.yaml")) and not expects_gptq(config("rtn.yaml"))
+    assert not expects_gptq(config("missing.yaml"))
+
+
 def test_a_worker_runs_llmcompressors_gptq_modules_alone():
     """A worker imports llm-compressor's block update and its helpers only (workers.
     _gptq_modules_alone), in a process set up as a worker is: not datasets, pandas or

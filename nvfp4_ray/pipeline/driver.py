@@ -266,7 +266,8 @@ class Execution(CalibrationSteps):
         """New workers in bundles ``indices`` (stand-ins for lost ones), set up as the job's
         first ones were: the model for a calibration worker, the device plan's limits."""
         for i in indices:
-            worker = self.workers[i] = new_worker(self.placement, i)
+            gptq = i < self.calibration_workers and self.plan.recipe.gptq is not None
+            worker = self.workers[i] = new_worker(self.placement, i, gptq, self.config.exact)
             if i < self.calibration_workers:
                 self._configure_calibration(worker)
             if self.device_plan is not None:

@@ -64,7 +64,7 @@ def run_quantize(config: QuantizeConfig, events: Events) -> dict:
             inputs = _read_inputs(config, events)
         placement = Placement.request(config.num_workers, config.worker_device)
         try:
-            workers = start_workers(placement)
+            workers = start_workers(placement, config)
             if inputs is None:
                 inputs = _read_inputs(config, events)
             if inputs.unchanged and config.if_changed:

@@ -21,10 +21,22 @@ def calibration_worker_count(workers: int, config, samples) -> int:
     return min(workers, len(make_batches(samples, config.batch_tokens)))
 
 
-def start_workers(placement: Placement) -> list:
+def start_workers(placement: Placement, config) -> list:
     """One worker per bundle, asked for before the inputs are read: the seconds a process
     takes to import torch and transformers and create a CUDA context pass meanwhile."""
-    return [new_worker(placement, i) for i in range(placement.size)]
+    gptq = expects_gptq(config)
+    return [new_worker(placement, i, gptq, config.exact) for i in range(placement.size)]
+
+
+def expects_gptq(config) -> bool:
+    """Whether the command line asks for GPTQ: --algorithm gptq, or a recipe that names a
+    GPTQModifier (read here, before its workers start; a recipe that can't be read is
+    reported when the inputs are read)."""
+    if config.recipe is None:
+        return config.algorithm == "gptq"
+    from nvfp4_ray.recipe import names_gptq
+
+    return names_gptq(config.recipe)
 
 
 def configure_workers(workers: list, config, inputs) -> None:
@@ -34,12 +46,13 @@ def configure_workers(workers: list, config, inputs) -> None:
         configure(worker, config, inputs.source.config, inputs.recipe.gptq is not None)
 
 
-def new_worker(placement: Placement, bundle: int):
+def new_worker(placement: Placement, bundle: int, gptq: bool, exact: bool):
+    """``gptq``: the worker makes GPTQ's steps ready from its start (``exact``: --exact's)."""
     import torch
 
     # the driver is a plain process: its thread count is what llm-compressor would use here
     threads = torch.get_num_threads()
-    return LayerWorker.options(**placement.worker_options(bundle)).remote(threads, time.time())
+    return LayerWorker.options(**placement.worker_options(bundle)).remote(threads, time.time(), gptq, exact)
 
 
 def configure(worker, config, model_config: dict, gptq: bool) -> None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import socket
 import sys
+import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 
@@ -39,10 +40,11 @@ UNUSED_BY_WORKERS = ("sklearn", "scipy", "pandas")
 
 @ray.remote(max_restarts=0, max_task_retries=0, concurrency_groups={"load": 1, "write": 1})
 class LayerWorker(LayerLoads):
-    def __init__(self, cpu_threads: int, requested_at: float):
+    def __init__(self, cpu_threads: int, requested_at: float, gptq: bool = False, exact: bool = False):
         """Imports and the device, nothing of the job: a worker is created before the inputs
         are read, and ``configure`` gives a calibration worker its model. ``requested_at``:
-        when the driver asked for it (time.time())."""
+        when the driver asked for it (time.time()). ``gptq``: the command line asks for
+        GPTQ (``exact``: --exact); its steps are made ready from the start (_start_gptq)."""
         # Start-up is timed step by step: on a GPU machine it is the largest fixed cost of a
         # job. The first step is Ray's: placing the actor and starting its process.
         self.clock = time.monotonic()
@@ -52,9 +54,6 @@ class LayerWorker(LayerLoads):
         import torch
 
         self.startup["import_torch_s"] = self._lap()
-        import nvfp4_ray.layer_quantizer  # noqa: F401  (compressed-tensors, and transformers with it)
-
-        self.startup["import_quantizer_s"] = self._lap()
         self.device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
         # bf16 matmuls on CPUs round differently with different thread counts: use what a
         # plain PyTorch process (llm-compressor) uses on this machine, not Ray's CPU share
@@ -63,6 +62,21 @@ class LayerWorker(LayerLoads):
             torch.empty(1, device=self.device)  # the CUDA context, now rather than at the first layer
             self.load_stream = torch.cuda.Stream(self.device)
         self.startup["device_init_s"] = self._lap()
+        self.gptq_start: Future | None = None  # a GPTQ job's steps, made ready in a thread
+        self.gptq_steps = None  # pipeline/gptq_worker.py, from gptq_start at the first step
+        imported = threading.Event()
+        if gptq:
+            self.gptq_start = ThreadPoolExecutor(1, thread_name_prefix="gptq-start").submit(self._start_gptq, exact,
+                                                                                          imported)  # fmt: skip
+        try:
+            import nvfp4_ray.layer_quantizer  # noqa: F401  (compressed-tensors, and transformers with it)
+
+            self.startup["import_quantizer_s"] = self._lap()
+            if gptq:
+                _gptq_modules_alone()
+                import nvfp4_ray.pipeline.gptq_worker  # noqa: F401  (llm-compressor's GPTQ modules with it: 0.01 s)
+        finally:
+            imported.set()  # (a failed import fails the thread's too, not waiting for ever)
         self.runner = None
         self._init_loads()
         self.snapshot_copier = pinned_copier(self.device) if self.device.type == "cuda" else (None, None)
@@ -71,8 +85,6 @@ class LayerWorker(LayerLoads):
         self.snapshot_s = 0.0  # seconds spent writing hidden-state snapshots (in the background)
         self.snapshot_writer = ThreadPoolExecutor(1, thread_name_prefix="snapshot")
         self.snapshots: dict[str, Future] = {}  # folder -> hidden-state write in progress or done
-        self.gptq_start: Future | None = None  # a GPTQ job's steps, made ready by configure
-        self.gptq_steps = None  # pipeline/gptq_worker.py, from gptq_start at the first step
 
     def _lap(self) -> float:
         began, self.clock = self.clock, time.monotonic()
@@ -81,14 +93,14 @@ class LayerWorker(LayerLoads):
     def configure(self, model_config: dict, attention: str, drop_causal_mask: bool, graphs: bool, gptq: bool,
                   exact: bool) -> None:  # fmt: skip
         """Make this a calibration worker of ``model_config``; of a GPTQ job: its steps are
-        made ready in a thread, beside the embedding and the first layer's load."""
+        made ready in a thread, if __init__ has not started that already."""
         self.clock = time.monotonic()
         from nvfp4_ray.calibration.runner import DecoderRunner
 
         self.startup["import_runner_s"] = self._lap()
         self.runner = DecoderRunner(model_config, str(self.device), attention, drop_causal_mask, graphs)
         self.startup["build_model_s"] = self._lap()
-        if gptq:
+        if gptq and self.gptq_start is None:
             self.gptq_start = ThreadPoolExecutor(1, thread_name_prefix="gptq-start").submit(self._start_gptq, exact)
 
     def _compute_threads(self) -> None:
@@ -161,11 +173,18 @@ class LayerWorker(LayerLoads):
         self.busy_s += time.monotonic() - began
         return {"amax": amax, "snapshots": self._finished_snapshots(block=False)}
 
-    def _start_gptq(self, exact: bool):
+    def _start_gptq(self, exact: bool, imported: threading.Event | None = None):
         """The GPTQ steps, and their kernels loaded: on the H100 the first layer's solves
         took 0.9 s against 0.25 s for the next ones (docs/gptq.md#speed). The first step
-        waits for them: the import holds the interpreter, which a Hessian pass beside it
-        needs to launch its kernels (measured: the first layer 0.4 s slower, 2228)."""
+        waits for them: this thread holds the interpreter part of the time, which a Hessian
+        pass beside it needs to launch its kernels (the first layer 0.4 s slower, 2228).
+        Started by __init__: Triton's and cuSOLVER's start first, beside the main thread's
+        imports, then, once ``imported`` is set, the rest; the imports stay in the main
+        thread (two threads importing the same packages can deadlock)."""
+        if self.device.type == "cuda":
+            _load_gptq_runtime(self.device)
+        if imported is not None:
+            imported.wait()
         _gptq_modules_alone()  # GPTQ runs llm-compressor's own block update (its Triton kernel on CUDA)
         from nvfp4_ray.pipeline.gptq_worker import GptqSteps
 
@@ -235,6 +254,25 @@ class LayerWorker(LayerLoads):
             hidden[state.batch.index] = bundle.tensor("hidden")
         self.runner.restore_hidden_states(hidden)
         return True
+
+
+def _load_gptq_runtime(device) -> None:
+    """What a GPTQ worker's first solve loads that needs only torch and Triton: Triton's
+    driver (on a fresh machine it compiles its CUDA helper with gcc), the hash of Triton's
+    own files that keys its kernel cache (once a process; 0.46 s on the H100), cuSOLVER with
+    a first Cholesky. Mostly gcc, the disk and the GPU, not the interpreter: beside the
+    quantizer's import they cost it nothing measurable (bench/gptq_start_probe.py)."""
+    import torch
+
+    try:  # (the main thread's imports import it too, none of them while holding one it needs)
+        import triton
+        from triton.runtime.cache import triton_key
+    except ImportError:  # llm-compressor's block update then runs its eager loop
+        return
+    triton.runtime.driver.active.get_current_device()
+    triton_key()
+    torch.linalg.cholesky(2 * torch.eye(64, device=device))
+    torch.cuda.synchronize(device)
 
 
 def _gptq_modules_alone() -> None:
