@@ -104,22 +104,15 @@ def device_bytes(layer_groups: list[list], blocks_per_worker: int, longest: int 
     --exact; per distinct input FORWARDS_PER_PRODUCT - 1 held copies and their
     concatenation, (2 P - 1) x tokens x in x 2 bytes), and an owner's solve of the largest
     group (four copies of its Hessian at most, and what its weights take while solved or
-    packed: ``solve_bytes``), or of another input's group beside the largest input's
-    inverse factor, computed ahead (GptqSteps.factor)."""
+    packed: ``solve_bytes``)."""
     pending = min(1 + math.ceil(math.log2(max(blocks_per_worker, 1))), 5)
     held = (2 * FORWARDS_PER_PRODUCT - 1) * longest * 2 if FORWARDS_PER_PRODUCT > 1 else 0
     need = 0
     for groups in filter(None, layer_groups):
-        inputs_of = distinct_inputs(groups)
-        distinct = inputs_of.values()
+        distinct = distinct_inputs(groups).values()
         sums = sum(features**2 * 4 for features in distinct)
         inputs = sum(distinct)
-        # an owner's factor ahead is of its largest input: beside the solve of any group of
-        # another input, which is any group where two inputs share the largest size
-        solves, largest = [solve_bytes(group) for group in groups], max(distinct)
-        tied = sum(features == largest for features in distinct) > 1
-        beside = [b for name, b in zip(hessian_inputs(groups), solves) if tied or inputs_of[name] < largest]
-        solve = max(max(solves), largest**2 * 4 + max(beside, default=0))
+        solve = max(solve_bytes(group) for group in groups)
         need = max(need, pending * sums + held * inputs + solve)
     return need
 

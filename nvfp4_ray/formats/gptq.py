@@ -119,19 +119,7 @@ class InverseFactor:
     factor: torch.Tensor  # [1, n, n]: the upper Cholesky factor of the dampened inverse, columns in ``perm``'s order
     perm: torch.Tensor | None  # [1, n]: activation ordering, or None (column order)
     dead: torch.Tensor  # [n] bool, in ``perm``'s order: columns whose input was always zero
-    failed: torch.Tensor | bool  # not positive definite; the default mode's stays on the device until fell_back
-
-    @property
-    def fell_back(self) -> bool:
-        """Not positive definite: the factor is then the identity (round-to-nearest). The
-        default mode leaves its Cholesky's status on the device, so that the host need not
-        wait for a factor it computes ahead (pipeline/gptq_worker.py); the first read
-        waits for it and, if it failed, puts the identity in place."""
-        if isinstance(self.failed, torch.Tensor):
-            self.failed = bool(self.failed)
-            if self.failed:
-                self.factor[0].copy_(torch.eye(self.factor.shape[-1], dtype=self.factor.dtype, device=self.factor.device))
-        return self.failed
+    fell_back: bool  # not positive definite: the factor is the identity (round-to-nearest)
 
 
 def solve_group(
@@ -167,7 +155,6 @@ def solve_with(weights: list[torch.Tensor], inverse: InverseFactor, scheme: Quan
     args = scheme.weights
     if args.strategy != QuantizationStrategy.TENSOR_GROUP or args.group_size != GROUP_SIZE:
         raise ValueError(f"GPTQ is implemented for NVFP4 weights only, not {args.strategy} / {args.group_size}")
-    fell_back = inverse.fell_back  # (the identity in place of a failed factor, before its use)
     qparams = linear.weight_qparams(weights, args)
     global_scale, scales = qparams
     if exact:
@@ -177,6 +164,7 @@ def solve_with(weights: list[torch.Tensor], inverse: InverseFactor, scheme: Quan
         stacked = quantize_weight(torch.cat(weights), inverse, torch.cat([scale for scale, _ in scales]), global_scale,
                                   args, block_size)  # fmt: skip
         quantized = list(stacked.split([weight.shape[0] for weight in weights]))
+    fell_back = inverse.fell_back
     packed = linear.quantize_group(quantized, scheme, qparams)
     return [Solved(q, tensors, fell_back) for q, tensors in zip(quantized, packed)]
 
@@ -213,12 +201,10 @@ def inverse_factor(hessian: torch.Tensor, dampening: float, ordered: bool, exact
     diag.masked_fill_(dead, 1.0)
     damp = dampening * torch.mean(torch.diag(item))
     diag.add_(damp)
-    if not exact:
-        return InverseFactor(H, perm, dead, _invert_reversed(item))
-    failed = not _cholesky_inverse_upper(item)
-    if failed:
+    fell_back = not (_cholesky_inverse_upper(item) if exact else _invert_reversed(item))
+    if fell_back:
         item.copy_(torch.eye(columns, dtype=item.dtype, device=item.device))
-    return InverseFactor(H, perm, dead, failed)
+    return InverseFactor(H, perm, dead, fell_back)
 
 
 def _cholesky_inverse_upper(item: torch.Tensor) -> bool:
@@ -233,20 +219,20 @@ def _cholesky_inverse_upper(item: torch.Tensor) -> bool:
     return True
 
 
-def _invert_reversed(item: torch.Tensor) -> torch.Tensor:
+def _invert_reversed(item: torch.Tensor) -> bool:
     """The same factor from one Cholesky and a triangular inverse, half the arithmetic of
     llm-compressor's (down_proj's 14336^2 Hessian on the H100: 0.084 s against 0.236 s;
     docs/gptq.md#speed). With J the reversal of the columns, J H J = L L^T gives
     H^-1 = J L^-T L^-1 J = U^T U where U = J L^-1 J is upper triangular with a positive
-    diagonal: the Cholesky factor, which is unique. -> whether the Cholesky failed (not
-    positive definite), on the device: nothing here waits for the kernels (a failed
-    factor's values are garbage, replaced by InverseFactor.fell_back)."""
+    diagonal: the Cholesky factor, which is unique."""
     reversed_ = item.flip(0, 1)
     info = torch.empty((), dtype=torch.int32, device=item.device)
     torch.linalg.cholesky_ex(reversed_, check_errors=False, out=(reversed_, info))
+    if info.item() != 0:
+        return False
     invert_lower(reversed_)
     item.copy_(reversed_.flip(0, 1))
-    return info != 0
+    return True
 
 
 def invert_lower(L: torch.Tensor, leaf: int = 1024) -> None:

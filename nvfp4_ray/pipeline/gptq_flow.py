@@ -25,7 +25,7 @@ depend on all of them.
 from __future__ import annotations
 
 import math
-from collections import Counter, defaultdict
+from collections import Counter
 from dataclasses import replace
 
 import ray
@@ -134,23 +134,15 @@ class GptqExecution(Execution):
         pairs = list(zip(hessian_inputs(spec.groups), self._owners(spec.groups)))  # (input, owner) of each group
         ship = len(workers) > 1  # one worker keeps every result on its device
         partials = self._partials(index, workers, pairs)
-        # An owner's largest input's inverse factor is computed ahead, beside its other
-        # solves, and that input's groups are solved last; its first group of any other
-        # input takes the others' subtrees of it. The owner keeps an input's inverse factor
-        # while it has another group of it to solve
-        ahead = self._ahead(spec.groups, pairs)
-        factors = [workers[owner].gptq.remote("factor", index, name, self.options, self.config.exact,
-                                              *[partials[name, w] for w in range(len(workers)) if w != owner])
-                   for owner, name in ahead.items()]  # fmt: skip
-        groups_of, solved_of, solved, others = Counter(pairs), Counter(), [None] * len(pairs), []
-        for g in sorted(range(len(pairs)), key=lambda g: ahead.get(pairs[g][1]) == pairs[g][0]):
-            name, owner = pairs[g]
+        # An owner's first group of an input takes the others' subtrees of it; the owner
+        # keeps the input's inverse factor while it has another group of it to solve
+        groups_of, solved_of, solved, others = Counter(pairs), Counter(), [], []
+        for group, (name, owner) in zip(spec.groups, pairs):
             solved_of[name, owner] += 1
-            first = solved_of[name, owner] == 1 and ahead.get(owner) != name
-            keep = solved_of[name, owner] < groups_of[name, owner]
+            first, keep = solved_of[name, owner] == 1, solved_of[name, owner] < groups_of[name, owner]
             others = [partials[name, w] for w in range(len(workers)) if w != owner] if first else []
-            solved[g] = workers[owner].gptq.options(num_returns=2).remote(
-                "solve", index, spec.groups[g], name, first, keep, self.options, self.config.exact, ship, *others)  # fmt: skip
+            solved.append(workers[owner].gptq.options(num_returns=2).remote(
+                "solve", index, group, name, first, keep, self.options, self.config.exact, ship, *others))  # fmt: skip
         del partials, others  # Ray frees each subtree once the solves that take it are done
         fell_back = [flags for flags, _ in solved]
         # each worker gets the results of the groups the others solved (the driver never fetches them)
@@ -162,8 +154,8 @@ class GptqExecution(Execution):
                      for w, worker in enumerate(workers)]  # fmt: skip
         earlier, self.unit_write = self.unit_write, []
         if pump:
-            self._wait([*passes, *factors, *fell_back, *propagate, *earlier])
-        amax, _, flags, propagated, written = (self._get(refs) for refs in (passes, factors, fell_back, propagate, earlier))
+            self._wait([*passes, *fell_back, *propagate, *earlier])
+        amax, flags, propagated, written = (self._get(refs) for refs in (passes, fell_back, propagate, earlier))
         self._record(written)
         if writes:
             # Submitted once propagate kept the unit's tensors, with no argument to wait for:
@@ -180,15 +172,6 @@ class GptqExecution(Execution):
         self.fell_back += [name for group in flags for name in (f"{spec.module}.{local}" for local in group)
                            if name not in self.fell_back]  # fmt: skip
         self._finish_layer(index, amax, snapshot, propagated)
-
-    @staticmethod
-    def _ahead(groups: list, pairs: list[tuple[str, int]]) -> dict[int, str]:
-        """Owner -> its largest input (the first of the largest), where it owns groups of
-        other inputs too: its inverse factor is computed ahead (GptqSteps.factor)."""
-        sizes = defaultdict(dict)  # owner -> input -> in_features
-        for group, (name, owner) in zip(groups, pairs):
-            sizes[owner].setdefault(name, group[0].in_features)
-        return {owner: max(inputs, key=inputs.get) for owner, inputs in sizes.items() if len(inputs) > 1}
 
     @staticmethod
     def _partials(index: int, workers: list, pairs: list[tuple[str, int]]) -> dict:

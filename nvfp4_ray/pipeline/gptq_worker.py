@@ -6,13 +6,9 @@
                 (calibration/hessians.py), kept on the device; the hidden states stay
   partials_of   (for the owners of an input's groups on other workers) its subtrees of
                 the input, on the host
-  factor        (owner, for its largest input, before its solves) that input's inverse
-                factor, from its own subtrees and the others', on a CUDA stream of its own:
-                the GPU computes it while the host launches the owner's other solves
   solve         (owner) the group's Hessian from its own subtrees and the others', in the
                 tree (or its input's inverse factor, kept from the owner's first group of
-                that input, or computed ahead by factor), and its GPTQ solve with scales
-                from the loaded weights
+                that input), and its GPTQ solve with scales from the loaded weights
   propagate     its batches through the layer with the solved weights: the next layer's
                 inputs (llm-compressor's propagate_error), by run_layer; the owner's
                 solved weights never left its device. The writing worker keeps the unit
@@ -23,7 +19,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import time
 
 import torch
@@ -44,14 +39,12 @@ class GptqSteps:
         self.inverses: dict[str, gptq.InverseFactor] = {}  # input name -> its factor, for this worker's next group of it
         self.solved_here: dict[str, tuple] = {}  # local Linear name -> its solved weight and tensors, on the device
         self.units: dict[int, tuple] = {}  # layer -> ((spec, file name, key), tensors) of a unit to write
-        self.ahead: dict[str, tuple] = {}  # input name -> (a CUDA event after its factor, what its kernels use)
-        self.stream = torch.cuda.Stream(worker.device) if worker.device.type == "cuda" else None  # factor's
         # seconds in each step, for the summary (the propagation pass is run_layer's)
         self.seconds = {"calibration_pass": 0.0, "reduction": 0.0, "solves": 0.0}
 
     def hessian_pass(self, index: int, spec, block_size: int, exact: bool) -> dict:
         worker = self.worker
-        self.index, self.tensors, self.inverses, self.ahead = index, worker._take(index), {}, {}
+        self.index, self.tensors, self.inverses = index, worker._take(index), {}
         blocks = HessianBlocks(distinct_inputs(spec.groups), block_size, worker.device, exact)
         attention = [a.local for a in spec.attention]
         began = time.monotonic()
@@ -74,33 +67,10 @@ class GptqSteps:
         # worker's own solve adds into its subtrees in place)
         return [(first, size, hessian.cpu().numpy(), count.cpu()) for first, size, hessian, count in partials]
 
-    def factor(self, index: int, name: str, options, exact: bool, *others: list) -> None:
-        """The inverse factor of input ``name`` for this owner's later groups of it (``solve``
-        with ``first`` False), from its subtrees here and ``others``, on this worker's second
-        stream. The host does not wait for it: on the 8B shape down_proj's factor is 0.084 s
-        of GPU, while the layer's three other solves take 0.095 s, most of it the host
-        launching small kernels. Its subtrees stay referenced until a solve waited for it:
-        the allocator may hand a freed block to another stream's kernels at once."""
-        assert index == self.index and name not in self.inverses
-        began = time.monotonic()
-        subtrees = self.partials.pop(name, []) + [p for partials in others for p in partials]
-        done = None
-        with torch.cuda.stream(self.stream) if self.stream is not None else contextlib.nullcontext():
-            hessian, count = reduce_partials(subtrees, self.worker.device)  # (the pass synchronized: its sums are done)
-            reduced = time.monotonic()
-            self.inverses[name] = gptq.group_inverse(hessian, count, options.dampening_frac, options.ordered, exact)
-            if self.stream is not None:
-                done = torch.cuda.Event()
-                done.record(self.stream)
-        self.ahead[name] = (done, (subtrees, hessian, count))
-        self.seconds["reduction"] += reduced - began
-        self.seconds["solves"] += time.monotonic() - reduced
-
     def solve(self, index: int, group_linears: list, name: str, first: bool, keep: bool, options, exact: bool,
               ship: bool, *others: list) -> tuple[list, dict | None]:  # fmt: skip
         """``group_linears``: the group's LinearSpecs; ``name``: its input's (hessian_inputs);
-        ``first``: this worker's first group of that input, which reduces its Hessian
-        (not one whose factor was computed ahead: ``factor``);
+        ``first``: this worker's first group of that input, which reduces its Hessian;
         ``keep``: another group of that input follows here, which takes the same inverse
         factor (computed once); ``exact``: llm-compressor's arithmetic
         (gptq.solve_group); ``others``: the other calibration workers' subtrees of the input.
@@ -116,27 +86,23 @@ class GptqSteps:
             subtrees = self.partials.pop(name, []) + [p for partials in others for p in partials]
             hessian, count = reduce_partials(subtrees, device)
             del subtrees
-            if device.type == "cuda":  # this stream's: a factor computed ahead goes on meanwhile
-                torch.cuda.current_stream(device).synchronize()
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
             reduced = time.monotonic()
             inverse = gptq.group_inverse(hessian, count, options.dampening_frac, options.ordered, exact)
             del hessian
-        elif name in self.ahead and self.ahead[name][0] is not None:
-            torch.cuda.current_stream(device).wait_event(self.ahead[name][0])
         if keep:
             self.inverses[name] = inverse
         weights = [self.tensors[f"{linear.local}.weight"] for linear in group_linears]
         solved = gptq.solve_with(weights, inverse, group_linears[0].scheme, options.block_size, exact=exact)
+        del inverse
         self.solved_here.update((linear.local, (result.weight, result.tensors)) for linear, result in zip(group_linears, solved))
         shipped = None
         if ship:
             shipped = {linear.local: (result.weight.cpu(), {k: _portable(t.cpu()) for k, t in result.tensors.items()})
                        for linear, result in zip(group_linears, solved)}  # fmt: skip
         elif device.type == "cuda":
-            torch.cuda.current_stream(device).synchronize()
-        del inverse
-        if not keep:
-            self.ahead.pop(name, None)  # its kernels and this solve's are done
+            torch.cuda.synchronize(device)
         self.seconds["reduction"] += reduced - began
         self.seconds["solves"] += time.monotonic() - reduced
         return [linear.local for linear, result in zip(group_linears, solved) if result.fell_back], shipped
