@@ -23,7 +23,9 @@ def calibration_worker_count(workers: int, config, samples) -> int:
 
 def start_workers(placement: Placement, config) -> list:
     """One worker per bundle, asked for before the inputs are read: the seconds a process
-    takes to import torch and transformers and create a CUDA context pass meanwhile."""
+    takes to import torch and transformers and create a CUDA context pass meanwhile. Each
+    of a GPTQ job's makes GPTQ's steps ready from its start (which of them calibrate is
+    known only once the inputs are read; at most 16 do)."""
     gptq = expects_gptq(config)
     return [new_worker(placement, i, gptq, config.exact) for i in range(placement.size)]
 
