@@ -243,6 +243,23 @@ def test_workers_know_a_gptq_job_from_its_command_line(tmp_path):
     assert not expects_gptq(config("missing.yaml"))
 
 
+def test_only_workers_that_may_calibrate_make_gptq_ready():
+    """Which workers calibrate a GPTQ job is known once its samples are read; the workers
+    start before. Those that make GPTQ's steps ready from their start (the first
+    most_gptq_workers) are every one that may calibrate: for fewer samples than asked for
+    too, on any number of workers; and no more than 16, one with --exact."""
+    from nvfp4_ray.calibration.batches import gptq_workers, most_gptq_workers
+
+    for exact in (False, True):
+        for asked in range(1, 70):
+            bound = most_gptq_workers(asked, exact)
+            assert bound == (1 if exact else min(16, asked))
+            for samples in range(1, asked + 1):
+                for workers in (1, 2, 3, 8, 16, 64):
+                    assert gptq_workers(workers, samples, exact) <= bound
+            assert gptq_workers(64, asked, exact) == bound or asked > 16
+
+
 def test_a_worker_runs_llmcompressors_gptq_modules_alone():
     """A worker imports llm-compressor's block update and its helpers only (workers.
     _gptq_modules_alone), in a process set up as a worker is: not datasets, pandas or

@@ -11,9 +11,14 @@ to workers, so the same batch is computed the same way on any number of GPUs or 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
+
+# GPTQ's default mode sums each Hessian over at most this many fixed blocks of batches
+# (calibration/hessians.py): the most calibration workers a GPTQ job uses
+HESSIAN_BLOCKS = 16
 
 
 @dataclass
@@ -60,3 +65,20 @@ def deal(batches: list[Batch], workers: int) -> list[list[Batch]]:
         shares[target].append(batch)
         load[target] += batch.input_ids.numel()
     return [sorted(share, key=lambda b: b.index) for share in shares]
+
+
+def block_size(batches: int, exact: bool) -> int:
+    """A GPTQ job's batches per Hessian block: all of them with ``exact`` (llm-compressor's
+    one running sum)."""
+    return batches if exact else math.ceil(batches / min(HESSIAN_BLOCKS, batches))
+
+
+def gptq_workers(workers: int, batches: int, exact: bool) -> int:
+    """The calibration workers of a GPTQ job: one per Hessian block at most."""
+    return min(workers, math.ceil(batches / block_size(batches, exact)))
+
+
+def most_gptq_workers(samples: int, exact: bool) -> int:
+    """The most calibration workers of a GPTQ job of at most ``samples`` samples, on any
+    number of workers: a bound on ``gptq_workers``, known before the samples are read."""
+    return 1 if exact else min(HESSIAN_BLOCKS, samples)

@@ -53,9 +53,6 @@ from nvfp4_ray.calibration.expert_groups import EXPERT
 from nvfp4_ray.experts import MOE_MODEL_TYPES
 from nvfp4_ray.formats import gptq
 
-# Blocks of samples in the default mode: the most calibration workers GPTQ uses, and the
-# partials a single worker keeps in host memory (per distinct Linear input of a layer)
-HESSIAN_BLOCKS = 16
 # The default mode's forwards per product (consecutive, of one block): each product reads
 # and writes the whole sum once
 FORWARDS_PER_PRODUCT = 2
@@ -89,11 +86,6 @@ def reference_order(samples: list[list[int]]) -> list[int]:
     LengthAwareSampler: longest first, ties as torch's argsort leaves them): its Hessian is
     a sum in this order."""
     return torch.argsort(torch.tensor([len(sample) for sample in samples]), descending=True).tolist()
-
-
-def block_size(batches: int, exact: bool) -> int:
-    """Batches per block: all of them with ``exact`` (llm-compressor's one running sum)."""
-    return batches if exact else math.ceil(batches / min(HESSIAN_BLOCKS, batches))
 
 
 def device_bytes(layer_groups: list[list], blocks_per_worker: int, longest: int = 0) -> int:

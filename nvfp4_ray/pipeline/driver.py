@@ -174,6 +174,7 @@ class Execution(CalibrationSteps):
         if layers:
             self._finish_snapshots()
             seconds = self._get([w.seconds.remote() for w in self.workers[: self.calibration_workers]])
+            self.startup[: len(seconds)] = [s["startup"] for s in seconds]  # with what a GPTQ start took
             self.calibration.compute_s = round(max(s["run_layer_s"] for s in seconds), 3)
             self.calibration.load_wait_s = round(max(s["load_wait_s"] for s in seconds), 3)
             self.calibration.snapshot_write_s = round(max(s["snapshot_write_s"] for s in seconds), 3)

@@ -10,7 +10,8 @@ For each layer, in order:
      object store and it adds them and its own in the fixed tree, then solves the group;
   3. one worker writes the layer's unit file from the solved groups;
   4. every calibration worker runs its batches through the layer again with the solved
-     weights, which gives the next layer's inputs (and hidden-state snapshots).
+     weights, which gives the next layer's inputs (and hidden-state snapshots); not the
+     last layer's, which no layer takes.
 The layer's amax is persisted after its unit file: a resumed run finds, for every layer
 with statistics, its unit at DEST. It resumes from the last hidden-state snapshot and
 solves the layers after it again (the same bytes: their unit files are kept). A worker
@@ -24,14 +25,13 @@ depend on all of them.
 
 from __future__ import annotations
 
-import math
 from collections import Counter
 from dataclasses import replace
 
 import ray
 
-from nvfp4_ray.calibration.batches import make_batches
-from nvfp4_ray.calibration.hessians import block_size, blocks_of, device_bytes, hessian_inputs, reference_order, worker_runs
+from nvfp4_ray.calibration.batches import block_size, gptq_workers, make_batches
+from nvfp4_ray.calibration.hessians import blocks_of, device_bytes, hessian_inputs, reference_order, worker_runs
 from nvfp4_ray.errors import JobError
 from nvfp4_ray.pipeline.driver import MAX_WORKER_REPLACEMENTS, Execution
 from nvfp4_ray.pipeline.layer_flow import lost_worker_error
@@ -47,7 +47,7 @@ class GptqExecution(Execution):
         super().__init__(plan, placement, events, workers)
         batches = len(make_batches(plan.samples, None))
         self.block = block_size(batches, self.config.exact)
-        self.calibration_workers = min(placement.size, math.ceil(batches / self.block))
+        self.calibration_workers = gptq_workers(placement.size, batches, self.config.exact)
         self.options = plan.recipe.gptq
         self.fell_back: list[str] = []  # Linears whose Hessian was not positive definite
         self.unit_write: list = []  # the last layer's unit write, taken in after the next layer
@@ -149,8 +149,9 @@ class GptqExecution(Execution):
         shipped = [[results for (_, results), (_, owner) in zip(solved, pairs) if owner != w] for w in range(len(workers))]
         snapshot = self.calibration.wants_snapshot(index, self.config.checkpoint_minutes)
         writes = unit.key not in self.written
+        last = index == len(self.plan.layer_units) - 1  # no layer takes its outputs (wants_snapshot: nor a snapshot)
         propagate = [worker.gptq.remote("propagate", index, snapshot, self.config.dest,
-                                        (spec, unit.file, unit.key) if writes and w == 0 else None, *shipped[w])
+                                        (spec, unit.file, unit.key) if writes and w == 0 else None, not last, *shipped[w])
                      for w, worker in enumerate(workers)]  # fmt: skip
         earlier, self.unit_write = self.unit_write, []
         if pump:

@@ -10,9 +10,10 @@
                 tree (or its input's inverse factor, kept from the owner's first group of
                 that input), and its GPTQ solve with scales from the loaded weights
   propagate     its batches through the layer with the solved weights: the next layer's
-                inputs (llm-compressor's propagate_error), by run_layer; the owner's
-                solved weights never left its device. The writing worker keeps the unit
-                file's tensors: the solved groups' and the layer's others as loaded
+                inputs (llm-compressor's propagate_error), by run_layer (not for the last
+                layer); the owner's solved weights never left its device. The writing
+                worker keeps the unit file's tensors: the solved groups' and the layer's
+                others as loaded
   write_unit    (one worker, in a write thread, beside the next layer's calibration
                 pass) the layer's unit file
 """
@@ -115,15 +116,20 @@ class GptqSteps:
                            for local, (weight, tensors) in group.items())  # fmt: skip
         return results
 
-    def propagate(self, index: int, snapshot: str | None, dest_url: str, unit: tuple | None, *shipped: dict) -> dict:
+    def propagate(self, index: int, snapshot: str | None, dest_url: str, unit: tuple | None, advance: bool,
+                  *shipped: dict) -> dict:  # fmt: skip
         """run_layer on the layer with every solved weight in place of the loaded one. One
         call with the others' results as arguments: if a result is lost, Ray fails the call
         instead of running it. ``unit``: (spec, file name, key) of the unit file this worker
-        writes: its tensors are kept for write_unit."""
+        writes: its tensors are kept for write_unit. ``advance`` False (the last layer):
+        only that, the hidden states stay as they are."""
         assert index == self.index
         results = self._solved(shipped)
         if unit is not None:
             self.units[index] = (unit, self._unit_tensors(unit[0], results))
+        if not advance:
+            self.solved_here = {}
+            return {"amax": {}, "snapshots": self.worker._finished_snapshots(block=False)}
         tensors = dict(self.tensors)
         for local, (weight, _) in results.items():
             tensors[f"{local}.weight"] = weight.to(self.worker.device)

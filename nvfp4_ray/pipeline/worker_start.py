@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 
-from nvfp4_ray.calibration.batches import make_batches
+from nvfp4_ray.calibration.batches import make_batches, most_gptq_workers
 from nvfp4_ray.pipeline.placement import Placement
 from nvfp4_ray.pipeline.plan import attention_of, reference_drops_causal_mask
 from nvfp4_ray.pipeline.workers import LayerWorker
@@ -23,11 +23,11 @@ def calibration_worker_count(workers: int, config, samples) -> int:
 
 def start_workers(placement: Placement, config) -> list:
     """One worker per bundle, asked for before the inputs are read: the seconds a process
-    takes to import torch and transformers and create a CUDA context pass meanwhile. Each
-    of a GPTQ job's makes GPTQ's steps ready from its start (which of them calibrate is
-    known only once the inputs are read; at most 16 do)."""
-    gptq = expects_gptq(config)
-    return [new_worker(placement, i, gptq, config.exact) for i in range(placement.size)]
+    takes to import torch and transformers and create a CUDA context pass meanwhile. In a
+    GPTQ job, each that may calibrate (the first ``most_gptq_workers``: how many do is
+    known once the samples are read) makes GPTQ's steps ready from its start."""
+    gptq = most_gptq_workers(config.num_samples, config.exact) if expects_gptq(config) else 0
+    return [new_worker(placement, i, i < gptq, config.exact) for i in range(placement.size)]
 
 
 def expects_gptq(config) -> bool:

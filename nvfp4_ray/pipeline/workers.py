@@ -47,7 +47,7 @@ class LayerWorker(LayerLoads):
         GPTQ (``exact``: --exact); its steps are made ready from the start (_start_gptq)."""
         # Start-up is timed step by step: on a GPU machine it is the largest fixed cost of a
         # job. The first step is Ray's: placing the actor and starting its process.
-        self.clock = time.monotonic()
+        self.clock = self.began = time.monotonic()
         self.startup = {"process_start_s": round(max(0.0, time.time() - requested_at), 3)}
         for name in UNUSED_BY_WORKERS:
             sys.modules.setdefault(name, None)
@@ -64,6 +64,7 @@ class LayerWorker(LayerLoads):
         self.startup["device_init_s"] = self._lap()
         self.gptq_start: Future | None = None  # a GPTQ job's steps, made ready in a thread
         self.gptq_steps = None  # pipeline/gptq_worker.py, from gptq_start at the first step
+        self.gptq_startup: dict[str, float] = {}  # the GPTQ start's steps, timed (in the summary's worker_startup_s)
         imported = threading.Event()
         if gptq:
             self.gptq_start = ThreadPoolExecutor(1, thread_name_prefix="gptq-start").submit(self._start_gptq, exact,
@@ -181,10 +182,13 @@ class LayerWorker(LayerLoads):
         Started by __init__: Triton's and cuSOLVER's start first, beside the main thread's
         imports, then, once ``imported`` is set, the rest; the imports stay in the main
         thread (two threads importing the same packages can deadlock)."""
+        began = time.monotonic()
         if self.device.type == "cuda":
             _load_gptq_runtime(self.device)
+        loaded = time.monotonic()
         if imported is not None:
             imported.wait()
+        waited = time.monotonic()
         _gptq_modules_alone()  # GPTQ runs llm-compressor's own block update (its Triton kernel on CUDA)
         from nvfp4_ray.pipeline.gptq_worker import GptqSteps
 
@@ -198,12 +202,17 @@ class LayerWorker(LayerLoads):
             with torch.cuda.stream(stream):  # beside the compute thread's kernels
                 gptq.warm_up(self.device, exact)
             stream.synchronize()
+        done = time.monotonic()
+        self.gptq_startup.update(gptq_runtime_s=round(loaded - began, 3), gptq_imports_wait_s=round(waited - loaded, 3),
+                                 gptq_warm_up_s=round(done - waited, 3), gptq_ready_s=round(done - self.began, 3))  # fmt: skip
         return steps
 
     def gptq(self, step: str, *args):
         """A GPTQ step (pipeline/gptq_worker.py) on this worker's runner and device."""
         if self.gptq_steps is None:
+            began = time.monotonic()
             self.gptq_steps = self.gptq_start.result()
+            self.gptq_startup["gptq_first_step_wait_s"] = round(time.monotonic() - began, 3)
         self._compute_threads()
         return getattr(self.gptq_steps, step)(*args)
 
@@ -229,8 +238,10 @@ class LayerWorker(LayerLoads):
         return self._finished_snapshots(block=True)
 
     def seconds(self) -> dict:
-        """Where the calibration time went, and what the runner noted about how it ran."""
-        return {"run_layer_s": self.busy_s, "load_wait_s": self.load_wait_s, "snapshot_write_s": self.snapshot_s,
+        """Where the calibration time went, and what the runner noted about how it ran; the
+        start-up's seconds again, with the GPTQ start's, which may end after describe."""
+        return {"startup": {**self.startup, **self.gptq_startup}, "run_layer_s": self.busy_s,
+                "load_wait_s": self.load_wait_s, "snapshot_write_s": self.snapshot_s,
                 "cuda_graphs": self.runner.graphed, "notes": self.runner.notes,
                 "max_layers_held": self.max_layers_held,
                 "gptq_s": self.gptq_steps.seconds if self.gptq_steps else {}}  # fmt: skip
