@@ -29,7 +29,7 @@ def passes(runner, weights: dict, samples: int) -> dict:
     """Each pass as a function of no arguments that waits for its kernels."""
     import torch
 
-    from nvfp4_ray.calibration import hessians
+    from nvfp4_ray.calibration import batches, hessians
 
     device = torch.device(layer_probe.DEVICE)
 
@@ -45,7 +45,7 @@ def passes(runner, weights: dict, samples: int) -> dict:
     inputs = {name: widths["mlp"] if name == "mlp.down_proj" else widths["self_attn"] for name in INPUTS}
 
     def hessian_pass():
-        blocks = hessians.HessianBlocks(inputs, hessians.block_size(samples, False), device)
+        blocks = hessians.HessianBlocks(inputs, batches.block_size(samples, False), device)
         runner.run_layer(0, weights, layer_probe.RECORD, [], advance=False, inputs_to=blocks.hooks(), eager=True,
                          inputs_only=True)  # fmt: skip
         blocks.partials()

@@ -126,8 +126,8 @@ def gptq_budget_with_no_layer_ahead(case, tmp_path, workers: int) -> float:
     queued writes; device_memory.plan_device): each layer is loaded only once the one before is done. Streamed layers
     then have loads still to submit when their GPTQ steps come: Ray's in-order actor calls
     deadlocked such jobs before the loads were all submitted first (gptq_flow._solve_layer)."""
-    from nvfp4_ray.calibration.batches import make_batches
-    from nvfp4_ray.calibration.hessians import block_size, blocks_of, device_bytes, worker_runs
+    from nvfp4_ray.calibration.batches import block_size, make_batches
+    from nvfp4_ray.calibration.hessians import blocks_of, device_bytes, worker_runs
     from nvfp4_ray.config import QuantizeConfig
     from nvfp4_ray.pipeline.device_memory import estimate
     from nvfp4_ray.pipeline.plan import build_plan, read_inputs
