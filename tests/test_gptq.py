@@ -257,7 +257,8 @@ def test_only_workers_that_may_calibrate_make_gptq_ready():
             for samples in range(1, asked + 1):
                 for workers in (1, 2, 3, 8, 16, 64):
                     assert gptq_workers(workers, samples, exact) <= bound
-            assert gptq_workers(64, asked, exact) == bound or asked > 16
+            if asked <= 16:  # then as many calibrate, given the workers: the bound is reached
+                assert gptq_workers(64, asked, exact) == bound
 
 
 def test_a_worker_runs_llmcompressors_gptq_modules_alone():
