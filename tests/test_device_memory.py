@@ -104,6 +104,36 @@ def test_gptq_sums_one_hessian_for_every_routed_experts_gate_up_of_deepseek_v3(d
                     expert_groups=False)  # fmt: skip
 
 
+def test_gptq_owners_of_deepseek_v3_on_16_workers(deepseek_v3):
+    """Who solves what in DeepSeek-V3's MoE layer on 16 calibration workers (gptq_flow.owners),
+    and what the owners receive, as docs/gptq.md#memory-and-traffic counts it: each group's
+    owner gets the subtrees of its input from the 15 other workers (one each with one block
+    of samples a worker). The solves are balanced (by in_features²) and the 256 routed
+    experts' gate/up spread over all 16 owners, so their shared input goes to every one; the
+    traffic is not balanced: o_proj's input (16384², 1.07 GB) goes whole to its owner."""
+    from nvfp4_ray.calibration.hessians import distinct_inputs, hessian_inputs
+    from nvfp4_ray.pipeline.gptq_flow import owners
+
+    config, units = deepseek_v3
+    moe, workers = units[1].spec.groups, 16
+    owner = owners(moe, workers)
+    load = [sum(g[0].in_features ** 2 for g, o in zip(moe, owner) if o == w) for w in range(workers)]
+    assert max(load) <= 1.01 * sum(load) / workers
+    routed = [i for i, g in enumerate(moe) if ".experts." in g[0].local and g[0].local.endswith("gate_proj")]
+    assert {owner[i] for i in routed} == set(range(workers))
+    inputs, names = distinct_inputs(moe), hessian_inputs(moe)
+    sums = {name: features**2 * 4 for name, features in inputs.items()}
+    received = [0] * workers
+    for name in inputs:
+        for w in {o for n, o in zip(names, owner) if n == name}:
+            received[w] += (workers - 1) * sums[name]
+    shared = sums[names[routed[0]]]
+    assert shared == 7168**2 * 4
+    assert sum(received) == (workers - 1) * (sum(sums.values()) + (workers - 1) * shared)  # 136 GB a layer
+    o_proj = owner[next(i for i, g in enumerate(moe) if g[0].local.endswith("o_proj"))]
+    assert received.index(max(received)) == o_proj and 23.5e9 < max(received) < 24.5e9
+    assert 5.3e9 < min(received) < 5.5e9 and round(sum(received) / 1e9, 1) == 136.4
+
 def test_gptq_hessians_enter_the_plan_at_the_128b_shape():
     """The Mistral-Medium-3.5 decoder layer (hidden 12288, intermediate 28672) with GPTQ:
     a worker holding all 16 blocks keeps up to 5 Hessian sums of the layer's four inputs

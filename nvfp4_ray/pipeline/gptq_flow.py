@@ -90,14 +90,6 @@ class GptqExecution(Execution):
         if reused:
             self.events.info(f"reusing {reused} solved layer units already at DEST", reused=reused)
 
-    def _owners(self, groups: list) -> list[int]:
-        """Calibration worker of each group: largest Hessian first, to the least loaded."""
-        owners, load = [0] * len(groups), [0] * self.calibration_workers
-        for g in sorted(range(len(groups)), key=lambda g: (-groups[g][0].in_features, g)):
-            owners[g] = min(range(self.calibration_workers), key=lambda w: (load[w], w))
-            load[owners[g]] += groups[g][0].in_features ** 2
-        return owners
-
     def _calibrate_layer(self, index: int) -> None:
         """The layer's steps; a worker lost meanwhile (or while starting again) restarts every
         calibration worker, and the layer is solved again."""
@@ -131,7 +123,7 @@ class GptqExecution(Execution):
             self._poll(block=False)  # the finished loads taken in: the next parts' go out
             self.flow.pump(self._current)
         passes = [worker.gptq.remote("hessian_pass", index, spec, self.block, self.config.exact) for worker in workers]
-        pairs = list(zip(hessian_inputs(spec.groups), self._owners(spec.groups)))  # (input, owner) of each group
+        pairs = list(zip(hessian_inputs(spec.groups), owners(spec.groups, len(workers))))  # (input, owner) of each group
         ship = len(workers) > 1  # one worker keeps every result on its device
         partials = self._partials(index, workers, pairs)
         # An owner's first group of an input takes the others' subtrees of it; the owner
@@ -230,3 +222,16 @@ class GptqExecution(Execution):
         pass is run_layer's time; Ray's transfer of the partials lies between the steps)."""
         steps = {**self.calibration.gptq_s, "propagation_pass": self.calibration.compute_s} if self.calibration else {}
         return {"gptq_round_to_nearest": self.fell_back, "gptq_seconds": steps}
+
+
+def owners(groups: list, workers: int) -> list[int]:
+    """The calibration worker that solves each fused group (of LinearSpecs): the largest
+    Hessian first, each to the least loaded, weighed by in_features² (its Hessian's size,
+    and about its solve's share). It balances the solves, not what the owners receive: an
+    input's subtrees from every other worker go whole to each owner of a group of it
+    (docs/gptq.md#memory-and-traffic, checked at DeepSeek-V3's shape in tests)."""
+    owner, load = [0] * len(groups), [0] * workers
+    for g in sorted(range(len(groups)), key=lambda g: (-groups[g][0].in_features, g)):
+        owner[g] = min(range(workers), key=lambda w: (load[w], w))
+        load[owner[g]] += groups[g][0].in_features ** 2
+    return owner
