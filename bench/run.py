@@ -489,9 +489,10 @@ def make_record(*, command, device, gpus, machine_gpus, spec, source, samples, s
         "algorithm": run["algorithm"],
         # GPTQ: each step's seconds per layer on the busiest worker (calibration_pass: amax and
         # Hessians; reduction: the partials added on the owner; solves; propagation_pass: the
-        # layer run again with the solved weights)
+        # layer run again with the solved weights, every layer but the last since 528ab36)
         "gptq_seconds_per_layer": (
-            {step: round(seconds / layers, 3) for step, seconds in run["gptq_seconds"].items()}
+            {step: round(seconds / (layers - 1 if step == "propagation_pass" and layers > 1 else layers), 3)
+             for step, seconds in run["gptq_seconds"].items()}  # fmt: skip
             if run["gptq_seconds"] else None
         ),
         # each figure over the decoder layers: the mean seconds of one layer

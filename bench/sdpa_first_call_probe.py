@@ -60,19 +60,23 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", help="write the record here")
     args = parser.parse_args()
+    import torch
+
+    if not torch.cuda.is_available():
+        raise SystemExit("bench.sdpa_first_call_probe needs a CUDA GPU")
     cache = os.environ.get("CUDA_CACHE_PATH", os.path.expanduser("~/.nv/ComputeCache"))
     rounds = []
     for _ in range(2):
         shutil.rmtree(cache, ignore_errors=True)
         runs = []
         for backend in BACKENDS:
-            out = subprocess.run([sys.executable, "-m", "bench.sdpa_first_call_probe", "--child", backend],
-                                 capture_output=True, text=True, check=True).stdout  # fmt: skip
-            runs.append(json.loads(out.strip().splitlines()[-1]))
+            child_run = subprocess.run([sys.executable, "-m", "bench.sdpa_first_call_probe", "--child", backend],
+                                       capture_output=True, text=True)  # fmt: skip
+            if child_run.returncode:
+                raise SystemExit(f"the {backend} child failed:\n{child_run.stderr[-3000:]}")
+            runs.append(json.loads(child_run.stdout.strip().splitlines()[-1]))
             print(json.dumps(runs[-1]), flush=True)
         rounds.append(runs)
-    import torch
-
     record = {"device": torch.cuda.get_device_name(), "date": time.strftime("%Y-%m-%dT%H:%M:%S+00:00", time.gmtime()),
               "torch": torch.__version__, "cudnn": torch.backends.cudnn.version(), "cache": cache,
               "rounds_after_emptying_the_cache": rounds}  # fmt: skip

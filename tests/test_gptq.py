@@ -243,22 +243,39 @@ def test_workers_know_a_gptq_job_from_its_command_line(tmp_path):
     assert not expects_gptq(config("missing.yaml"))
 
 
-def test_only_workers_that_may_calibrate_make_gptq_ready():
-    """Which workers calibrate a GPTQ job is known once its samples are read; the workers
-    start before. Those that make GPTQ's steps ready from their start (the first
-    most_gptq_workers) are every one that may calibrate: for fewer samples than asked for
-    too, on any number of workers; and no more than 16, one with --exact."""
-    from nvfp4_ray.calibration.batches import gptq_workers, most_gptq_workers
+def test_only_workers_that_calibrate_make_gptq_ready(monkeypatch):
+    """Workers start before the samples are read (start_workers); which of them calibrate
+    a GPTQ job is known after (configure_workers, and GptqExecution through
+    calibration_worker_count: one per Hessian block, one with --exact). Those that make
+    GPTQ's steps ready from their start are the first most_gptq_workers: every worker that
+    will calibrate, for fewer samples than asked for too, and only those that may; and
+    only the calibrating ones are configured (configure would make the others ready too).
+    The actor calls are recorded here: LayerWorker's own start is tested through every
+    GPTQ job of the suite."""
+    from types import SimpleNamespace
 
+    from nvfp4_ray.calibration.batches import gptq_workers
+    from nvfp4_ray.pipeline import worker_start
+
+    configured = []
+    monkeypatch.setattr(worker_start, "new_worker", lambda placement, i, gptq, exact: SimpleNamespace(i=i, gptq=gptq))
+    monkeypatch.setattr(worker_start, "configure", lambda worker, config, model, gptq: configured.append((worker.i, gptq)))
     for exact in (False, True):
-        for asked in range(1, 70):
-            bound = most_gptq_workers(asked, exact)
-            assert bound == (1 if exact else min(16, asked))
-            for samples in range(1, asked + 1):
-                for workers in (1, 2, 3, 8, 16, 64):
-                    assert gptq_workers(workers, samples, exact) <= bound
-            if asked <= 16:  # then as many calibrate, given the workers: the bound is reached
-                assert gptq_workers(64, asked, exact) == bound
+        for asked in (1, 2, 7, 16, 17, 40, 256):
+            config = SimpleNamespace(recipe=None, algorithm="gptq", num_samples=asked, exact=exact, batch_tokens=None)
+            for size in (1, 2, 3, 16, 20, 64):
+                workers = worker_start.start_workers(SimpleNamespace(size=size), config)
+                ready = [w.i for w in workers if w.gptq]
+                assert ready == list(range(min(size, 1 if exact else 16, asked)))
+                for samples in sorted({1, asked // 3 or 1, asked}):  # the rows the calibration file had
+                    configured.clear()
+                    inputs = SimpleNamespace(samples=[[0]] * samples, recipe=SimpleNamespace(gptq=object()),
+                                             source=SimpleNamespace(config={}))  # fmt: skip
+                    worker_start.configure_workers(workers, config, inputs)
+                    calibrating = gptq_workers(size, samples, exact)
+                    assert configured == [(i, True) for i in range(calibrating)]
+                    assert calibrating == worker_start.calibration_worker_count(size, config, inputs.samples, True)
+                    assert set(range(calibrating)) <= set(ready)
 
 
 def test_a_worker_runs_llmcompressors_gptq_modules_alone():

@@ -28,7 +28,7 @@ def test_exact_gptq_is_byte_identical_to_llmcompressor(family, family_case, gptq
     assert sorted(ours) == sorted(theirs)
     assert [name for name in theirs if ours[name] != theirs[name]] == []
     assert summary["gptq_round_to_nearest"] == []
-    # the worker started GPTQ from its own start, each step timed for the summary
+    # the GPTQ start, each step timed, in the summary (the worker's, merged in after the layers)
     steps = {"gptq_runtime_s", "gptq_imports_wait_s", "gptq_warm_up_s", "gptq_ready_s", "gptq_first_step_wait_s"}
     assert steps <= set(summary["worker_startup_s"][0])
     for name in ("config.json", "recipe.yaml"):

@@ -54,7 +54,8 @@ class Execution(CalibrationSteps):
         self.replacements = 0
         self.calibration: Calibration | None = None
         self.startup: list[dict] = []  # each worker's start-up seconds, step by step
-        self.calibration_workers = calibration_worker_count(placement.size, self.config, plan.samples)
+        self.calibration_workers = calibration_worker_count(placement.size, self.config, plan.samples,
+                                                            plan.recipe.gptq is not None)  # fmt: skip
         self.scales: WrittenFile | None = None
         self.device_plan = None  # layers ahead and writes queued, once the workers' devices are known
         self.persist = Persister()  # calibration state to DEST, in order (calibration_state.py)

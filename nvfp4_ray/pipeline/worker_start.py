@@ -9,15 +9,19 @@ from __future__ import annotations
 
 import time
 
-from nvfp4_ray.calibration.batches import make_batches, most_gptq_workers
+from nvfp4_ray.calibration.batches import gptq_workers, make_batches, most_gptq_workers
 from nvfp4_ray.pipeline.placement import Placement
 from nvfp4_ray.pipeline.plan import attention_of, reference_drops_causal_mask
 from nvfp4_ray.pipeline.workers import LayerWorker
 
 
-def calibration_worker_count(workers: int, config, samples) -> int:
+def calibration_worker_count(workers: int, config, samples, gptq: bool) -> int:
+    """The workers that calibrate: one per batch at most; in a GPTQ job (one sample a
+    batch) one per Hessian block at most."""
     if samples is None:
         return 0
+    if gptq:
+        return gptq_workers(workers, len(samples), config.exact)
     return min(workers, len(make_batches(samples, config.batch_tokens)))
 
 
@@ -42,10 +46,10 @@ def expects_gptq(config) -> bool:
 
 
 def configure_workers(workers: list, config, inputs) -> None:
-    """The first workers calibrate (one per batch at most); the others only quantize."""
-    count = calibration_worker_count(len(workers), config, inputs.samples)
-    for worker in workers[:count]:
-        configure(worker, config, inputs.source.config, inputs.recipe.gptq is not None)
+    """The first workers calibrate (calibration_worker_count); the others only quantize."""
+    gptq = inputs.recipe.gptq is not None
+    for worker in workers[: calibration_worker_count(len(workers), config, inputs.samples, gptq)]:
+        configure(worker, config, inputs.source.config, gptq)
 
 
 def new_worker(placement: Placement, bundle: int, gptq: bool, exact: bool):
