@@ -30,7 +30,7 @@ from dataclasses import replace
 
 import ray
 
-from nvfp4_ray.calibration.batches import block_size, make_batches
+from nvfp4_ray.calibration.batches import block_size
 from nvfp4_ray.calibration.hessians import blocks_of, device_bytes, hessian_inputs, reference_order, worker_runs
 from nvfp4_ray.errors import JobError
 from nvfp4_ray.pipeline.driver import MAX_WORKER_REPLACEMENTS, Execution
@@ -45,7 +45,7 @@ class GptqExecution(Execution):
         if plan.config.exact:  # batch i is then the i-th sample llm-compressor runs
             plan.samples = [plan.samples[i] for i in reference_order(plan.samples)]
         super().__init__(plan, placement, events, workers)
-        self.block = block_size(len(make_batches(plan.samples, None)), self.config.exact)
+        self.block = block_size(len(plan.samples), self.config.exact)  # one sample a batch
         self.options = plan.recipe.gptq
         self.fell_back: list[str] = []  # Linears whose Hessian was not positive definite
         self.unit_write: list = []  # the last layer's unit write, taken in after the next layer

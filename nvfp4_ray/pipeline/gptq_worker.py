@@ -124,16 +124,14 @@ class GptqSteps:
         writes: its tensors are kept for write_unit. ``advance`` False (the last layer):
         only that, the hidden states stay as they are."""
         assert index == self.index
-        results = self._solved(shipped)
+        results, self.solved_here = self._solved(shipped), {}
         if unit is not None:
             self.units[index] = (unit, self._unit_tensors(unit[0], results))
         if not advance:
-            self.solved_here = {}
             return {"amax": {}, "snapshots": self.worker._finished_snapshots(block=False)}
         tensors = dict(self.tensors)
         for local, (weight, _) in results.items():
             tensors[f"{local}.weight"] = weight.to(self.worker.device)
-        self.solved_here = {}
         slot = self.worker._slot(index)
         slot.tensors = tensors
         slot.ready.set()
